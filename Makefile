@@ -1,0 +1,43 @@
+# The README's commands. Each works on a fresh machine with nothing done before it.
+#   make demo   -- creates .venv if missing, installs, runs the demo
+#   make test   -- creates/updates .venv, runs the whole test suite (slow tests included)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint bench-attention clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# constraints.txt pins the torch build on this machine's disk: no install may pull another one.
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/danet smoke
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check danet pipeline tests bench
+	$(VENV)/bin/ruff format --check danet pipeline tests bench
+	$(VENV)/bin/mypy
+
+bench-attention: $(STAMP)
+	$(PY) bench/attention.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,97 @@
+"""Dilated ResNet backbone returning (c3, c4) at output stride 8 or 16.
+
+DANet (Fu et al., CVPR 2019, Sec. 3.1 and 4.1) removes the down-sampling of the last two ResNet
+stages and dilates them instead, so the attention modules see a feature map of 1/8 the input size.
+The paper's multi-grid ("MG", Table 3) sets the last stage's three blocks to dilations (4, 8, 16).
+
+timm builds the network: `features_only` + `output_stride` give the dilated stages, and the
+``resnet*d`` models have the deep stem of mmsegmentation's V1c and the current official code, while
+plain ``resnet50``/``resnet101`` have the 7x7 stem of the original 2019 code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+SUPPORTED_BACKBONES = ("resnet18d", "resnet34d", "resnet50d", "resnet101d", "resnet50", "resnet101")
+
+
+class DilatedResNet(nn.Module):
+    """A timm ResNet cut after its last stage, returning the c3 and c4 feature maps.
+
+    Args:
+        name: timm model name, one of ``SUPPORTED_BACKBONES``.
+        output_stride: 8 (DANet) or 16; stages past it are dilated instead of strided.
+        multi_grid: absolute dilation of each block of the last stage, e.g. ``(4, 8, 16)`` (the
+            paper's MG at output stride 8); ``None`` keeps timm's uniform dilation.
+        norm_layer: normalisation layer type, e.g. ``nn.BatchNorm2d``.
+        pretrained: load ImageNet weights through timm (needs network access or the HF cache).
+        pretrained_path: a local timm/torchvision-style state-dict file to load instead.
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet50d",
+        output_stride: int = 8,
+        multi_grid: Sequence[int] | None = None,
+        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+        pretrained: bool = False,
+        pretrained_path: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        if name not in SUPPORTED_BACKBONES:
+            raise KeyError(
+                f"unknown backbone {name!r}; choose one of {', '.join(SUPPORTED_BACKBONES)}"
+            )
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        kwargs: dict = {}
+        if pretrained_path is not None:
+            path = Path(pretrained_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
+            kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        self.body = timm.create_model(
+            name,
+            pretrained=pretrained or pretrained_path is not None,
+            features_only=True,
+            out_indices=(3, 4),  # layer3 (c3) and layer4 (c4)
+            output_stride=output_stride,
+            norm_layer=norm_layer,
+            **kwargs,
+        )
+        self.channels: tuple[int, int] = tuple(self.body.feature_info.channels())  # type: ignore[assignment]
+        if multi_grid is not None:
+            set_stage_dilations(self.body.layer4, multi_grid)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c3, c4 = self.body(x)
+        return c3, c4
+
+
+def set_stage_dilations(stage: nn.Sequential, dilations: Sequence[int]) -> None:
+    """Give block i of a ResNet stage the dilation ``dilations[i]`` on its 3x3 convolutions."""
+    blocks = list(stage.children())
+    if len(dilations) != len(blocks):
+        raise ValueError(
+            f"multi_grid has {len(dilations)} rates but the stage has {len(blocks)} blocks"
+        )
+    for block, rate in zip(blocks, dilations, strict=True):
+        for conv in block.modules():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                conv.dilation = (rate, rate)
+                conv.padding = (rate, rate)
+
+
+def stage_dilations(stage: nn.Sequential) -> list[int]:
+    """The dilation of the last 3x3 convolution of each block in a stage (for tests and logs)."""
+    rates = []
+    for block in stage.children():
+        convs = [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        rates.append(int(convs[-1].dilation[0]))
+    return rates
