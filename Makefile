@@ -22,7 +22,9 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
+# dvc.yaml runs the stages; `danet` must be on PATH for them.
 demo: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 	$(VENV)/bin/danet smoke
 
 test: $(STAMP)

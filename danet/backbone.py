@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 import torch
@@ -65,16 +66,17 @@ class DilatedResNet(nn.Module):
             norm_layer=norm_layer,
             **kwargs,
         )
-        self.channels: tuple[int, int] = tuple(self.body.feature_info.channels())  # type: ignore[assignment]
+        c3, c4 = cast(Any, self.body).feature_info.channels()
+        self.channels: tuple[int, int] = (int(c3), int(c4))
         if multi_grid is not None:
-            set_stage_dilations(self.body.layer4, multi_grid)
+            set_stage_dilations(self.body.get_submodule("layer4"), multi_grid)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c3, c4 = self.body(x)
         return c3, c4
 
 
-def set_stage_dilations(stage: nn.Sequential, dilations: Sequence[int]) -> None:
+def set_stage_dilations(stage: nn.Module, dilations: Sequence[int]) -> None:
     """Give block i of a ResNet stage the dilation ``dilations[i]`` on its 3x3 convolutions."""
     blocks = list(stage.children())
     if len(dilations) != len(blocks):
@@ -88,7 +90,7 @@ def set_stage_dilations(stage: nn.Sequential, dilations: Sequence[int]) -> None:
                 conv.padding = (rate, rate)
 
 
-def stage_dilations(stage: nn.Sequential) -> list[int]:
+def stage_dilations(stage: nn.Module) -> list[int]:
     """The dilation of the last 3x3 convolution of each block in a stage (for tests and logs)."""
     rates = []
     for block in stage.children():

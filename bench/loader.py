@@ -1,0 +1,105 @@
+"""Samples/s of decode + augment: from WebDataset shards vs from the raw files of the same data.
+
+    python bench/loader.py                       # CamVid from ../shared/data/camvid when present
+    python bench/loader.py --dataset synthetic
+
+Both paths run the same training transform (random scale, crop, flip, normalise) in a
+DataLoader, in the main process (0 workers) and with 2 worker processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data import TrainStream, decode_image, train_loader
+from pipeline.datasets import Reader, make_reader
+from pipeline.datasets.base import load_label_array
+from pipeline.datasets.synthetic import SyntheticReader
+from pipeline.shard import shard_dataset, shard_urls
+from pipeline.transforms import AugmentParams, train_transform
+
+CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+
+
+class RawFiles(Dataset):
+    """The same samples read from the dataset's own files, one file pair per item."""
+
+    def __init__(self, reader: Reader, split: str, augment: AugmentParams, mean: list, std: list):
+        self.reader, self.items = reader, reader.items(split)
+        self.augment, self.mean, self.std = augment, mean, std
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.items[index]
+        if isinstance(self.reader, SyntheticReader):  # generated data: the reader draws it
+            sample = self.reader.read(item)
+            image, label = decode_image(sample.image_bytes), sample.label
+        else:  # one decode of each file, as a plain file-based loader would
+            image = decode_image(Path(item.image).read_bytes())
+            label = self.reader.convert_label(load_label_array(item.label), item.label)
+        rng = np.random.default_rng(index)
+        return train_transform(image, label, self.augment, self.mean, self.std, rng)
+
+
+def rate(loader: DataLoader, batch: int, batches: int) -> float:
+    it = iter(loader)
+    next(it)  # warm-up: worker start, first shard open
+    start = time.perf_counter()
+    for _ in range(batches - 1):
+        next(it)
+    return (batches - 1) * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--dataset", default="camvid" if CAMVID.is_dir() else "synthetic")
+    parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=25)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.dataset == "camvid":
+        reader, split = make_reader("camvid", CAMVID), "train"
+    else:
+        reader, split = (
+            make_reader("synthetic", num_samples={"train": 400}, width=480, height=360),
+            "train",
+        )
+    augment = AugmentParams(crop_size=args.crop, base_size=0, scale_min=0.5, scale_max=2.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = shard_dataset(reader, (split,), Path(tmp) / "s", max_count=64, workers=2)
+        urls = shard_urls(Path(tmp) / "s", manifest, split)
+        mean, std = manifest["mean"], manifest["std"]
+        n = args.batch * args.batches
+        print(f"{args.dataset} {split}: {manifest['splits'][split]['samples']} images, crop {args.crop}, "
+              f"batch {args.batch}, {n} samples per measurement")  # fmt: skip
+        print(f"{'source':>8} {'workers':>7} {'samples/s':>10}")
+        results = {}
+        for workers in (0, 2):
+            stream = TrainStream(
+                urls, args.batch, args.batches, augment, mean, std, shuffle_buffer=32
+            )
+            raw = DataLoader(RawFiles(reader, split, augment, mean, std), batch_size=args.batch,
+                             shuffle=True, num_workers=workers)  # fmt: skip
+            for name, loader in (("shards", train_loader(stream, workers)), ("raw", raw)):
+                results[name, workers] = rate(loader, args.batch, args.batches)
+                print(f"{name:>8} {workers:>7} {results[name, workers]:10.1f}", flush=True)
+        for workers in (0, 2):
+            print(
+                f"shards / raw with {workers} workers: {results['shards', workers] / results['raw', workers]:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
