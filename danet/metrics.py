@@ -8,8 +8,17 @@ appears neither in the ground truth nor in the predictions has IoU NaN and is le
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 import torch.distributed as dist
+
+
+class SegmentationMetrics(TypedDict):
+    miou: float
+    pixel_acc: float
+    mean_acc: float
+    iou_per_class: list[float]
 
 
 class ConfusionMatrix:
@@ -40,7 +49,7 @@ class ConfusionMatrix:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
 
-    def compute(self) -> dict[str, object]:
+    def compute(self) -> SegmentationMetrics:
         """All metrics as Python numbers (per-class IoU as a list)."""
         return summarize(self.matrix)
 
@@ -72,7 +81,7 @@ def mean_iou(cm: torch.Tensor) -> float:
     return float(iou_per_class(cm).nanmean())
 
 
-def summarize(cm: torch.Tensor) -> dict[str, object]:
+def summarize(cm: torch.Tensor) -> SegmentationMetrics:
     cm = cm.cpu()
     return {
         "miou": mean_iou(cm),

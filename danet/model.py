@@ -7,7 +7,7 @@ mode only, since only the loss uses them. The loss is not part of the model: see
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -141,3 +141,25 @@ def build_danet(
         else None
     )
     return SegmentationModel(backbone, head, aux)
+
+
+class Segmenter(nn.Module):
+    """Inference wrapper: RGB in [0, 1] (B, 3, H, W) -> fused logits (B, K, H, W).
+
+    Normalisation is part of the module, so a logged or served model needs no preprocessing
+    beyond scaling pixels to [0, 1].
+    """
+
+    def __init__(
+        self, model: SegmentationModel, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)["out"]

@@ -30,7 +30,7 @@ def one_line_errors() -> Iterator[None]:
 
     try:
         yield
-    except (ConfigError, DataError, KeyError, FileNotFoundError) as err:
+    except (ConfigError, DataError, KeyError, FileNotFoundError, ConnectionError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2) from None
@@ -81,6 +81,53 @@ def shard(
         f"wrote {cfg.out}/ ({manifest['dataset']}, {len(manifest['classes'])} classes) "
         f"in {time.perf_counter() - start:.1f}s"
     )
+
+
+@app.command()
+def train(
+    params: Path = PARAMS_OPTION,
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster address (else RAY_ADDRESS or a local Ray)"
+    ),
+    run_name: str | None = typer.Option(
+        None, help="resume this run (default: derived from the config)"
+    ),
+) -> None:
+    """Train DANet with Ray Train on the shards; resumes a run of the same name (params: model, data, train, mlflow)."""
+    from pipeline.config import (
+        DataParams,
+        MlflowParams,
+        ModelParams,
+        TrainParams,
+        from_mapping,
+        read_params,
+    )
+    from pipeline.train import run_training
+
+    with one_line_errors():
+        raw = read_params(params)
+        train_section = {
+            **raw.get("train", {}),
+            **overrides(ray_address=address, run_name=run_name),
+        }
+        try:
+            metrics = run_training(
+                from_mapping(ModelParams, raw.get("model", {}), "model"),
+                from_mapping(DataParams, raw.get("data", {}), "data"),
+                from_mapping(TrainParams, train_section, "train"),
+                from_mapping(MlflowParams, raw.get("mlflow", {}), "mlflow"),
+            )
+        except Exception as err:
+            if type(err).__name__ != "TrainingFailedError":
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            typer.echo(
+                f"error: training failed after train.max_failures retries: {first}", err=True
+            )
+            raise typer.Exit(1) from None
+    best, final = metrics["best"], metrics["final"]
+    typer.echo(f"run {metrics['run_name']}: best val mIoU {best['val_miou']:.4f} at iteration {best['iteration']}, "
+               f"final {final['val_miou']:.4f}")  # fmt: skip
 
 
 @app.command()

@@ -144,3 +144,140 @@ class ShardParams:
             self.on_error in ("fail", "skip"),
             f"shard.on_error must be fail or skip, got {self.on_error!r}",
         )
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The architecture; ``num_classes`` comes from the shard manifest (0 = take it from there)."""
+
+    backbone: str = "resnet18d"
+    head: str = "danet"
+    output_stride: int = 8
+    multi_grid: tuple[int, ...] | None = None
+    aux: bool = False
+    attention_impl: str = "auto"
+    dropout: float = 0.1
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    num_classes: int = 0
+
+    def to_danet_config(self, num_classes: int) -> Any:
+        """The ``DANetConfig``; a ``num_classes`` param must agree with the manifest's classes."""
+        from danet import DANetConfig
+
+        if self.num_classes and self.num_classes != num_classes:
+            raise ConfigError(
+                f"model.num_classes is {self.num_classes} but the shard manifest has {num_classes} classes"
+            )
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k != "num_classes"}
+        try:
+            return DANetConfig(num_classes=num_classes, **values)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Loader and training augmentation (pipeline/data.py, pipeline/transforms.py)."""
+
+    shards: str = "data/shards"
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: int = 96
+    base_size: int = 0
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    flip: bool = True
+    photometric: bool = False
+    shuffle_buffer: int = 64
+    loader_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.crop_size >= 16, f"data.crop_size must be >= 16, got {self.crop_size}")
+        _check(self.base_size >= 0, f"data.base_size must be >= 0, got {self.base_size}")
+        _check(
+            0 < self.scale_min <= self.scale_max,
+            f"data.scale_min/scale_max must satisfy 0 < min <= max, got {self.scale_min}, {self.scale_max}",
+        )
+        _check(
+            self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}"
+        )
+        _check(
+            self.loader_workers >= 0, f"data.loader_workers must be >= 0, got {self.loader_workers}"
+        )
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The recipe (SGD, poly schedule, three losses) and the Ray scaling of ``danet train``."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    head_lr_mult: float = 10.0
+    poly_power: float = 0.9
+    batch_size: int = 8  # per worker
+    epochs: int = 10
+    iters_per_epoch: int = 30
+    eval_every_epochs: int = 1
+    log_every: int = 10
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"out": 1.0, "pam": 1.0, "cam": 1.0, "aux": 0.4}
+    )
+    bf16: bool = True  # autocast on GPU only
+    channels_last: bool = False
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 2
+    checkpoints_to_keep: int = 1  # best by val mIoU; Ray keeps the latest as well
+    run_name: str = ""  # "" = derived from the config: the same config resumes, another starts anew
+    storage_path: str = "outputs/ray_results"
+    out: str = "outputs/train"
+    ray_address: str = ""  # "" = RAY_ADDRESS or a local Ray
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, f"train.momentum must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.head_lr_mult > 0, f"train.head_lr_mult must be > 0, got {self.head_lr_mult}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(
+            self.iters_per_epoch >= 1,
+            f"train.iters_per_epoch must be >= 1, got {self.iters_per_epoch}",
+        )
+        _check(
+            self.eval_every_epochs >= 1,
+            f"train.eval_every_epochs must be >= 1, got {self.eval_every_epochs}",
+        )
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        _check(self.num_workers >= 1, f"train.num_workers must be >= 1, got {self.num_workers}")
+        _check(
+            self.cpus_per_worker >= 1,
+            f"train.cpus_per_worker must be >= 1, got {self.cpus_per_worker}",
+        )
+        _check(self.max_failures >= 0, f"train.max_failures must be >= 0, got {self.max_failures}")
+        _check(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep must be >= 1")
+        unknown = set(self.loss_weights) - {"out", "pam", "cam", "aux"}
+        _check(
+            not unknown,
+            f"train.loss_weights has unknown outputs {sorted(unknown)}; use out, pam, cam, aux",
+        )
+
+    @property
+    def max_iters(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    """Tracking: URI (env MLFLOW_TRACKING_URI wins), experiment ("" = the dataset's name)."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = ""
+    log_model: bool = True
+    num_prediction_images: int = 4

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pipeline.datasets import DataError, Item, Reader, Sample
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Encoded:
     rgb_sum: np.ndarray  # (3,) float64 over pixels, values in [0, 1]
     rgb_sq_sum: np.ndarray
     pixels: int
+    size: tuple[int, int]  # (width, height)
 
 
 def encode_sample(
@@ -76,6 +77,7 @@ def encode_sample(
         rgb_sum=rgb.reshape(-1, 3).sum(0),
         rgb_sq_sum=np.square(rgb).reshape(-1, 3).sum(0),
         pixels=image.width * image.height,
+        size=(image.width, image.height),
     )
 
 
@@ -202,6 +204,7 @@ def shard_dataset(
             class_pixels = np.zeros(info.num_classes + 1, dtype=np.int64)
             rgb_sum, rgb_sq, pixels = np.zeros(3), np.zeros(3), 0
             skipped = []
+            sizes: set[tuple[int, int]] = set()
             try:
                 for result in _encoded(items, job, workers, f"shard {split}"):
                     if isinstance(result, DataError):
@@ -214,6 +217,7 @@ def shard_dataset(
                     rgb_sum += result.rgb_sum
                     rgb_sq += result.rgb_sq_sum
                     pixels += result.pixels
+                    sizes.add(result.size)
             except BaseException:
                 sink.abort()
                 raise
@@ -226,6 +230,8 @@ def shard_dataset(
                 "shards": shards,
                 "class_pixels": class_pixels[:-1].tolist(),
                 "ignore_pixels": int(class_pixels[-1]),
+                "min_size": [min(w for w, _ in sizes), min(h for _, h in sizes)],
+                "max_size": [max(w for w, _ in sizes), max(h for _, h in sizes)],
                 "skipped": skipped,
             }
         norm_split = "train" if "train" in stats else next(iter(stats))
@@ -266,9 +272,15 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(path, "shard manifest does not exist (run `danet shard` first)")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(path, f"manifest is not valid JSON ({err})") from None
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise DataError(
+            path,
+            f"manifest version {manifest.get('version')} is not {MANIFEST_VERSION}: re-run `danet shard`",
+        )
+    return manifest
 
 
 def shard_urls(directory: str | Path, manifest: dict[str, Any], split: str) -> list[str]:

@@ -1,0 +1,131 @@
+"""Images/s of a training step (forward, backward, SGD step) for DANet and the FCN baseline.
+
+    python bench/train_step.py                                  # CPU: models, then 1 vs 2 Ray workers
+    python bench/train_step.py --device cuda --backbone resnet50d resnet101d --crop 768 --batch 8 \
+        --matrix                                                # GPU: bf16/fp32, attention, channels_last, compile
+
+The step is the real one (pipeline/loop.py: train_steps with the three DANet losses) on random
+batches, timed after warm-up steps. The Ray part runs the same step inside a TorchTrainer with 1
+and 2 CPU workers sharing this machine's cores (global images/s = workers x batch / step time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from danet import DANetConfig, build_danet
+from pipeline.loop import build_optimizer, poly_schedule, train_steps
+
+WEIGHTS = {"out": 1.0, "pam": 1.0, "cam": 1.0, "aux": 0.4}
+
+
+def step_rate(
+    backbone: str, head: str, crop: int, batch: int, steps: int, device: str,
+    bf16: bool = False, attention: str = "auto", channels_last: bool = False, compile_model: bool = False,
+) -> float:  # fmt: skip
+    """Images/s of ``steps`` timed training steps in this process (median of per-step rates)."""
+    torch.manual_seed(0)
+    model = build_danet(DANetConfig(num_classes=19, backbone=backbone, head=head, attention_impl=attention))  # type: ignore[arg-type]
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, 0.01, 0.9, 1e-4, 10.0)
+    scheduler = poly_schedule(optimizer, 10_000, 0.9)
+    runner: Any = torch.compile(model) if compile_model else model
+    x = torch.randn(batch, 3, crop, crop)
+    y = torch.randint(0, 19, (batch, crop, crop))
+    dev = torch.device(device)
+    times = []
+    for i in range(steps + 2):  # 2 warm-up steps (and compilation)
+        start = time.perf_counter()
+        train_steps(runner, [(x, y)], optimizer, scheduler, WEIGHTS, dev, bf16=bf16, channels_last=channels_last)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+def ray_rate(workers: int, backbone: str, head: str, crop: int, batch: int, steps: int) -> float:
+    """Global images/s of the same step in a TorchTrainer with ``workers`` CPU workers."""
+    import os
+
+    import ray
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def worker(config: dict[str, Any]) -> None:
+        torch.manual_seed(0)
+        model = ray.train.torch.prepare_model(
+            build_danet(DANetConfig(num_classes=19, backbone=config["backbone"], head=config["head"]))
+        )
+        core = model.module if hasattr(model, "module") else model
+        optimizer = build_optimizer(core, 0.01, 0.9, 1e-4, 10.0)
+        scheduler = poly_schedule(optimizer, 10_000, 0.9)
+        x = torch.randn(config["batch"], 3, config["crop"], config["crop"])
+        y = torch.randint(0, 19, (config["batch"], config["crop"], config["crop"]))
+        times = []
+        for i in range(config["steps"] + 2):
+            start = time.perf_counter()
+            train_steps(model, [(x, y)], optimizer, scheduler, WEIGHTS, torch.device("cpu"))
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        world = ray.train.get_context().get_world_size()
+        ray.train.report({"images_per_s": world * config["batch"] / statistics.median(times)})
+
+    cpus = max(1, (os.cpu_count() or 2) // workers)
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config={"backbone": backbone, "head": head, "crop": crop, "batch": batch, "steps": steps},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=f"bench-{workers}w-{time.time_ns()}", storage_path="/tmp/danet-bench"),
+    )
+    result = trainer.fit()
+    return float(result.metrics["images_per_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--backbone", nargs="+", default=["resnet18d"])
+    parser.add_argument("--crop", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--matrix", action="store_true", help="GPU: bf16/fp32 x attention x channels_last x compile")
+    parser.add_argument("--no-ray", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; "
+          f"crop {args.crop}, batch {args.batch}, {args.steps} timed steps")  # fmt: skip
+
+    print(f"\n{'backbone':>11} {'model':>6} {'bf16':>5} {'attention':>9} {'ch_last':>7} {'compile':>7} | {'img/s':>7}")
+    for backbone in args.backbone:
+        rates = {}
+        for head in ("danet", "fcn"):
+            rates[head] = step_rate(backbone, head, args.crop, args.batch, args.steps, args.device)
+            print(f"{backbone:>11} {head:>6} {'no':>5} {'auto':>9} {'no':>7} {'no':>7} | {rates[head]:7.2f}", flush=True)
+        print(f"{'':>11} FCN / DANet speed: {rates['fcn'] / rates['danet']:.2f}")
+        if args.matrix:
+            for bf16, attention, cl, comp in itertools.product((False, True), ("dense", "efficient"), (False, True), (False, True)):
+                r = step_rate(backbone, "danet", args.crop, args.batch, args.steps, args.device, bf16, attention, cl, comp)
+                print(f"{backbone:>11} {'danet':>6} {'yes' if bf16 else 'no':>5} {attention:>9} "
+                      f"{'yes' if cl else 'no':>7} {'yes' if comp else 'no':>7} | {r:7.2f}", flush=True)  # fmt: skip
+
+    if args.device == "cpu" and not args.no_ray:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+        print(f"\nRay Train on CPU ({args.backbone[0]}, DANet): global images/s")
+        one = ray_rate(1, args.backbone[0], "danet", args.crop, args.batch, args.steps)
+        print(f"  1 worker  x 2 CPUs: {one:7.2f}", flush=True)
+        two = ray_rate(2, args.backbone[0], "danet", args.crop, args.batch, args.steps)
+        print(f"  2 workers x 1 CPU:  {two:7.2f}   (2 / 1 workers: {two / one:.2f})")
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""MLflow tracking for training runs: one experiment per dataset, one MLflow run per training run.
+
+The driver creates (or, for a resumed run, finds) the MLflow run and logs the params; rank 0
+logs metrics into it while training; at the end the driver logs the artifacts (confusion matrix,
+prediction overlays, per-class table, curves) and the model (``mlflow.pytorch``, pickle format,
+with a signature that takes any batch and image size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError, MlflowParams
+
+if TYPE_CHECKING:
+    from pipeline.train import TrainJob
+
+RUN_NAME_TAG = "danet.run_name"
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """MLFLOW_TRACKING_URI wins over the param; relative sqlite paths become absolute; a server
+    must answer its health check (one line error otherwise)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
+    elif uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as err:
+            raise ConfigError(
+                f"mlflow.tracking_uri {uri}: server unreachable ({type(err).__name__})"
+            ) from None
+    elif "://" not in uri and uri:
+        uri = Path(uri).resolve().as_uri()
+    return uri
+
+
+def flat_params(job: TrainJob, manifest: dict[str, Any]) -> dict[str, str]:
+    out = {"dataset": manifest["dataset"], "num_classes": str(job.num_classes)}
+    for section, values in (("model", job.model), ("data", job.data), ("train", job.train)):
+        for key, value in dataclasses.asdict(values).items():
+            out[f"{section}.{key}"] = str(value)[:6000]
+    return out
+
+
+def start_or_resume_run(
+    uri: str, experiment: str, run_name: str, job: TrainJob, manifest: dict[str, Any]
+) -> str:
+    """The id of the MLflow run named ``run_name``: the existing one (resume) or a new one."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    runs = client.search_runs(
+        [experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
+    )
+    if runs:
+        run_id = runs[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={RUN_NAME_TAG: run_name, "dataset": manifest["dataset"]},
+    )
+    params = [Param(k, v) for k, v in flat_params(job, manifest).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    return run.info.run_id
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).set_terminated(run_id, status)
+
+
+def finish_run(
+    uri: str,
+    run_id: str,
+    job: TrainJob,
+    manifest: dict[str, Any],
+    out: Path,
+    best_state: dict[str, Any],
+    metrics: dict[str, Any],
+    tracking: MlflowParams,
+) -> None:
+    """Artifacts, the model and the summary metrics; marks the run FINISHED."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from pipeline.train import load_model_file
+
+    mlflow.set_tracking_uri(uri)
+    segmenter, _ = load_model_file(out / "model.pt")
+    grid = prediction_overlays(segmenter, job, manifest, tracking.num_prediction_images)
+    if grid is not None:
+        from pipeline.visualize import save_png
+
+        save_png(grid, out / "val_predictions.png")
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(
+            {
+                "best_val_miou": metrics["best"]["val_miou"],
+                "best_iteration": metrics["best"]["iteration"],
+            }
+        )
+        for name in ("confusion_matrix.png", "val_predictions.png", "per_class_iou.csv", "metrics.json",
+                     "train_curve.csv", "val_curve.csv"):  # fmt: skip
+            if (out / name).exists():
+                mlflow.log_artifact(str(out / name))
+        if tracking.log_model:
+            signature = ModelSignature(
+                inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
+                outputs=Schema(
+                    [TensorSpec(np.dtype(np.float32), (-1, job.num_classes, -1, -1), "logits")]
+                ),
+            )
+            mlflow.pytorch.log_model(
+                segmenter, name="model", signature=signature, serialization_format="pickle",
+                code_paths=[str(Path(__file__).resolve().parents[1] / "danet")],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "numpy"],
+            )  # fmt: skip
+        mlflow.set_tags(
+            {"val_miou": f"{metrics['best']['val_miou']:.4f}", "eval_protocol": "whole-image"}
+        )
+
+
+def prediction_overlays(
+    segmenter: torch.nn.Module, job: TrainJob, manifest: dict[str, Any], count: int
+) -> np.ndarray | None:
+    """image | ground truth | prediction rows for the first ``count`` val images."""
+    from pipeline.data import read_shard
+    from pipeline.visualize import prediction_grid
+
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    with torch.no_grad():
+        for url in job.val_urls:
+            for _, image, label in read_shard(url):
+                if len(rows) >= count:
+                    break
+                x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+                pred = segmenter(x).argmax(1)[0].numpy().astype(np.uint8)
+                rows.append((image, label, pred))
+    return prediction_grid(rows, manifest["palette"]) if rows else None

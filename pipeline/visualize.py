@@ -1,0 +1,90 @@
+"""Pictures of results: colour masks, overlays, prediction grids, confusion matrices (PNG)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
+
+IGNORE_COLOUR = (0, 0, 0)
+
+
+def colorize(label: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """(H, W) train ids -> (H, W, 3) uint8 colours; 255 and unknown ids are black."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    return table[label.astype(np.uint8)]
+
+
+def overlay(
+    image: np.ndarray, label: np.ndarray, palette: Sequence[Sequence[int]], alpha: float = 0.5
+) -> np.ndarray:
+    """Colour mask blended over an (H, W, 3) uint8 image."""
+    colours = colorize(label, palette).astype(np.float32)
+    return (image.astype(np.float32) * (1 - alpha) + colours * alpha).clip(0, 255).astype(np.uint8)
+
+
+def prediction_grid(
+    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: Sequence[Sequence[int]]
+) -> np.ndarray:
+    """One row per image: image | ground truth | prediction overlay (all the same size)."""
+    lines = []
+    for image, truth, pred in rows:
+        lines.append(
+            np.concatenate([image, colorize(truth, palette), overlay(image, pred, palette)], axis=1)
+        )
+    width = max(line.shape[1] for line in lines)
+    lines = [
+        np.pad(line, ((0, 4), (0, width - line.shape[1]), (0, 0)), constant_values=255)
+        for line in lines
+    ]
+    return np.concatenate(lines, axis=0)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def plot_confusion_matrix(
+    cm: np.ndarray, classes: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """Row-normalised confusion matrix (rows: ground truth) as a PNG heat map."""
+    cm = np.asarray(cm, dtype=np.float64)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    if len(classes) <= 30:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                if norm[i, j] >= 0.01:
+                    colour = "white" if norm[i, j] > 0.5 else "black"
+                    ax.text(
+                        j,
+                        i,
+                        f"{norm[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color=colour,
+                    )
+    ax.set_title(title or "confusion matrix (row-normalised)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
