@@ -130,6 +130,149 @@ def train(
                f"final {final['val_miou']:.4f}")  # fmt: skip
 
 
+def _sections(params: Path, **sections: type) -> dict[str, Any]:
+    """Read ``params`` once and build each named section's dataclass."""
+    from pipeline.config import from_mapping, read_params
+
+    raw = read_params(params)
+    return {name: from_mapping(cls, raw.get(name, {}), name) for name, cls in sections.items()}
+
+
+def _tracking_uri(params: Path) -> str:
+    from pipeline.config import MlflowParams, from_mapping, read_params
+    from pipeline.tracking import resolve_tracking_uri
+
+    raw = read_params(params) if params.exists() else {}
+    return resolve_tracking_uri(from_mapping(MlflowParams, raw.get("mlflow", {}), "mlflow").tracking_uri)
+
+
+@app.command()
+def tune(params: Path = PARAMS_OPTION) -> None:
+    """Ray Tune search over learning rate and crop size with ASHA (params: tune, model, data, train, mlflow)."""
+    from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams
+    from pipeline.tune import TuneParams, format_trials, run_search
+
+    with one_line_errors():
+        s = _sections(params, model=ModelParams, data=DataParams, train=TrainParams,
+                      mlflow=MlflowParams, tune=TuneParams)  # fmt: skip
+        summary = run_search(s["model"], s["data"], s["train"], s["mlflow"], s["tune"])
+    typer.echo(format_trials(summary))
+    best = summary["best"]
+    typer.echo(
+        f"search {summary['search']}: best lr {best['lr']:.4g}, crop {best['crop_size']}, "
+        f"val mIoU {best['best_val_miou']:.4f} -> {s['tune'].out}/best_params.yaml"
+    )
+
+
+@app.command()
+def evaluate(
+    params: Path = PARAMS_OPTION,
+    model: str | None = typer.Option(
+        None, "--model", help="model.pt, MLflow run id, runs:/ or models:/ URI (default: evaluate.model)"
+    ),
+    split: str | None = typer.Option(None, help="split of the shards to evaluate"),
+    mode: str | None = typer.Option(None, help="whole or slide"),
+    scales: str | None = typer.Option(None, help="comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5,1.75"),
+    flip: bool | None = typer.Option(None, "--flip/--no-flip", help="add horizontally flipped logits"),
+    out: str | None = typer.Option(None, help="report folder (replaced atomically)"),
+) -> None:
+    """Evaluate a model on a split: mIoU, per-class IoU, confusion matrix, overlays (params: evaluate)."""
+    from pipeline.config import from_mapping, read_params
+    from pipeline.evaluate import EvaluateParams, format_table, run_evaluation
+
+    with one_line_errors():
+        raw = read_params(params)
+        section = {**raw.get("evaluate", {}),
+                   **overrides(model=model, split=split, mode=mode, flip=flip, out=out)}  # fmt: skip
+        if scales is not None:
+            try:
+                section["scales"] = [float(v) for v in scales.split(",") if v]
+            except ValueError:
+                raise typer.BadParameter(f"--scales must be numbers, got {scales!r}") from None
+        cfg = from_mapping(EvaluateParams, section, "evaluate")
+        metrics = run_evaluation(cfg, _tracking_uri(params))
+    typer.echo(format_table(metrics))
+    typer.echo(
+        f"{metrics['model']} on {metrics['dataset']} {metrics['split']} ({metrics['protocol']}): "
+        f"mIoU {metrics['miou']:.4f} -> {cfg.out}/"
+    )
+
+
+@app.command()
+def register(
+    params: Path = PARAMS_OPTION,
+    eval_metrics: str | None = typer.Option(None, help="metrics.json written by danet evaluate"),
+    name: str | None = typer.Option(None, help="registered model name (default danet-<dataset>)"),
+) -> None:
+    """Register the evaluated model in MLflow; move the champion alias only if it wins (params: register)."""
+    from pipeline.config import from_mapping, read_params
+    from pipeline.registry import RegisterParams, register as do_register
+
+    with one_line_errors():
+        raw = read_params(params)
+        section = {**raw.get("register", {}), **overrides(eval_metrics=eval_metrics, name=name)}
+        result = do_register(from_mapping(RegisterParams, section, "register"), _tracking_uri(params))
+    typer.echo(
+        f"{result['name']} version {result['version']} -> @{result['alias']}: {result['reason']}"
+    )
+    typer.echo(f"champion: {result['champion_uri']} (version {result['champion_version']}, "
+               f"val mIoU {result['champion_val_miou']:.4f})")  # fmt: skip
+
+
+@app.command()
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="image files or folders"),
+    model: str = typer.Option(..., "--model", help="model.pt, MLflow run id, runs:/ or models:/ URI"),
+    out: Path = typer.Option(..., "--out", help="folder for masks and overlays"),
+    params: Path = PARAMS_OPTION,
+    slide_above: int = typer.Option(1024, help="sliding window for images with a longer side"),
+    crop: int = typer.Option(512, help="sliding-window crop"),
+    flip: bool = typer.Option(False, "--flip/--no-flip", help="add horizontally flipped logits"),
+) -> None:
+    """Images or folders -> colour masks (the dataset's palette), overlays and label PNGs."""
+    import torch
+
+    from pipeline.modelref import load_model
+    from pipeline.predict import predict_files
+
+    with one_line_errors():
+        loaded = load_model(model, _tracking_uri(params))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = predict_files(loaded, inputs, out, slide_above, crop, flip, device)
+    for path, problem in report.failed:
+        typer.echo(f"error: {path}: {problem}", err=True)
+    typer.echo(f"{len(report.written) // 3} images -> {out}/ ({len(report.failed)} failed)")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def summary(params: Path = PARAMS_OPTION) -> None:
+    """What the pipeline produced: the champion, its val mIoU, where to look, how to open MLflow."""
+    import json
+
+    from pipeline.config import from_mapping, read_params
+    from pipeline.evaluate import EvaluateParams
+    from pipeline.registry import RegisterParams
+
+    with one_line_errors():
+        raw = read_params(params)
+        reg = from_mapping(RegisterParams, raw.get("register", {}), "register")
+        ev = from_mapping(EvaluateParams, raw.get("evaluate", {}), "evaluate")
+        registered = Path(reg.out)
+        if not registered.is_file():
+            raise FileNotFoundError(f"{registered}: nothing registered yet (run dvc repro)")
+        result = json.loads(registered.read_text())
+        uri = _tracking_uri(params)
+    typer.echo(f"champion: {result['champion_uri']} = {result['name']} version "
+               f"{result['champion_version']}")  # fmt: skip
+    typer.echo(f"  val mIoU {result['champion_val_miou']:.4f} ({result['eval_protocol']})")
+    typer.echo(f"  this run: version {result['version']} -> @{result['alias']} ({result['reason']})")
+    typer.echo(f"prediction overlays: {Path(ev.out) / 'predictions.png'}")
+    typer.echo(f"confusion matrix:    {Path(ev.out) / 'confusion_matrix.png'}")
+    typer.echo(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+
+
 @app.command()
 def smoke(
     backbone: str = typer.Option("resnet18d", help="timm ResNet name"),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +46,27 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+@contextmanager
+def tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for a block, then restore the previous URI.
+
+    ``mlflow.set_tracking_uri`` also sets the MLFLOW_TRACKING_URI environment variable (for
+    subprocesses), which would then override every later ``mlflow.tracking_uri`` param of the same
+    process; this keeps the change local.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_env, saved_uri = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)  # None unsets the variable ...
+        if saved_env is not None:  # ... that the user may have set
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
 def flat_params(job: TrainJob, manifest: dict[str, Any]) -> dict[str, str]:
     out = {"dataset": manifest["dataset"], "num_classes": str(job.num_classes)}
     for section, values in (("model", job.model), ("data", job.data), ("train", job.train)):
@@ -53,9 +76,12 @@ def flat_params(job: TrainJob, manifest: dict[str, Any]) -> dict[str, str]:
 
 
 def start_or_resume_run(
-    uri: str, experiment: str, run_name: str, job: TrainJob, manifest: dict[str, Any]
+    uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]
 ) -> str:
-    """The id of the MLflow run named ``run_name``: the existing one (resume) or a new one."""
+    """The id of the MLflow run named ``run_name``: the existing one (resume) or a new one.
+
+    ``tags`` may hold ``mlflow.parentRunId`` to nest the run (Tune trials under their search).
+    """
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
@@ -69,14 +95,10 @@ def start_or_resume_run(
         run_id = runs[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(
-        experiment_id,
-        run_name=run_name,
-        tags={RUN_NAME_TAG: run_name, "dataset": manifest["dataset"]},
-    )
-    params = [Param(k, v) for k, v in flat_params(job, manifest).items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
+    entries = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(entries), 100):
+        client.log_batch(run.info.run_id, params=entries[i : i + 100])
     return run.info.run_id
 
 
@@ -103,14 +125,13 @@ def finish_run(
 
     from pipeline.train import load_model_file
 
-    mlflow.set_tracking_uri(uri)
     segmenter, _ = load_model_file(out / "model.pt")
     grid = prediction_overlays(segmenter, job, manifest, tracking.num_prediction_images)
     if grid is not None:
         from pipeline.visualize import save_png
 
         save_png(grid, out / "val_predictions.png")
-    with mlflow.start_run(run_id=run_id):
+    with tracking_uri(uri), mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(
             {
                 "best_val_miou": metrics["best"]["val_miou"],
@@ -132,6 +153,10 @@ def finish_run(
                 segmenter, name="model", signature=signature, serialization_format="pickle",
                 code_paths=[str(Path(__file__).resolve().parents[1] / "danet")],
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "numpy"],
+                metadata={
+                    "classes": list(job.classes), "palette": manifest["palette"],
+                    "dataset": manifest["dataset"], "val_miou": metrics["best"]["val_miou"],
+                },
             )  # fmt: skip
         mlflow.set_tags(
             {"val_miou": f"{metrics['best']['val_miou']:.4f}", "eval_protocol": "whole-image"}

@@ -19,7 +19,9 @@ import hashlib
 import json
 import os
 import shutil
+from pickle import UnpicklingError
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +200,12 @@ class _Tracker:
     def step(self, iteration: int, values: dict[str, float]) -> None:
         self.pending.append({"iteration": iteration, **values})
         self._log(iteration, values)
+        total = self.job.train.max_iters
+        print(
+            f"[train] iter {iteration}/{total} ({100 * iteration / total:.0f}%) "
+            f"loss {values['loss']:.4f} lr {values['lr']:.4g} {values['images_per_s']:.1f} img/s",
+            flush=True,
+        )
 
     def flush(self) -> list[dict[str, float]]:
         out, self.pending = self.pending, []
@@ -206,6 +214,11 @@ class _Tracker:
     def evaluation(self, iteration: int, metrics: dict[str, float], iou: list[float]) -> None:
         per_class = {f"val_iou/{name}": v for name, v in zip(self.job.classes, iou, strict=True)}
         self._log(iteration, {k: v for k, v in metrics.items() if k.startswith("val_")} | per_class)
+        print(
+            f"[train] iter {iteration}: val mIoU {metrics[METRIC]:.4f} "
+            f"pixel acc {metrics['val_pixel_acc']:.4f}",
+            flush=True,
+        )
 
 
 # --- driver ---------------------------------------------------------------------------------
@@ -300,9 +313,6 @@ def run_training(
     fault: tuple[int, int, str] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) and write the DVC outputs; returns metrics.json's content."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from pipeline import tracking as mlt
 
     job, manifest = prepare_job(model, data, train)
@@ -310,9 +320,27 @@ def run_training(
     connect_ray(train.ray_address)
     run_name = train.run_name or default_run_name(job, manifest)
     run_id = mlt.start_or_resume_run(
-        uri, tracking.experiment or manifest["dataset"], run_name, job, manifest
-    )
+        uri, tracking.experiment or manifest["dataset"], run_name,
+        mlt.flat_params(job, manifest), {"dataset": manifest["dataset"]},
+    )  # fmt: skip
     job = dataclasses.replace(job, tracking_uri=uri, mlflow_run_id=run_id, fault=fault)
+    try:
+        result = fit(job, run_name)
+    except Exception:
+        mlt.end_run(uri, run_id, "FAILED")
+        raise
+    best, latest = result.get_best_checkpoint(METRIC, "max"), result.checkpoint
+    if best is None or latest is None:
+        raise RuntimeError(f"run {run_name} reported no checkpoint")
+    return finalize(best.path, latest.path, job, manifest, run_name, Path(train.out), tracking)
+
+
+def fit(job: TrainJob, run_name: str, callbacks: list[Any] | None = None) -> Any:
+    """One Ray Train run of ``job`` (resumed when ``run_name`` has checkpoints): its Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train = job.train
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job},
@@ -328,22 +356,30 @@ def run_training(
                 num_to_keep=train.checkpoints_to_keep, checkpoint_score_attribute=METRIC,
                 checkpoint_score_order="max",
             ),
+            callbacks=callbacks,
         ),
     )  # fmt: skip
-    try:
-        result = trainer.fit()
-    except Exception:
-        mlt.end_run(uri, run_id, "FAILED")
-        raise
-    best, latest = result.get_best_checkpoint(METRIC, "max"), result.checkpoint
-    if best is None or latest is None:
-        raise RuntimeError(f"run {run_name} reported no checkpoint")
-    with latest.as_directory() as directory:
-        history = json.loads((Path(directory) / HISTORY_FILE).read_text())
-    with best.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    metrics = write_outputs(Path(train.out), job, manifest, run_name, run_id, history, state)
-    mlt.finish_run(uri, run_id, job, manifest, Path(train.out), state, metrics, tracking)
+    return trainer.fit()
+
+
+def finalize(
+    best: str,
+    latest: str,
+    job: TrainJob,
+    manifest: dict[str, Any],
+    run_name: str,
+    out: Path,
+    tracking: MlflowParams,
+) -> dict[str, Any]:
+    """The best and latest checkpoint folders of a run -> DVC outputs, MLflow artifacts and model."""
+    from pipeline import tracking as mlt
+
+    history = json.loads((Path(latest) / HISTORY_FILE).read_text())
+    state = torch.load(Path(best) / STATE_FILE, map_location="cpu", weights_only=True)
+    metrics = write_outputs(out, job, manifest, run_name, job.mlflow_run_id, history, state)
+    mlt.finish_run(
+        job.tracking_uri, job.mlflow_run_id, job, manifest, out, state, metrics, tracking
+    )
     return metrics
 
 
@@ -376,20 +412,12 @@ def write_outputs(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        torch.save(
-            {
-                "model": best_state["model"],
-                "model_config": dataclasses.asdict(job.model.to_danet_config(job.num_classes)),
-                "classes": list(job.classes),
-                "palette": manifest["palette"],
-                "mean": list(job.mean),
-                "std": list(job.std),
-                "dataset": manifest["dataset"],
-                "val_miou": best[METRIC],
-                "iteration": best["iteration"],
-            },
-            tmp / "model.pt",
-        )
+        save_model_file(
+            tmp / "model.pt", best_state["model"], job.model.to_danet_config(job.num_classes),
+            job.classes, manifest["palette"], job.mean, job.std, manifest["dataset"],
+            val_miou=best[METRIC], iteration=best["iteration"], mlflow_run_id=run_id,
+            lr=job.train.lr, crop_size=job.data.crop_size,
+        )  # fmt: skip
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         with open(tmp / "train_curve.csv", "w", newline="") as f:
             writer = csv.writer(f)
@@ -432,6 +460,33 @@ def write_outputs(
     return metrics
 
 
+def save_model_file(
+    path: Path,
+    state: dict[str, torch.Tensor],
+    config: Any,
+    classes: Sequence[str],
+    palette: Sequence[Sequence[int]],
+    mean: Sequence[float],
+    std: Sequence[float],
+    dataset: str,
+    **meta: Any,
+) -> None:
+    """The weights with everything needed to use them: architecture, classes, palette, mean/std."""
+    torch.save(
+        {
+            "model": state,
+            "model_config": dataclasses.asdict(config),
+            "classes": list(classes),
+            "palette": [list(c) for c in palette],
+            "mean": list(mean),
+            "std": list(std),
+            "dataset": dataset,
+            **meta,
+        },
+        path,
+    )
+
+
 def load_model_file(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
     """A ``model.pt`` written by training -> the inference module (eval mode) and its metadata."""
     from danet import DANetConfig
@@ -446,9 +501,8 @@ def load_model_file(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
             cfg["multi_grid"] = tuple(cfg["multi_grid"])
         model = build_danet(DANetConfig(**{**cfg, "pretrained": False, "pretrained_path": None}))
         model.load_state_dict(payload["model"])
-    except (KeyError, RuntimeError, OSError, EOFError, ValueError) as err:
-        raise ValueError(
-            f"{path}: not a valid DANet model file ({str(err).splitlines()[0]})"
-        ) from None
+    except (KeyError, RuntimeError, OSError, EOFError, ValueError, TypeError, UnpicklingError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a valid DANet model file ({detail})") from None
     segmenter = Segmenter(model, payload["mean"], payload["std"]).eval()
     return segmenter, payload

@@ -134,8 +134,8 @@ def render_scene(seed: int, width: int, height: int) -> tuple[np.ndarray, np.nda
         xb = road_edge(fy1, -1) - 4 if side < 0 else w
         fc = _jitter(rng, (110, 90, 70), 30)
         c.rect((xa, fy0, xb, fy0 + 2), fc, FENCE)
-        for sx in np.arange(xa, xb, rng.uniform(3, 6)):
-            c.rect((sx, fy0, sx + 1, fy1), fc, FENCE)
+        for sx in np.arange(xa, xb, rng.uniform(3, 4)):
+            c.rect((sx, fy0, sx + 2, fy1), fc, FENCE)
 
     # Objects, far to near, so that near ones occlude far ones.
     objects = []
@@ -193,14 +193,14 @@ def render_scene(seed: int, width: int, height: int) -> tuple[np.ndarray, np.nda
                 )
         elif kind == "pole":
             px = road_edge(y, side) + side * rng.uniform(2, 8) * s
-            ph = h * 0.5 * s
+            ph = h * 0.55 * s
             c.rect(
-                (px - max(1, 1.5 * s), y - ph, px + max(1, 1.5 * s), y),
+                (px - max(1.5, 2.5 * s), y - ph, px + max(1.5, 2.5 * s), y),
                 _jitter(rng, (120, 120, 110), 20),
                 POLE,
             )
             if rng.random() < 0.6:
-                sr = max(3, 7 * s)
+                sr = max(4, 9 * s)
                 sc = tuple(rng.choice([(200, 30, 30), (30, 70, 180), (230, 200, 30)]))
                 if rng.random() < 0.5:
                     c.ellipse((px - sr, y - ph - sr, px + sr, y - ph + sr), sc, SIGN)
@@ -208,7 +208,7 @@ def render_scene(seed: int, width: int, height: int) -> tuple[np.ndarray, np.nda
                     c.rect((px - sr, y - ph - sr, px + sr, y - ph + sr), sc, SIGN)
         elif kind in ("person", "cyclist"):
             px = road_edge(y, side) + side * rng.uniform(4, 30) * s
-            ph = h * 0.22 * s
+            ph = h * 0.32 * s
             cls = PEDESTRIAN if kind == "person" else BICYCLIST
             if kind == "cyclist":
                 wr = ph * 0.22
@@ -216,7 +216,7 @@ def render_scene(seed: int, width: int, height: int) -> tuple[np.ndarray, np.nda
                     c.ellipse((wx - wr, y - 2 * wr, wx + wr, y), (30, 30, 30), cls)
                 y -= wr * 1.2
             c.ellipse(
-                (px - ph * 0.14, y - ph * 0.8, px + ph * 0.14, y),
+                (px - ph * 0.18, y - ph * 0.8, px + ph * 0.18, y),
                 _jitter(rng, (60, 60, 100), 50),
                 cls,
             )

@@ -1,0 +1,80 @@
+"""Resolve a model reference to an inference module and its class table.
+
+A reference is a ``model.pt`` file written by training, an MLflow run id (its logged model),
+``runs:/<run_id>/model``, a logged-model URI ``models:/m-...``, or a registry URI such as
+``models:/danet-synthetic@champion`` or ``models:/danet-synthetic/3``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pipeline.config import ConfigError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    module: nn.Module  # RGB in [0, 1] -> logits, eval mode
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    dataset: str
+    ref: str
+    uri: str  # where it came from, normalised (file path or MLflow model URI)
+
+
+def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
+    """Load ``ref``; a missing file, unknown run or registry entry, or corrupt file is one line."""
+    path = Path(ref)
+    if path.suffix in (".pt", ".pth") or path.exists():
+        from pipeline.train import load_model_file
+
+        try:
+            module, payload = load_model_file(path)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return LoadedModel(module, tuple(payload["classes"]), _palette(payload["palette"]),
+                           payload["dataset"], ref, str(path))  # fmt: skip
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import resolve_tracking_uri, tracking_uri as using
+
+    uri = ref
+    try:
+        with using(resolve_tracking_uri(tracking_uri or DEFAULT_TRACKING_URI)):
+            if RUN_ID.match(ref):
+                models = mlflow.search_logged_models(
+                    filter_string=f"source_run_id = '{ref}'", output_format="list"
+                )
+                if not models:
+                    raise ConfigError(f"{ref}: MLflow run has no logged model")
+                uri = models[0].model_uri
+            elif not ref.startswith(("models:/", "runs:/")):
+                raise ConfigError(
+                    f"{ref}: not a model file, MLflow run id, runs:/ or models:/ URI"
+                )
+            info = mlflow.models.get_model_info(uri)
+            module = mlflow.pytorch.load_model(uri, map_location="cpu").eval()
+    except MlflowException as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{ref}: cannot load the model ({first})") from None
+    meta: dict[str, Any] = info.metadata or {}
+    if "classes" not in meta:
+        raise ConfigError(
+            f"{ref}: the logged model has no class metadata (not logged by danet train)"
+        )
+    return LoadedModel(
+        module, tuple(meta["classes"]), _palette(meta["palette"]), meta.get("dataset", ""), ref, uri
+    )
+
+
+def _palette(values: list) -> tuple[tuple[int, int, int], ...]:
+    return tuple((int(c[0]), int(c[1]), int(c[2])) for c in values)
