@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench-attention clean
+.PHONY: install demo test test-fast lint readme-check bench-attention bench-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,16 +22,21 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
-# dvc.yaml runs the stages; `danet` must be on PATH for them.
+# dvc.yaml runs the stages; `danet` must be on PATH for them. DVC needs a git repository.
 demo: $(STAMP)
+	@git rev-parse --git-dir >/dev/null 2>&1 || git init -q
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
-	$(VENV)/bin/danet smoke
+	$(VENV)/bin/danet summary
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow"
+
+# The README's commands, run as written on a tiny copy of the pipeline (also part of `make test`).
+readme-check: $(STAMP)
+	$(VENV)/bin/pytest tests/test_e2e.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check danet pipeline tests bench
@@ -40,6 +45,9 @@ lint: $(STAMP)
 
 bench-attention: $(STAMP)
 	$(PY) bench/attention.py
+
+bench-train: $(STAMP)
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -31,7 +31,9 @@ def step_rate(
 ) -> float:  # fmt: skip
     """Images/s of ``steps`` timed training steps in this process (median of per-step rates)."""
     torch.manual_seed(0)
-    model = build_danet(DANetConfig(num_classes=19, backbone=backbone, head=head, attention_impl=attention))  # type: ignore[arg-type]
+    model = build_danet(
+        DANetConfig(num_classes=19, backbone=backbone, head=head, attention_impl=attention)
+    )  # type: ignore[arg-type]
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -44,7 +46,16 @@ def step_rate(
     times = []
     for i in range(steps + 2):  # 2 warm-up steps (and compilation)
         start = time.perf_counter()
-        train_steps(runner, [(x, y)], optimizer, scheduler, WEIGHTS, dev, bf16=bf16, channels_last=channels_last)
+        train_steps(
+            runner,
+            [(x, y)],
+            optimizer,
+            scheduler,
+            WEIGHTS,
+            dev,
+            bf16=bf16,
+            channels_last=channels_last,
+        )
         if i >= 2:
             times.append(time.perf_counter() - start)
     return batch / statistics.median(times)
@@ -62,7 +73,9 @@ def ray_rate(workers: int, backbone: str, head: str, crop: int, batch: int, step
     def worker(config: dict[str, Any]) -> None:
         torch.manual_seed(0)
         model = ray.train.torch.prepare_model(
-            build_danet(DANetConfig(num_classes=19, backbone=config["backbone"], head=config["head"]))
+            build_danet(
+                DANetConfig(num_classes=19, backbone=config["backbone"], head=config["head"])
+            )
         )
         core = model.module if hasattr(model, "module") else model
         optimizer = build_optimizer(core, 0.01, 0.9, 1e-4, 10.0)
@@ -81,44 +94,76 @@ def ray_rate(workers: int, backbone: str, head: str, crop: int, batch: int, step
     cpus = max(1, (os.cpu_count() or 2) // workers)
     trainer = TorchTrainer(
         worker,
-        train_loop_config={"backbone": backbone, "head": head, "crop": crop, "batch": batch, "steps": steps},
+        train_loop_config={
+            "backbone": backbone,
+            "head": head,
+            "crop": crop,
+            "batch": batch,
+            "steps": steps,
+        },
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=f"bench-{workers}w-{time.time_ns()}", storage_path="/tmp/danet-bench"),
+        run_config=RunConfig(
+            name=f"bench-{workers}w-{time.time_ns()}", storage_path="/tmp/danet-bench"
+        ),
     )
     result = trainer.fit()
     return float(result.metrics["images_per_s"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--backbone", nargs="+", default=["resnet18d"])
     parser.add_argument("--crop", type=int, default=96)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--matrix", action="store_true", help="GPU: bf16/fp32 x attention x channels_last x compile")
+    parser.add_argument(
+        "--matrix", action="store_true", help="GPU: bf16/fp32 x attention x channels_last x compile"
+    )
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; "
           f"crop {args.crop}, batch {args.batch}, {args.steps} timed steps")  # fmt: skip
 
-    print(f"\n{'backbone':>11} {'model':>6} {'bf16':>5} {'attention':>9} {'ch_last':>7} {'compile':>7} | {'img/s':>7}")
+    print(
+        f"\n{'backbone':>11} {'model':>6} {'bf16':>5} {'attention':>9} {'ch_last':>7} {'compile':>7} | {'img/s':>7}"
+    )
     for backbone in args.backbone:
         rates = {}
         for head in ("danet", "fcn"):
             rates[head] = step_rate(backbone, head, args.crop, args.batch, args.steps, args.device)
-            print(f"{backbone:>11} {head:>6} {'no':>5} {'auto':>9} {'no':>7} {'no':>7} | {rates[head]:7.2f}", flush=True)
+            print(
+                f"{backbone:>11} {head:>6} {'no':>5} {'auto':>9} {'no':>7} {'no':>7} | {rates[head]:7.2f}",
+                flush=True,
+            )
         print(f"{'':>11} FCN / DANet speed: {rates['fcn'] / rates['danet']:.2f}")
         if args.matrix:
-            for bf16, attention, cl, comp in itertools.product((False, True), ("dense", "efficient"), (False, True), (False, True)):
-                r = step_rate(backbone, "danet", args.crop, args.batch, args.steps, args.device, bf16, attention, cl, comp)
+            for bf16, attention, cl, comp in itertools.product(
+                (False, True), ("dense", "efficient"), (False, True), (False, True)
+            ):
+                r = step_rate(
+                    backbone,
+                    "danet",
+                    args.crop,
+                    args.batch,
+                    args.steps,
+                    args.device,
+                    bf16,
+                    attention,
+                    cl,
+                    comp,
+                )
                 print(f"{backbone:>11} {'danet':>6} {'yes' if bf16 else 'no':>5} {attention:>9} "
                       f"{'yes' if cl else 'no':>7} {'yes' if comp else 'no':>7} | {r:7.2f}", flush=True)  # fmt: skip
 
     if args.device == "cpu" and not args.no_ray:
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+        ray.init(
+            num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False
+        )
         print(f"\nRay Train on CPU ({args.backbone[0]}, DANet): global images/s")
         one = ray_rate(1, args.backbone[0], "danet", args.crop, args.batch, args.steps)
         print(f"  1 worker  x 2 CPUs: {one:7.2f}", flush=True)

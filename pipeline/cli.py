@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -84,6 +84,25 @@ def shard(
 
 
 @app.command()
+def synthetic(
+    out: Annotated[Path, typer.Option("--out", help="folder to write (replaced atomically)")],
+    params: Path = PARAMS_OPTION,
+    splits: str = typer.Option("val", help="comma-separated splits"),
+    count: int = typer.Option(0, min=0, help="first N scenes of each split; 0 = all"),
+) -> None:
+    """Write the embedded synthetic scenes as a `folder` dataset of PNGs (params: synthetic)."""
+    from pipeline.config import SyntheticParams, from_mapping, read_params
+    from pipeline.datasets.synthetic import SyntheticReader, write_folder_dataset
+
+    with one_line_errors():
+        raw = read_params(params) if params.exists() else {}
+        cfg = from_mapping(SyntheticParams, raw.get("synthetic", {}), "synthetic")
+        reader = SyntheticReader(**dataclasses.asdict(cfg))
+        images = write_folder_dataset(reader, out, tuple(s for s in splits.split(",") if s), count)
+    typer.echo(f"{len(images)} scenes -> {out}/images/, masks in {out}/masks/, {out}/classes.txt")
+
+
+@app.command()
 def train(
     params: Path = PARAMS_OPTION,
     address: str | None = typer.Option(
@@ -143,7 +162,9 @@ def _tracking_uri(params: Path) -> str:
     from pipeline.tracking import resolve_tracking_uri
 
     raw = read_params(params) if params.exists() else {}
-    return resolve_tracking_uri(from_mapping(MlflowParams, raw.get("mlflow", {}), "mlflow").tracking_uri)
+    return resolve_tracking_uri(
+        from_mapping(MlflowParams, raw.get("mlflow", {}), "mlflow").tracking_uri
+    )
 
 
 @app.command()
@@ -168,12 +189,18 @@ def tune(params: Path = PARAMS_OPTION) -> None:
 def evaluate(
     params: Path = PARAMS_OPTION,
     model: str | None = typer.Option(
-        None, "--model", help="model.pt, MLflow run id, runs:/ or models:/ URI (default: evaluate.model)"
+        None,
+        "--model",
+        help="model.pt, MLflow run id, runs:/ or models:/ URI (default: evaluate.model)",
     ),
     split: str | None = typer.Option(None, help="split of the shards to evaluate"),
     mode: str | None = typer.Option(None, help="whole or slide"),
-    scales: str | None = typer.Option(None, help="comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5,1.75"),
-    flip: bool | None = typer.Option(None, "--flip/--no-flip", help="add horizontally flipped logits"),
+    scales: str | None = typer.Option(
+        None, help="comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5,1.75"
+    ),
+    flip: bool | None = typer.Option(
+        None, "--flip/--no-flip", help="add horizontally flipped logits"
+    ),
     out: str | None = typer.Option(None, help="report folder (replaced atomically)"),
 ) -> None:
     """Evaluate a model on a split: mIoU, per-class IoU, confusion matrix, overlays (params: evaluate)."""
@@ -190,7 +217,11 @@ def evaluate(
             except ValueError:
                 raise typer.BadParameter(f"--scales must be numbers, got {scales!r}") from None
         cfg = from_mapping(EvaluateParams, section, "evaluate")
-        metrics = run_evaluation(cfg, _tracking_uri(params))
+        candidates = [
+            str(Path(raw.get(stage, {}).get("out", default)) / "model.pt")
+            for stage, default in (("train", "outputs/train"), ("tune", "outputs/tune"))
+        ]
+        metrics = run_evaluation(cfg, _tracking_uri(params), candidates)
     typer.echo(format_table(metrics))
     typer.echo(
         f"{metrics['model']} on {metrics['dataset']} {metrics['split']} ({metrics['protocol']}): "
@@ -206,12 +237,15 @@ def register(
 ) -> None:
     """Register the evaluated model in MLflow; move the champion alias only if it wins (params: register)."""
     from pipeline.config import from_mapping, read_params
-    from pipeline.registry import RegisterParams, register as do_register
+    from pipeline.registry import RegisterParams
+    from pipeline.registry import register as do_register
 
     with one_line_errors():
         raw = read_params(params)
         section = {**raw.get("register", {}), **overrides(eval_metrics=eval_metrics, name=name)}
-        result = do_register(from_mapping(RegisterParams, section, "register"), _tracking_uri(params))
+        result = do_register(
+            from_mapping(RegisterParams, section, "register"), _tracking_uri(params)
+        )
     typer.echo(
         f"{result['name']} version {result['version']} -> @{result['alias']}: {result['reason']}"
     )
@@ -221,9 +255,11 @@ def register(
 
 @app.command()
 def predict(
-    inputs: list[Path] = typer.Argument(..., help="image files or folders"),
-    model: str = typer.Option(..., "--model", help="model.pt, MLflow run id, runs:/ or models:/ URI"),
-    out: Path = typer.Option(..., "--out", help="folder for masks and overlays"),
+    inputs: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    model: Annotated[
+        str, typer.Option("--model", help="model.pt, MLflow run id, runs:/ or models:/ URI")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="folder for masks and overlays")],
     params: Path = PARAMS_OPTION,
     slide_above: int = typer.Option(1024, help="sliding window for images with a longer side"),
     crop: int = typer.Option(512, help="sliding-window crop"),
@@ -267,10 +303,14 @@ def summary(params: Path = PARAMS_OPTION) -> None:
     typer.echo(f"champion: {result['champion_uri']} = {result['name']} version "
                f"{result['champion_version']}")  # fmt: skip
     typer.echo(f"  val mIoU {result['champion_val_miou']:.4f} ({result['eval_protocol']})")
-    typer.echo(f"  this run: version {result['version']} -> @{result['alias']} ({result['reason']})")
+    typer.echo(
+        f"  this run: version {result['version']} -> @{result['alias']} ({result['reason']})"
+    )
     typer.echo(f"prediction overlays: {Path(ev.out) / 'predictions.png'}")
     typer.echo(f"confusion matrix:    {Path(ev.out) / 'confusion_matrix.png'}")
-    typer.echo(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    typer.echo(
+        f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    )
 
 
 @app.command()

@@ -11,6 +11,7 @@ import csv
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,18 +59,18 @@ class EvaluateParams:
             raise ConfigError(str(err)) from None
 
 
-def pick_model(ref: str) -> str:
-    """``auto`` -> the candidate model file with the best recorded val mIoU."""
+def pick_model(ref: str, candidates: Sequence[str] = CANDIDATES) -> str:
+    """``auto`` -> the candidate model file with the best recorded (in-training) val mIoU."""
     if ref != "auto":
         return ref
     scored = []
-    for candidate in CANDIDATES:
+    for candidate in candidates:
         if Path(candidate).is_file():
             payload = torch.load(candidate, map_location="cpu", weights_only=True)
             scored.append((float(payload.get("val_miou", 0.0)), candidate))
     if not scored:
         raise ConfigError(
-            f"evaluate.model is auto but none of {', '.join(CANDIDATES)} exists (run danet train)"
+            f"evaluate.model is auto but none of {', '.join(candidates)} exists (run danet train)"
         )
     return max(scored)[1]
 
@@ -101,9 +102,14 @@ def evaluate_model(
     return cm, rows
 
 
-def run_evaluation(params: EvaluateParams, tracking_uri: str = "") -> dict[str, Any]:
-    """Evaluate, write the report folder atomically, return metrics.json's content."""
-    ref = pick_model(params.model)
+def run_evaluation(
+    params: EvaluateParams, tracking_uri: str = "", candidates: Sequence[str] = CANDIDATES
+) -> dict[str, Any]:
+    """Evaluate, write the report folder atomically, return metrics.json's content.
+
+    ``candidates`` are the model files ``evaluate.model: auto`` chooses from (train.out, tune.out).
+    """
+    ref = pick_model(params.model, candidates)
     manifest = load_manifest(params.shards)
     urls = shard_urls(params.shards, manifest, params.split)
     protocol = params.protocol()

@@ -45,7 +45,8 @@ def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import resolve_tracking_uri, tracking_uri as using
+    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking import tracking_uri as using
 
     uri = ref
     try:
@@ -58,9 +59,7 @@ def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
                     raise ConfigError(f"{ref}: MLflow run has no logged model")
                 uri = models[0].model_uri
             elif not ref.startswith(("models:/", "runs:/")):
-                raise ConfigError(
-                    f"{ref}: not a model file, MLflow run id, runs:/ or models:/ URI"
-                )
+                raise ConfigError(f"{ref}: not a model file, MLflow run id, runs:/ or models:/ URI")
             info = mlflow.models.get_model_info(uri)
             module = mlflow.pytorch.load_model(uri, map_location="cpu").eval()
     except MlflowException as err:

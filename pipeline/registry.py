@@ -108,9 +108,7 @@ def register(params: RegisterParams, tracking_uri: str) -> dict[str, Any]:
         return _register(params, evaluation, MlflowClient(tracking_uri))
 
 
-def _register(
-    params: RegisterParams, evaluation: dict[str, Any], client: Any
-) -> dict[str, Any]:
+def _register(params: RegisterParams, evaluation: dict[str, Any], client: Any) -> dict[str, Any]:
     import mlflow
     from mlflow.exceptions import MlflowException
 

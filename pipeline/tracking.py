@@ -62,7 +62,7 @@ def tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved_uri)  # None unsets the variable ...
+        mlflow.set_tracking_uri(saved_uri)  # type: ignore[arg-type]  # None unsets the variable ...
         if saved_env is not None:  # ... that the user may have set
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
@@ -120,8 +120,6 @@ def finish_run(
 ) -> None:
     """Artifacts, the model and the summary metrics; marks the run FINISHED."""
     import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
     from pipeline.train import load_model_file
 
@@ -143,24 +141,43 @@ def finish_run(
             if (out / name).exists():
                 mlflow.log_artifact(str(out / name))
         if tracking.log_model:
-            signature = ModelSignature(
-                inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
-                outputs=Schema(
-                    [TensorSpec(np.dtype(np.float32), (-1, job.num_classes, -1, -1), "logits")]
-                ),
-            )
-            mlflow.pytorch.log_model(
-                segmenter, name="model", signature=signature, serialization_format="pickle",
-                code_paths=[str(Path(__file__).resolve().parents[1] / "danet")],
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "numpy"],
-                metadata={
-                    "classes": list(job.classes), "palette": manifest["palette"],
-                    "dataset": manifest["dataset"], "val_miou": metrics["best"]["val_miou"],
-                },
+            log_segmenter(
+                segmenter, list(job.classes), manifest["palette"], manifest["dataset"],
+                metrics["best"]["val_miou"],
             )  # fmt: skip
         mlflow.set_tags(
             {"val_miou": f"{metrics['best']['val_miou']:.4f}", "eval_protocol": "whole-image"}
         )
+
+
+def log_segmenter(
+    segmenter: torch.nn.Module,
+    classes: list[str],
+    palette: list[list[int]],
+    dataset: str,
+    val_miou: float,
+) -> Any:
+    """Log a ``Segmenter`` into the active run as an MLflow pytorch model that serves as is.
+
+    Pickle format with an explicit signature of -1 dims: any batch and image size (the default
+    "pt2" format would fix the shapes of an input example). The metadata carries the classes and
+    palette, so prediction from a registry URI needs nothing else.
+    """
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # Unnamed tensors: a named input reaches the pytorch flavour as a dict, which it refuses.
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),  # RGB in [0, 1]
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes), -1, -1))]),  # logits
+    )
+    return mlflow.pytorch.log_model(
+        segmenter, name="model", signature=signature, serialization_format="pickle",
+        code_paths=[str(Path(__file__).resolve().parents[1] / "danet")],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "numpy"],
+        metadata={"classes": classes, "palette": palette, "dataset": dataset, "val_miou": val_miou},
+    )  # fmt: skip
 
 
 def prediction_overlays(

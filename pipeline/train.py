@@ -19,11 +19,12 @@ import hashlib
 import json
 import os
 import shutil
-from pickle import UnpicklingError
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import numpy as np
@@ -174,6 +175,13 @@ def _maybe_crash(job: TrainJob, epoch: int, rank: int) -> None:
         os._exit(1)
 
 
+def say(message: str) -> None:
+    """A progress line from a Ray worker. Not ``print``: Ray Train patches it to log each line
+    twice (to its logger and to the redirected stdout)."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
 class _Tracker:
     """Rank 0's MLflow logging: per-step losses/lr/throughput, per-evaluation metrics."""
 
@@ -201,10 +209,10 @@ class _Tracker:
         self.pending.append({"iteration": iteration, **values})
         self._log(iteration, values)
         total = self.job.train.max_iters
-        print(
+        say(
             f"[train] iter {iteration}/{total} ({100 * iteration / total:.0f}%) "
-            f"loss {values['loss']:.4f} lr {values['lr']:.4g} {values['images_per_s']:.1f} img/s",
-            flush=True,
+            f"loss {values['loss']:.4f} head lr {values['lr']:.4g} "
+            f"{values['images_per_s']:.1f} img/s"
         )
 
     def flush(self) -> list[dict[str, float]]:
@@ -214,10 +222,9 @@ class _Tracker:
     def evaluation(self, iteration: int, metrics: dict[str, float], iou: list[float]) -> None:
         per_class = {f"val_iou/{name}": v for name, v in zip(self.job.classes, iou, strict=True)}
         self._log(iteration, {k: v for k, v in metrics.items() if k.startswith("val_")} | per_class)
-        print(
+        say(
             f"[train] iter {iteration}: val mIoU {metrics[METRIC]:.4f} "
-            f"pixel acc {metrics['val_pixel_acc']:.4f}",
-            flush=True,
+            f"pixel acc {metrics['val_pixel_acc']:.4f}"
         )
 
 
@@ -332,7 +339,14 @@ def run_training(
     best, latest = result.get_best_checkpoint(METRIC, "max"), result.checkpoint
     if best is None or latest is None:
         raise RuntimeError(f"run {run_name} reported no checkpoint")
-    return finalize(best.path, latest.path, job, manifest, run_name, Path(train.out), tracking)
+    with best.as_directory() as best_dir, latest.as_directory() as latest_dir:  # local or remote
+        return finalize(best_dir, latest_dir, job, manifest, run_name, Path(train.out), tracking)
+
+
+def storage_uri(path: str) -> str:
+    """Ray's storage path: a URI (``s3://``, ``gs://``) as is, a local path made absolute (workers
+    and Tune trials run in other working directories)."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def fit(job: TrainJob, run_name: str, callbacks: list[Any] | None = None) -> Any:
@@ -350,7 +364,7 @@ def fit(job: TrainJob, run_name: str, callbacks: list[Any] | None = None) -> Any
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=os.path.abspath(train.storage_path),
+            storage_path=storage_uri(train.storage_path),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=train.checkpoints_to_keep, checkpoint_score_attribute=METRIC,
@@ -501,7 +515,15 @@ def load_model_file(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
             cfg["multi_grid"] = tuple(cfg["multi_grid"])
         model = build_danet(DANetConfig(**{**cfg, "pretrained": False, "pretrained_path": None}))
         model.load_state_dict(payload["model"])
-    except (KeyError, RuntimeError, OSError, EOFError, ValueError, TypeError, UnpicklingError) as err:
+    except (
+        KeyError,
+        RuntimeError,
+        OSError,
+        EOFError,
+        ValueError,
+        TypeError,
+        UnpicklingError,
+    ) as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a valid DANet model file ({detail})") from None
     segmenter = Segmenter(model, payload["mean"], payload["std"]).eval()

@@ -27,15 +27,26 @@ from typing import Any
 import yaml
 
 from pipeline.config import (
+    ConfigError,
     DataParams,
     MlflowParams,
     ModelParams,
     TrainParams,
     _check,
 )
-from pipeline.train import METRIC, TrainJob, connect_ray, finalize, fit, prepare_job
+from pipeline.train import (
+    METRIC,
+    TrainJob,
+    connect_ray,
+    finalize,
+    fit,
+    prepare_job,
+    say,
+    storage_uri,
+)
 
 TRIAL_TAG = "danet.tune_trial"
+TRIAL_MEMORY = 256 * 1024**2  # bytes of Ray's logical "memory" resource per trial driver
 
 
 @dataclass(frozen=True)
@@ -103,21 +114,24 @@ def trial_run_name(search_name: str, trial_id: str) -> str:
     return f"{search_name}-{trial_id}"
 
 
-def tune_trial(config: dict[str, Any]) -> None:
+def tune_trial(config: dict[str, Any], search: SearchJob) -> None:
     """One trial: its MLflow run (nested under the search's), then a Ray Train run reporting to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline import tracking as mlt
 
-    search: SearchJob = config["search"]
     lr, crop = float(config["lr"]), int(config["crop_size"])
     run_name = trial_run_name(search.search_name, ray.tune.get_context().get_trial_id())
     base = search.job
     params = {**search.params, "train.lr": str(lr), "data.crop_size": str(crop)}
-    tags = {"mlflow.parentRunId": search.parent_run_id, TRIAL_TAG: run_name, "dataset": search.experiment}
+    tags = {
+        "mlflow.parentRunId": search.parent_run_id,
+        TRIAL_TAG: run_name,
+        "dataset": search.experiment,
+    }
     run_id = mlt.start_or_resume_run(base.tracking_uri, search.experiment, run_name, params, tags)
-    print(f"[tune] trial {run_name}: lr {lr:.4g}, crop {crop}", flush=True)
+    say(f"[tune] trial {run_name}: lr {lr:.4g}, crop {crop}")
     fit(trial_job(search, lr, crop, run_id), run_name, callbacks=[TuneReportCallback()])
     mlt.end_run(base.tracking_uri, run_id, "FINISHED")
 
@@ -147,35 +161,43 @@ def run_search(
 
     from pipeline import tracking as mlt
 
-    largest = max(tune.crop_sizes)
-    job, manifest = prepare_job(
-        model, dataclasses.replace(data, crop_size=largest), dataclasses.replace(train, epochs=tune.epochs)
-    )  # checks every crop size the search may pick, and the shards, before any work
+    largest = max(tune.crop_sizes)  # checked with the shards before any work
+    try:
+        job, manifest = prepare_job(
+            model, dataclasses.replace(data, crop_size=largest),
+            dataclasses.replace(train, epochs=tune.epochs),
+        )  # fmt: skip
+    except ConfigError as err:
+        if str(err).startswith("data.crop_size"):
+            raise ConfigError(f"tune.crop_sizes: {err}") from None
+        raise
     uri = mlt.resolve_tracking_uri(tracking.tracking_uri)
     connect_ray(train.ray_address)
     name = tune.name or search_name(job, tune, manifest)
-    storage = os.path.abspath(train.storage_path)
+    storage = storage_uri(train.storage_path)
     experiment = tracking.experiment or manifest["dataset"]
     space_params = {f"tune.{k}": str(v) for k, v in dataclasses.asdict(tune).items()}
     parent = mlt.start_or_resume_run(
         uri, experiment, name, space_params, {"dataset": manifest["dataset"], "danet.kind": "tune"}
     )
     search = SearchJob(
-        dataclasses.replace(job, tracking_uri=uri), name, os.path.join(storage, f"{name}-trials"),
+        dataclasses.replace(job, tracking_uri=uri), name, f"{storage}/{name}-trials",
         experiment, parent, mlt.flat_params(job, manifest),
     )  # fmt: skip
     evaluations = math.ceil(tune.epochs / train.eval_every_epochs)
     param_space = {
-        "search": search,
         "lr": rt.loguniform(tune.lr_min, tune.lr_max),
         "crop_size": rt.choice(list(tune.crop_sizes)),
     }
-    # The trial only drives its Train run; the Train workers hold the CPUs/GPUs.
-    trainable = rt.with_resources(tune_trial, {"CPU": 0})
-    path = os.path.join(storage, name)
+    # The trial only drives its Train run: the Train workers hold the CPUs/GPUs. Ray refuses an
+    # empty request, so the trial asks for memory alone.
+    trainable = rt.with_resources(
+        rt.with_parameters(tune_trial, search=search), {"CPU": 0, "memory": TRIAL_MEMORY}
+    )
+    path = f"{storage}/{name}"
     if rt.Tuner.can_restore(path):
         print(f"[tune] resuming search {name} from {path}", flush=True)
-        tuner = rt.Tuner.restore(path, trainable, resume_errored=True, param_space=param_space)
+        tuner = rt.Tuner.restore(path, trainable, resume_errored=True)
     else:
         tuner = rt.Tuner(
             trainable,
@@ -188,7 +210,9 @@ def run_search(
                     grace_period=min(tune.grace_period, evaluations),
                     reduction_factor=tune.reduction_factor,
                 ),
-                search_alg=BasicVariantGenerator(random_state=tune.seed),
+                search_alg=BasicVariantGenerator(
+                    random_state=tune.seed, max_concurrent=tune.max_concurrent
+                ),
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=rt.RunConfig(name=name, storage_path=storage),
@@ -216,14 +240,14 @@ def summarize_search(
 
     uri = search.job.tracking_uri
     client = MlflowClient(uri)
-    trials = []
+    trials: list[dict[str, Any]] = []
     for result in grid:
         cfg, history = result.config, result.metrics_dataframe
         trial_id = result.metrics.get("trial_id") if result.metrics else None
         trial_id = trial_id or Path(result.path).name
         scores = history[METRIC].tolist() if history is not None and METRIC in history else []
         best_index = max(range(len(scores)), key=scores.__getitem__) if scores else None
-        trial = {
+        trial: dict[str, Any] = {
             "trial_id": trial_id,
             "run_name": trial_run_name(search.search_name, trial_id),
             "lr": float(cfg["lr"]),
@@ -246,8 +270,18 @@ def summarize_search(
         raise RuntimeError(f"tune: every trial failed ({first})")
     best = max(done, key=lambda t: t["best_val_miou"])
     job = trial_job(search, best["lr"], best["crop_size"], _trial_run_id(client, search, best))
-    latest = best["latest_checkpoint"] if Path(best["latest_checkpoint"]).is_dir() else best["best_checkpoint"]
-    metrics = finalize(best["best_checkpoint"], latest, job, manifest, best["run_name"], out, tracking)
+    best_ckpt, latest_ckpt = (
+        trial_checkpoint(search, best["run_name"], best[key])
+        for key in ("best_checkpoint", "latest_checkpoint")
+    )
+    with best_ckpt.as_directory() as best_dir:
+        try:
+            with latest_ckpt.as_directory() as latest_dir:
+                metrics = finalize(
+                    best_dir, latest_dir, job, manifest, best["run_name"], out, tracking
+                )
+        except FileNotFoundError:  # the latest was not kept (checkpoints_to_keep): its history
+            metrics = finalize(best_dir, best_dir, job, manifest, best["run_name"], out, tracking)
     summary = {
         "search": search.search_name,
         "best": {k: best[k] for k in ("trial_id", "run_name", "lr", "crop_size", "best_val_miou")},
@@ -271,6 +305,13 @@ def summarize_search(
             mlflow.log_artifact(str(out / "best_params.yaml"))
             mlflow.log_artifact(str(out / "trials.json"))
     return summary
+
+
+def trial_checkpoint(search: SearchJob, run_name: str, reported: str) -> Any:
+    """A checkpoint a trial reported, on the search's storage (local folder or bucket URI)."""
+    from ray.train import Checkpoint
+
+    return Checkpoint(f"{search.trial_storage}/{run_name}/{Path(reported).name}")
 
 
 def _trial_run_id(client: Any, search: SearchJob, trial: dict[str, Any]) -> str:
@@ -325,4 +366,3 @@ def format_trials(summary: dict[str, Any]) -> str:
             f"{t['best_val_miou']:9.4f}  {status}{mark}"
         )
     return "\n".join(lines)
-

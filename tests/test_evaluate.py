@@ -77,9 +77,9 @@ def test_multi_scale_sums_logits_at_full_resolution() -> None:
 def test_protocol_names_and_validation() -> None:
     assert Protocol().name == "whole"
     assert Protocol("slide", 512, scales=(0.5, 1.0), flip=True).name == "slide512-ms2-flip"
-    with pytest.raises(ValueError, match="evaluate.mode must be whole or slide"):
+    with pytest.raises(ValueError, match=r"evaluate.mode must be whole or slide"):
         Protocol("tiles")
-    with pytest.raises(ConfigError, match="evaluate.scales must be positive"):
+    with pytest.raises(ConfigError, match=r"evaluate.scales must be positive"):
         EvaluateParams(scales=(1.0, -0.5)).protocol()
 
 
@@ -88,7 +88,9 @@ def build_tiny_segmenter() -> nn.Module:
     from danet.model import Segmenter
 
     torch.manual_seed(0)
-    return Segmenter(build_danet(DANetConfig(4, backbone="resnet18d")), [0.5] * 3, [0.25] * 3).eval()
+    return Segmenter(
+        build_danet(DANetConfig(4, backbone="resnet18d")), [0.5] * 3, [0.25] * 3
+    ).eval()
 
 
 def test_single_scale_evaluation_equals_in_training_evaluation(
@@ -99,7 +101,9 @@ def test_single_scale_evaluation_equals_in_training_evaluation(
     loaded = load_model(str(path))
     manifest = load_manifest(tiny_shards)
     urls = shard_urls(tiny_shards, manifest, "val")
-    cm_stage, rows = evaluate_model(loaded, urls, Protocol(), torch.device("cpu"), 2, progress=False)
+    cm_stage, rows = evaluate_model(
+        loaded, urls, Protocol(), torch.device("cpu"), 2, progress=False
+    )
     core = loaded.module.model  # the SegmentationModel inside the Segmenter
     stream = EvalStream(urls, manifest["mean"], manifest["std"])
     cm_train = evaluate(core, eval_loader(stream, 0), len(manifest["classes"]), torch.device("cpu"))
@@ -133,7 +137,7 @@ def test_pick_model_auto_takes_the_better_candidate(
     from pipeline.evaluate import pick_model
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="evaluate.model is auto but none of"):
+    with pytest.raises(ConfigError, match=r"evaluate.model is auto but none of"):
         pick_model("auto")
     for name, score in (("train", 0.4), ("tune", 0.6)):
         (tmp_path / "outputs" / name).mkdir(parents=True)
@@ -167,16 +171,25 @@ def test_class_mismatch_and_unknown_registry_uri(tiny_shards: Path, tmp_path: Pa
     shard_dataset(make_reader("folder", root), ("val",), tmp_path / "two")
     model = write_model_file(tmp_path / "model.pt", tiny_shards)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.raises(ConfigError, match="the model has 11 classes .* but .* has 2"):
+    with pytest.raises(ConfigError, match=r"the model has 11 classes .* but .* has 2"):
         run_evaluation(EvaluateParams(model=str(model), shards=str(tmp_path / "two")), uri)
     with pytest.raises(ConfigError, match=r"models:/nope@champion: cannot load the model"):
         load_model("models:/nope@champion", uri)
     result = runner.invoke(
-        app, ["evaluate", "--params", str(write_params(tmp_path, uri, tiny_shards)), "--model", "models:/nope@champion"]
+        app,
+        [
+            "evaluate",
+            "--params",
+            str(write_params(tmp_path, uri, tiny_shards)),
+            "--model",
+            "models:/nope@champion",
+        ],
     )
     assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1].startswith(
-        "error: models:/nope@champion: cannot load the model"
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith("error: models:/nope@champion: cannot load the model")
     )
 
 

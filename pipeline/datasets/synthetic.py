@@ -280,3 +280,40 @@ class SyntheticReader(Reader):
         buffer = io.BytesIO()
         Image.fromarray(rgb).save(buffer, format="PNG", compress_level=6)
         return Sample(item.key, buffer.getvalue(), "png", label, item.image)
+
+
+def write_folder_dataset(
+    reader: SyntheticReader, out: Path, splits: tuple[str, ...], count: int = 0
+) -> list[Path]:
+    """Scenes as a ``folder`` dataset (images/{split}/, masks/{split}/, classes.txt), e.g. images
+    to try ``danet predict`` on. ``count`` > 0 keeps the first ``count`` of each split. The folder
+    appears atomically; returns the image files."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    images: list[Path] = []
+    try:
+        lines = [
+            f"{n} {r} {g} {b}"
+            for n, (r, g, b) in zip(reader.info.classes, reader.info.palette, strict=True)
+        ]
+        (tmp / "classes.txt").write_text("\n".join(lines) + "\n")
+        for split in splits:
+            for item in reader.items(split)[: count or None]:
+                sample = reader.read(item)
+                for kind, data in (("images", sample.image_bytes), ("masks", None)):
+                    path = tmp / kind / split / f"{item.key}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    if data is None:
+                        Image.fromarray(sample.label, mode="L").save(path)
+                    else:
+                        path.write_bytes(data)
+                images.append(out / "images" / split / f"{item.key}.png")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return images

@@ -1,0 +1,115 @@
+"""The whole DVC pipeline on a tiny synthetic configuration, then every runnable README command.
+
+The project is copied (tracked and untracked-not-ignored files) into a fresh git repository with a
+tiny params.yaml, `dvc repro` runs shard -> train -> tune -> evaluate -> register, a second
+`dvc repro` must do nothing, and the README's bash blocks run as written (blocks preceded by
+``<!-- readme-check: skip (...) -->`` say why they cannot run here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "synthetic": {"num_samples": {"train": 12, "val": 4}, "width": 64, "height": 48},
+    "shard": {"max_count": 6, "workers": 1},
+    "data": {"crop_size": 32, "shuffle_buffer": 4},
+    "train": {"batch_size": 2, "epochs": 2, "iters_per_epoch": 3, "eval_every_epochs": 1,
+              "log_every": 3, "cpus_per_worker": 2},
+    "tune": {"lr_min": 0.005, "lr_max": 0.02, "crop_sizes": [32, 48], "num_samples": 2,
+             "epochs": 2},
+    "mlflow": {"num_prediction_images": 1},
+    "evaluate": {"num_overlays": 1},
+}  # fmt: skip
+
+
+def readme_blocks(text: str) -> list[tuple[str, str | None]]:
+    """Every ```bash block of the README with its skip reason (None = run it)."""
+    blocks = []
+    for match in re.finditer(
+        r"(<!-- readme-check: skip \((.*?)\) -->\n)?```bash\n(.*?)```", text, re.S
+    ):
+        blocks.append((match.group(3), match.group(2)))
+    return blocks
+
+
+def copy_project(dst: Path) -> Path:
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+        check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dst / name)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dst / ".venv").symlink_to(Path(sys.prefix))  # the README says .venv/bin/...
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t",
+                 "commit", "-qm", "tiny"]):  # fmt: skip
+        subprocess.run(["git", *args], cwd=dst, check=True, capture_output=True)
+    return dst
+
+
+def run(command: str, cwd: Path, timeout: int = 900) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PATH"] = f"{cwd / '.venv' / 'bin'}:{env['PATH']}"
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", command], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, (
+        f"{command}\n--- exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
+    return done.stdout + done.stderr
+
+
+def test_readme_marks_what_it_cannot_run() -> None:
+    blocks = readme_blocks((ROOT / "README.md").read_text())
+    assert blocks[0][1] is not None and "make demo" in blocks[0][0] and "make test" in blocks[0][0]
+    assert sum(reason is None for _, reason in blocks) >= 3
+
+
+@pytest.mark.slow
+def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
+    repo = copy_project(tmp_path / "project")
+
+    out = run("dvc repro", repo)
+    for stage in ("shard", "train", "tune", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out, out[-3000:]
+    registered = json.loads((repo / "outputs/register/registered.json").read_text())
+    assert (
+        registered["alias"] == "champion"
+        and registered["champion_uri"] == "models:/danet-synthetic@champion"
+    )
+    evaluation = json.loads((repo / "outputs/eval/metrics.json").read_text())
+    assert evaluation["protocol"] == "whole-flip" and 0 <= evaluation["miou"] <= 1
+    assert (repo / "outputs/tune/best_params.yaml").is_file()
+
+    again = run("dvc repro", repo)
+    assert "Running stage" not in again, again[-2000:]  # nothing changed: nothing runs
+
+    summary = run("danet summary", repo)
+    assert "champion: models:/danet-synthetic@champion" in summary and "mlflow ui" in summary
+
+    for block, reason in readme_blocks((ROOT / "README.md").read_text()):
+        if reason is None:
+            run(block, repo)
+    assert (repo / "dvc_plots" / "index.html").is_file()
+    assert len(list((repo / "outputs" / "predict").glob("*_mask.png"))) == 4
+    experiments = run("dvc exp show --json", repo)
+    assert '"lr": 0.005' in experiments.replace(
+        "'", '"'
+    )  # the README's `dvc exp run -S train.lr=0.005`

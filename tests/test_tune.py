@@ -1,0 +1,110 @@
+"""Ray Tune on CPU with tiny data: 3 trials, ASHA stops one, the best is chosen by val mIoU."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, DataParams, MlflowParams, ModelParams, TrainParams
+from pipeline.datasets.synthetic import SyntheticReader
+from pipeline.shard import shard_dataset
+from pipeline.tune import TuneParams, format_trials, run_search
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():  # type: ignore[no-untyped-def]
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def configs(tmp: Path) -> tuple[ModelParams, DataParams, TrainParams, MlflowParams, TuneParams]:
+    shards = tmp / "shards"
+    if not shards.exists():
+        reader = SyntheticReader(num_samples={"train": 8, "val": 4}, width=64, height=48)
+        shard_dataset(reader, ("train", "val"), shards, max_count=4)
+    return (
+        ModelParams(backbone="resnet18d"),
+        DataParams(shards=str(shards), crop_size=32, shuffle_buffer=4),
+        TrainParams(
+            batch_size=2,
+            iters_per_epoch=2,
+            eval_every_epochs=1,
+            log_every=2,
+            num_workers=1,
+            cpus_per_worker=2,
+            max_failures=0,
+            storage_path=str(tmp / "ray"),
+            out=str(tmp / "train"),
+        ),
+        MlflowParams(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", num_prediction_images=1),
+        TuneParams(
+            lr_min=1e-4,
+            lr_max=0.05,
+            crop_sizes=(32, 48),
+            num_samples=3,
+            max_concurrent=1,
+            epochs=3,
+            grace_period=1,
+            reduction_factor=2,
+            seed=1,
+            out=str(tmp / "tune"),
+        ),
+    )
+
+
+@pytest.mark.slow
+def test_search_stops_one_trial_early_and_keeps_the_best(tmp_path: Path, ray_cluster) -> None:  # type: ignore[no-untyped-def]
+    cfg = configs(tmp_path)
+    summary = run_search(*cfg)
+    trials = summary["trials"]
+    assert len(trials) == 3
+    assert all(not t["error"] for t in trials)
+    assert any(t["stopped_early"] for t in trials), format_trials(summary)
+    assert any(t["evaluations"] == 3 for t in trials)
+    best = max(trials, key=lambda t: t["best_val_miou"])
+    assert summary["best"]["trial_id"] == best["trial_id"]
+    assert math.isclose(summary["best_metrics"]["best"]["val_miou"], best["best_val_miou"])
+
+    out = tmp_path / "tune"
+    params = yaml.safe_load((out / "best_params.yaml").read_text())
+    assert params["train"]["lr"] == pytest.approx(best["lr"], rel=1e-5)
+    assert params["data"]["crop_size"] == best["crop_size"] in (32, 48)
+    assert (out / "model.pt").is_file() and (out / "metrics.json").is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg[3].tracking_uri)
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    assert parent.data.metrics["best_val_miou"] == pytest.approx(best["best_val_miou"])
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 3
+    stopped = [c for c in children if c.data.tags.get("tune.stopped_early") == "true"]
+    assert stopped and all(c.info.status == "KILLED" for c in stopped)
+    assert all("val_miou" in c.data.metrics for c in children)
+
+    # Started again with the same config: Tuner.restore finds the finished search, trains nothing.
+    again = run_search(*cfg)
+    assert [t["trial_id"] for t in again["trials"]] == [t["trial_id"] for t in trials]
+    assert again["best"] == summary["best"]
+
+
+def test_bad_search_params_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tune.lr_min/lr_max must satisfy 0 < min <= max"):
+        TuneParams(lr_min=0.1, lr_max=0.01)
+    with pytest.raises(ConfigError, match=r"tune.crop_sizes must be >= 16"):
+        TuneParams(crop_sizes=(8,))
+    model, data, train, tracking, tune = configs(tmp_path)
+    import dataclasses
+
+    with pytest.raises(
+        ConfigError, match=r"tune.crop_sizes: data.crop_size 512 is larger than any crop"
+    ):
+        run_search(model, data, train, tracking, dataclasses.replace(tune, crop_sizes=(32, 512)))
