@@ -45,19 +45,17 @@ def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking import logged_model_uri, resolve_tracking_uri
     from pipeline.tracking import tracking_uri as using
 
     uri = ref
     try:
         with using(resolve_tracking_uri(tracking_uri or DEFAULT_TRACKING_URI)):
             if RUN_ID.match(ref):
-                models = mlflow.search_logged_models(
-                    filter_string=f"source_run_id = '{ref}'", output_format="list"
-                )
-                if not models:
-                    raise ConfigError(f"{ref}: MLflow run has no logged model")
-                uri = models[0].model_uri
+                found = logged_model_uri(ref)
+                if found is None:
+                    raise ConfigError(f"{ref}: no MLflow run with a logged model has this id")
+                uri = found
             elif not ref.startswith(("models:/", "runs:/")):
                 raise ConfigError(f"{ref}: not a model file, MLflow run id, runs:/ or models:/ URI")
             info = mlflow.models.get_model_info(uri)

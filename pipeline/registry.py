@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
+from pipeline.tracking import logged_model_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -48,18 +49,12 @@ def mlflow_model_uri(model_uri: str) -> tuple[str, str]:
         return model_uri, info.run_id or ""
     payload = torch.load(model_uri, map_location="cpu", weights_only=True)
     run_id = payload.get("mlflow_run_id", "")
-    models = (
-        mlflow.search_logged_models(
-            filter_string=f"source_run_id = '{run_id}'", output_format="list"
-        )
-        if run_id
-        else []
-    )
-    if not models:
+    uri = logged_model_uri(run_id) if run_id else None
+    if uri is None:
         raise ConfigError(
             f"{model_uri}: no MLflow model was logged for it (mlflow.log_model: false?)"
         )
-    return models[0].model_uri, run_id
+    return uri, run_id
 
 
 def decide(champion_tags: dict[str, str] | None, tags: dict[str, str]) -> tuple[str, str]:

@@ -124,11 +124,6 @@ def finish_run(
     from pipeline.train import load_model_file
 
     segmenter, _ = load_model_file(out / "model.pt")
-    grid = prediction_overlays(segmenter, job, manifest, tracking.num_prediction_images)
-    if grid is not None:
-        from pipeline.visualize import save_png
-
-        save_png(grid, out / "val_predictions.png")
     with tracking_uri(uri), mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(
             {
@@ -136,7 +131,7 @@ def finish_run(
                 "best_iteration": metrics["best"]["iteration"],
             }
         )
-        for name in ("confusion_matrix.png", "val_predictions.png", "per_class_iou.csv", "metrics.json",
+        for name in ("confusion_matrix.png", "val_predictions.png", "curves.png", "per_class_iou.csv", "metrics.json",
                      "train_curve.csv", "val_curve.csv"):  # fmt: skip
             if (out / name).exists():
                 mlflow.log_artifact(str(out / name))
@@ -148,6 +143,27 @@ def finish_run(
         mlflow.set_tags(
             {"val_miou": f"{metrics['best']['val_miou']:.4f}", "eval_protocol": "whole-image"}
         )
+
+
+def logged_model_uri(run_id: str) -> str | None:
+    """The URI of the model logged by run ``run_id`` (in the current tracking URI), or None.
+
+    ``search_logged_models`` looks in the active experiment only unless told where: the run's
+    own experiment is asked for explicitly.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment_id = mlflow.get_run(run_id).info.experiment_id
+    except MlflowException:
+        return None
+    models = mlflow.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+        output_format="list",
+    )
+    return models[0].model_uri if models else None
 
 
 def log_segmenter(

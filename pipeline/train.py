@@ -390,7 +390,10 @@ def finalize(
 
     history = json.loads((Path(latest) / HISTORY_FILE).read_text())
     state = torch.load(Path(best) / STATE_FILE, map_location="cpu", weights_only=True)
-    metrics = write_outputs(out, job, manifest, run_name, job.mlflow_run_id, history, state)
+    metrics = write_outputs(
+        out, job, manifest, run_name, job.mlflow_run_id, history, state,
+        tracking.num_prediction_images,
+    )  # fmt: skip
     mlt.finish_run(
         job.tracking_uri, job.mlflow_run_id, job, manifest, out, state, metrics, tracking
     )
@@ -405,9 +408,11 @@ def write_outputs(
     run_id: str,
     history: dict[str, Any],
     best_state: dict[str, Any],
+    num_prediction_images: int = 4,
 ) -> dict[str, Any]:
     """model.pt (best weights), metrics.json, curves CSVs and pictures; the folder is replaced atomically."""
-    from pipeline.visualize import plot_confusion_matrix
+    from pipeline.tracking import prediction_overlays
+    from pipeline.visualize import plot_confusion_matrix, plot_curves, save_png
 
     evals = history["evals"]
     best = max(evals, key=lambda e: e[METRIC])
@@ -462,6 +467,14 @@ def write_outputs(
             writer.writerow(["class", "iou"])
             for name, iou in zip(job.classes, best["iou_per_class"], strict=True):
                 writer.writerow([name, "" if np.isnan(iou) else f"{iou:.5f}"])
+        plot_curves(
+            history["steps"], evals, tmp / "curves.png", f"{run_name} ({manifest['dataset']})"
+        )
+        grid = prediction_overlays(
+            load_model_file(tmp / "model.pt")[0], job, manifest, num_prediction_images
+        )
+        if grid is not None:
+            save_png(grid, tmp / "val_predictions.png")
         plot_confusion_matrix(
             best_state["confusion"].numpy(), job.classes, tmp / "confusion_matrix.png",
             f"{manifest['dataset']} val, best checkpoint (iteration {best['iteration']}), mIoU {best[METRIC]:.3f}",

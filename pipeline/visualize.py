@@ -88,3 +88,34 @@ def plot_confusion_matrix(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_curves(
+    steps: Sequence[dict[str, float]],
+    evals: Sequence[dict[str, float]],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Training loss and learning rate per logged step, val mIoU per evaluation, as one PNG."""
+    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(10, 4))
+    if steps:
+        its = [s["iteration"] for s in steps]
+        ax_loss.plot(its, [s["loss"] for s in steps], label="loss (sum of outputs)")
+        ax_lr = ax_loss.twinx()
+        ax_lr.plot(its, [s["lr"] for s in steps], color="tab:gray", linestyle="--", label="head lr")
+        ax_lr.set_ylabel("head learning rate")
+    ax_loss.set_xlabel("iteration")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.legend(loc="upper right")
+    if evals:
+        ax_miou.plot([e["iteration"] for e in evals], [e["val_miou"] for e in evals], marker="o")
+    ax_miou.set_xlabel("iteration")
+    ax_miou.set_ylabel("val mIoU")
+    ax_miou.set_ylim(0, 1)
+    ax_miou.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
