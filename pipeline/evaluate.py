@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from danet.metrics import ConfusionMatrix, summarize
+from pipeline.atomic import atomic_dir
 from pipeline.config import ConfigError, _check
 from pipeline.data import read_shard
 from pipeline.inference import Protocol, infer, to_input
@@ -134,10 +133,7 @@ def run_evaluation(
         "iou_per_class": dict(zip(model.classes, result["iou_per_class"], strict=True)),
         "images": int(sum(s["samples"] for s in manifest["splits"][params.split]["shards"])),
     }
-    out = Path(params.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(Path(params.out)) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         with open(tmp / "per_class_iou.csv", "w", newline="") as f:
             writer = csv.writer(f)
@@ -148,11 +144,6 @@ def run_evaluation(
                               f"{manifest['dataset']} {params.split} ({protocol.name}): mIoU {result['miou']:.3f}")  # fmt: skip
         if rows:
             save_png(prediction_grid(rows, model.palette), tmp / "predictions.png")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return metrics
 
 

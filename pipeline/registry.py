@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import ConfigError
 from pipeline.tracking import logged_model_uri
 
@@ -150,9 +151,5 @@ def _register(params: RegisterParams, evaluation: dict[str, Any], client: Any) -
         "champion_val_miou": float(champion_tags["val_miou"]) if champion_tags else None,
         "champion_uri": f"models:/{name}@{CHAMPION}",
     }
-    out = Path(params.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_text(Path(params.out), json.dumps(result, indent=2) + "\n")
     return result

@@ -29,6 +29,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.atomic import replace_dir
 from pipeline.datasets import DataError, Item, Reader, Sample
 
 MANIFEST = "manifest.json"
@@ -252,19 +253,10 @@ def shard_dataset(
             "splits": manifest_splits,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; the old ``target`` disappears only once ``new`` is in place."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_manifest(directory: str | Path) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from torch import nn
 from danet import build_danet
 from danet.metrics import summarize
 from danet.model import SegmentationModel, Segmenter
+from pipeline.atomic import atomic_dir
 from pipeline.config import ConfigError, DataParams, MlflowParams, ModelParams, TrainParams
 from pipeline.data import EvalStream, TrainStream, eval_loader, train_loader
 from pipeline.loop import build_optimizer, evaluate, poly_schedule, train_steps
@@ -428,9 +428,7 @@ def write_outputs(
         "mlflow_run_id": run_id,
         "dataset": manifest["dataset"],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_model_file(
             tmp / "model.pt", best_state["model"], job.model.to_danet_config(job.num_classes),
             job.classes, manifest["palette"], job.mean, job.std, manifest["dataset"],
@@ -479,11 +477,6 @@ def write_outputs(
             best_state["confusion"].numpy(), job.classes, tmp / "confusion_matrix.png",
             f"{manifest['dataset']} val, best checkpoint (iteration {best['iteration']}), mIoU {best[METRIC]:.3f}",
         )  # fmt: skip
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return metrics
 
 

@@ -18,14 +18,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import (
     ConfigError,
     DataParams,
@@ -241,7 +240,7 @@ def summarize_search(
     uri = search.job.tracking_uri
     client = MlflowClient(uri)
     trials: list[dict[str, Any]] = []
-    for result in grid:
+    for result in sorted(grid, key=lambda r: Path(r.path).name):  # trial order, restored or not
         cfg, history = result.config, result.metrics_dataframe
         trial_id = result.metrics.get("trial_id") if result.metrics else None
         trial_id = trial_id or Path(result.path).name
@@ -350,10 +349,7 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
         ("best_params.yaml", yaml.safe_dump(params, sort_keys=False)),
         ("trials.json", json.dumps(summary["trials"], indent=2) + "\n"),
     ):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
 
 
 def format_trials(summary: dict[str, Any]) -> str:

@@ -288,13 +288,10 @@ def write_folder_dataset(
     """Scenes as a ``folder`` dataset (images/{split}/, masks/{split}/, classes.txt), e.g. images
     to try ``danet predict`` on. ``count`` > 0 keeps the first ``count`` of each split. The folder
     appears atomically; returns the image files."""
-    import shutil
-    import tempfile
+    from pipeline.atomic import atomic_dir
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     images: list[Path] = []
-    try:
+    with atomic_dir(out) as tmp:
         lines = [
             f"{n} {r} {g} {b}"
             for n, (r, g, b) in zip(reader.info.classes, reader.info.palette, strict=True)
@@ -303,17 +300,12 @@ def write_folder_dataset(
         for split in splits:
             for item in reader.items(split)[: count or None]:
                 sample = reader.read(item)
-                for kind, data in (("images", sample.image_bytes), ("masks", None)):
+                for kind in ("images", "masks"):
                     path = tmp / kind / split / f"{item.key}.png"
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    if data is None:
+                    if kind == "masks":
                         Image.fromarray(sample.label, mode="L").save(path)
                     else:
-                        path.write_bytes(data)
+                        path.write_bytes(sample.image_bytes)
                 images.append(out / "images" / split / f"{item.key}.png")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return images
