@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -88,8 +89,14 @@ def ray_rate(workers: int, backbone: str, head: str, crop: int, batch: int, step
             train_steps(model, [(x, y)], optimizer, scheduler, WEIGHTS, torch.device("cpu"))
             if i >= 2:
                 times.append(time.perf_counter() - start)
-        world = ray.train.get_context().get_world_size()
-        ray.train.report({"images_per_s": world * config["batch"] / statistics.median(times)})
+        ctx = ray.train.get_context()
+        metrics = {
+            "images_per_s": ctx.get_world_size() * config["batch"] / statistics.median(times)
+        }
+        # Train V2 keeps metrics in Result only when they come with a checkpoint.
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint if ctx.get_world_rank() == 0 else None)
 
     cpus = max(1, (os.cpu_count() or 2) // workers)
     trainer = TorchTrainer(
