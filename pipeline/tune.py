@@ -124,11 +124,7 @@ def tune_trial(config: dict[str, Any], search: SearchJob) -> None:
     run_name = trial_run_name(search.search_name, ray.tune.get_context().get_trial_id())
     base = search.job
     params = {**search.params, "train.lr": str(lr), "data.crop_size": str(crop)}
-    tags = {
-        "mlflow.parentRunId": search.parent_run_id,
-        TRIAL_TAG: run_name,
-        "dataset": search.experiment,
-    }
+    tags = {"mlflow.parentRunId": search.parent_run_id, TRIAL_TAG: run_name}
     run_id = mlt.start_or_resume_run(base.tracking_uri, search.experiment, run_name, params, tags)
     say(f"[tune] trial {run_name}: lr {lr:.4g}, crop {crop}")
     fit(trial_job(search, lr, crop, run_id), run_name, callbacks=[TuneReportCallback()])
@@ -279,7 +275,7 @@ def summarize_search(
                 metrics = finalize(
                     best_dir, latest_dir, job, manifest, best["run_name"], out, tracking
                 )
-        except FileNotFoundError:  # the latest was not kept (checkpoints_to_keep): its history
+        except FileNotFoundError:  # the latest checkpoint was not kept: the best one's history
             metrics = finalize(best_dir, best_dir, job, manifest, best["run_name"], out, tracking)
     summary = {
         "search": search.search_name,
