@@ -7,7 +7,6 @@ better (by its in-training val mIoU) of the training run's model and the search'
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +24,12 @@ from pipeline.data import read_shard
 from pipeline.inference import Protocol, infer, to_input
 from pipeline.modelref import LoadedModel, load_model
 from pipeline.shard import load_manifest, shard_urls
-from pipeline.visualize import plot_confusion_matrix, prediction_grid, save_png
+from pipeline.visualize import (
+    plot_confusion_matrix,
+    prediction_grid,
+    save_png,
+    write_per_class_iou,
+)
 
 CANDIDATES = ("outputs/train/model.pt", "outputs/tune/model.pt")
 
@@ -135,11 +139,7 @@ def run_evaluation(
     }
     with atomic_dir(Path(params.out)) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        with open(tmp / "per_class_iou.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["class", "iou"])
-            for name, iou in metrics["iou_per_class"].items():
-                writer.writerow([name, "" if np.isnan(iou) else f"{iou:.5f}"])
+        write_per_class_iou(tmp / "per_class_iou.csv", metrics["iou_per_class"].items())
         plot_confusion_matrix(cm.matrix.cpu().numpy(), model.classes, tmp / "confusion_matrix.png",
                               f"{manifest['dataset']} {params.split} ({protocol.name}): mIoU {result['miou']:.3f}")  # fmt: skip
         if rows:

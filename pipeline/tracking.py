@@ -114,16 +114,14 @@ def finish_run(
     job: TrainJob,
     manifest: dict[str, Any],
     out: Path,
-    best_state: dict[str, Any],
+    segmenter: torch.nn.Module,
     metrics: dict[str, Any],
     tracking: MlflowParams,
 ) -> None:
-    """Artifacts, the model and the summary metrics; marks the run FINISHED."""
+    """Artifacts in ``out``, the model (``segmenter``) and the summary metrics; marks the run
+    FINISHED."""
     import mlflow
 
-    from pipeline.train import load_model_file
-
-    segmenter, _ = load_model_file(out / "model.pt")
     with tracking_uri(uri), mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(
             {

@@ -390,12 +390,12 @@ def finalize(
 
     history = json.loads((Path(latest) / HISTORY_FILE).read_text())
     state = torch.load(Path(best) / STATE_FILE, map_location="cpu", weights_only=True)
-    metrics = write_outputs(
+    metrics, segmenter = write_outputs(
         out, job, manifest, run_name, job.mlflow_run_id, history, state,
         tracking.num_prediction_images,
     )  # fmt: skip
     mlt.finish_run(
-        job.tracking_uri, job.mlflow_run_id, job, manifest, out, state, metrics, tracking
+        job.tracking_uri, job.mlflow_run_id, job, manifest, out, segmenter, metrics, tracking
     )
     return metrics
 
@@ -409,10 +409,16 @@ def write_outputs(
     history: dict[str, Any],
     best_state: dict[str, Any],
     num_prediction_images: int = 4,
-) -> dict[str, Any]:
-    """model.pt (best weights), metrics.json, curves CSVs and pictures; the folder is replaced atomically."""
+) -> tuple[dict[str, Any], Segmenter]:
+    """model.pt (best weights), metrics.json, curves CSVs and pictures; the folder is replaced
+    atomically. Returns metrics.json's content and the inference module loaded from model.pt."""
     from pipeline.tracking import prediction_overlays
-    from pipeline.visualize import plot_confusion_matrix, plot_curves, save_png
+    from pipeline.visualize import (
+        plot_confusion_matrix,
+        plot_curves,
+        save_png,
+        write_per_class_iou,
+    )
 
     evals = history["evals"]
     best = max(evals, key=lambda e: e[METRIC])
@@ -460,24 +466,21 @@ def write_outputs(
                         f"{e['val_mean_acc']:.5f}",
                     ]
                 )
-        with open(tmp / "per_class_iou.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["class", "iou"])
-            for name, iou in zip(job.classes, best["iou_per_class"], strict=True):
-                writer.writerow([name, "" if np.isnan(iou) else f"{iou:.5f}"])
+        write_per_class_iou(
+            tmp / "per_class_iou.csv", zip(job.classes, best["iou_per_class"], strict=True)
+        )
         plot_curves(
             history["steps"], evals, tmp / "curves.png", f"{run_name} ({manifest['dataset']})"
         )
-        grid = prediction_overlays(
-            load_model_file(tmp / "model.pt")[0], job, manifest, num_prediction_images
-        )
+        segmenter, _ = load_model_file(tmp / "model.pt")  # also checks the file just written
+        grid = prediction_overlays(segmenter, job, manifest, num_prediction_images)
         if grid is not None:
             save_png(grid, tmp / "val_predictions.png")
         plot_confusion_matrix(
             best_state["confusion"].numpy(), job.classes, tmp / "confusion_matrix.png",
             f"{manifest['dataset']} val, best checkpoint (iteration {best['iteration']}), mIoU {best[METRIC]:.3f}",
         )  # fmt: skip
-    return metrics
+    return metrics, segmenter
 
 
 def save_model_file(

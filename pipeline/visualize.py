@@ -1,8 +1,11 @@
-"""Pictures of results: colour masks, overlays, prediction grids, confusion matrices (PNG)."""
+"""Results people look at: colour masks, overlays, prediction grids, confusion matrices and curves
+(PNG), and the per-class IoU table (CSV)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -118,4 +121,15 @@ def plot_curves(
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+def write_per_class_iou(path: str | Path, pairs: Iterable[tuple[str, float]]) -> Path:
+    """``class,iou`` rows; a class absent from both truth and predictions (NaN) is left blank."""
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "iou"])
+        for name, iou in pairs:
+            writer.writerow([name, "" if math.isnan(iou) else f"{iou:.5f}"])
     return path
