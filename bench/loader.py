@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.data import TrainStream, decode_image, train_loader
-from pipeline.datasets import Reader, make_reader
-from pipeline.datasets.base import load_label_array
-from pipeline.datasets.synthetic import SyntheticReader
-from pipeline.shard import shard_dataset, shard_urls
-from pipeline.transforms import AugmentParams, train_transform
+from pipeline.data.augment import AugmentParams, train_transform
+from pipeline.data.loader import TrainStream, decode_image, train_loader
+from pipeline.data.manifest import load_manifest, shard_refs
+from pipeline.data.readers import Reader, make_reader
+from pipeline.data.readers.base import load_label_array
+from pipeline.data.readers.synthetic import SyntheticReader
+from pipeline.data.shard import shard_dataset
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 
@@ -78,20 +79,28 @@ def main() -> None:
         )
     augment = AugmentParams(crop_size=args.crop, base_size=0, scale_min=0.5, scale_max=2.0)
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = shard_dataset(reader, (split,), Path(tmp) / "s", max_count=64, workers=2)
-        urls = shard_urls(Path(tmp) / "s", manifest, split)
-        mean, std = manifest["mean"], manifest["std"]
+        shard_dataset(reader, (split,), Path(tmp) / "s", max_count=64, workers=2)
+        manifest = load_manifest(Path(tmp) / "s")
+        urls = shard_refs(manifest, split)
+        mean, std = manifest.mean, manifest.std
         n = args.batch * args.batches
-        print(f"{args.dataset} {split}: {manifest['splits'][split]['samples']} images, crop {args.crop}, "
-              f"batch {args.batch}, {n} samples per measurement")  # fmt: skip
+        samples = manifest.split(split).samples
+        print(
+            f"{args.dataset} {split}: {samples} images, crop {args.crop}, "
+            f"batch {args.batch}, {n} samples per measurement"
+        )
         print(f"{'source':>8} {'workers':>7} {'samples/s':>10}")
         results = {}
         for workers in (0, 2):
             stream = TrainStream(
                 urls, args.batch, args.batches, augment, mean, std, shuffle_buffer=32
             )
-            raw = DataLoader(RawFiles(reader, split, augment, mean, std), batch_size=args.batch,
-                             shuffle=True, num_workers=workers)  # fmt: skip
+            raw = DataLoader(
+                RawFiles(reader, split, augment, mean, std),
+                batch_size=args.batch,
+                shuffle=True,
+                num_workers=workers,
+            )
             for name, loader in (("shards", train_loader(stream, workers)), ("raw", raw)):
                 results[name, workers] = rate(loader, args.batch, args.batches)
                 print(f"{name:>8} {workers:>7} {results[name, workers]:10.1f}", flush=True)

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 
 from danet import DANetConfig, build_danet
-from pipeline.loop import build_optimizer, poly_schedule, train_steps
-
-WEIGHTS = {"out": 1.0, "pam": 1.0, "cam": 1.0, "aux": 0.4}
+from danet.losses import segmentation_loss
+from pipeline.training.loop import build_optimizer, poly_schedule, train_steps
 
 
 def step_rate(
@@ -52,7 +51,7 @@ def step_rate(
             [(x, y)],
             optimizer,
             scheduler,
-            WEIGHTS,
+            segmentation_loss,
             dev,
             bf16=bf16,
             channels_last=channels_last,
@@ -86,7 +85,9 @@ def ray_rate(workers: int, backbone: str, head: str, crop: int, batch: int, step
         times = []
         for i in range(config["steps"] + 2):
             start = time.perf_counter()
-            train_steps(model, [(x, y)], optimizer, scheduler, WEIGHTS, torch.device("cpu"))
+            train_steps(
+                model, [(x, y)], optimizer, scheduler, segmentation_loss, torch.device("cpu")
+            )
             if i >= 2:
                 times.append(time.perf_counter() - start)
         ctx = ray.train.get_context()

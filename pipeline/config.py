@@ -1,30 +1,299 @@
-"""params.yaml -> frozen, validated dataclasses; one section per stage.
+"""params.yaml -> one ``Params`` root of frozen, validated dataclasses, a section per stage.
 
-Each section class checks its own values in ``__post_init__`` and raises ``ConfigError`` with a
-message that names the param (``shard.max_count must be >= 1, got 0``). ``load_section`` rejects
-unknown keys, so a typo in params.yaml is an error, not a silently ignored setting.
+Every command loads its params the same way: ``load_params(path, overrides, preset)`` reads a
+params file (or a preset from configs/ by name), applies dotted ``--set key=value`` overrides (the
+keys ``dvc exp run -S`` takes) and builds the sections. The code defaults equal params.yaml's
+(a test compares them), so a params file may leave a key out. An unknown key, a wrong type or a
+bad value is a ``ConfigError`` naming the key: ``train.loss_weights.out must be a number, got
+'heavy'``.
+
+The rules of each field (``ge``, ``gt``, ``choices``, ``keys``) sit beside its default and are
+checked when a section is built, from params or in code.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-T = TypeVar("T")
+from pipeline.errors import ConfigError
+from pipeline.schema import Section, hints, param, require
+
+S = TypeVar("S", bound="Section")
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-class ConfigError(ValueError):
-    """An invalid or missing param; the message names it."""
+# --- the sections, in stage order ------------------------------------------------------------
 
 
-def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+@dataclass(frozen=True)
+class SyntheticParams(Section):
+    """The embedded synthetic dataset (pipeline/data/readers/synthetic.py)."""
+
+    NAME = "synthetic"
+    num_samples: dict[str, int] = param({"train": 240, "val": 60}, ge=1)
+    width: int = param(160, ge=32)
+    height: int = param(120, ge=32)
+    seed: int = 0
+
+    def check(self) -> None:
+        require(bool(self.num_samples), "synthetic.num_samples must name at least one split")
+
+
+@dataclass(frozen=True)
+class ShardParams(Section):
+    """Raw dataset -> WebDataset shards (pipeline/data/shard.py)."""
+
+    NAME = "shard"
+    dataset: str = "synthetic"
+    root: str = ""
+    out: str = "data/shards"
+    splits: tuple[str, ...] = ("train", "val")
+    max_count: int = param(100, ge=1)
+    max_size_mb: float = param(256.0, gt=0)
+    image_format: str = param("original", choices=("original", "jpg"))
+    jpeg_quality: int = param(95, ge=1, le=100)
+    workers: int = param(2, ge=1)
+    on_error: str = param("fail", choices=("fail", "skip"))
+
+    def check(self) -> None:
+        require(bool(self.splits), "shard.splits must name at least one split")
+
+
+@dataclass(frozen=True)
+class ModelParams(Section):
+    """The architecture; ``num_classes`` comes from the shard manifest (0 = take it from there)."""
+
+    NAME = "model"
+    backbone: str = "resnet18d"
+    head: str = param("danet", choices=("danet", "fcn"))
+    output_stride: int = param(8, choices=(8, 16))
+    multi_grid: tuple[int, ...] | None = param(None, ge=1)
+    aux: bool = False
+    attention_impl: str = param("auto", choices=("dense", "efficient", "auto"))
+    dropout: float = param(0.1, ge=0.0, lt=1.0)
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    num_classes: int = param(0, ge=0)
+    init_from: str = ""  # fine-tune from a segmentation model (model.pt, run id, models:/...)
+
+    def to_danet_config(self, num_classes: int) -> Any:
+        """The ``DANetConfig``; a ``num_classes`` param must agree with the manifest's classes."""
+        from danet import DANetConfig
+
+        if self.num_classes and self.num_classes != num_classes:
+            raise ConfigError(
+                f"model.num_classes is {self.num_classes} but the shard manifest has {num_classes} classes"
+            )
+        values = {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k not in ("num_classes", "init_from")
+        }
+        try:
+            return DANetConfig(num_classes=num_classes, **values)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+@dataclass(frozen=True)
+class DataParams(Section):
+    """Loader and training augmentation (pipeline/data/augment.py, pipeline/data/loader.py)."""
+
+    NAME = "data"
+    shards: str = "data/shards"
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: int = param(96, ge=16)
+    scale_mode: str = param("long_side", choices=("short_side", "ratio", "long_side"))
+    base_size: int = param(0, ge=0)  # short_side / long_side: 0 = the image's own side
+    scale: tuple[int, ...] = param((), ge=1)  # ratio: mmseg's (W, H) scale
+    scale_min: float = param(0.75, gt=0)
+    scale_max: float = param(1.5, gt=0)
+    cat_max_ratio: float = param(1.0, gt=0, le=1)
+    flip: bool = True
+    photometric: bool = False
+    normalization: str = param("auto", choices=("auto", "imagenet", "dataset"))
+    shuffle_buffer: int = param(64, ge=1)
+    loader_workers: int = param(0, ge=0)
+    gpu_decode: bool = True  # on CUDA: JPEGs decoded and augmented on the GPU
+
+    def check(self) -> None:
+        require(
+            self.scale_min <= self.scale_max,
+            f"data.scale_min/scale_max must satisfy min <= max, got {self.scale_min}, {self.scale_max}",
+        )
+        require(
+            self.scale_mode != "ratio" or len(self.scale) == 2,
+            f"data.scale must be [W, H] with data.scale_mode ratio, got {list(self.scale)}",
+        )
+
+
+LOSS_OUTPUTS = ("out", "pam", "cam", "aux")
+
+
+@dataclass(frozen=True)
+class TrainParams(Section):
+    """The recipe (SGD, poly schedule, losses) and the Ray scaling of ``danet train``."""
+
+    NAME = "train"
+    lr: float = param(0.01, gt=0)
+    momentum: float = param(0.9, ge=0, lt=1)
+    weight_decay: float = param(1e-4, ge=0)
+    head_lr_mult: float = param(10.0, gt=0)
+    poly_power: float = param(0.9, ge=0)
+    batch_size: int = param(8, ge=1)  # per worker
+    epochs: int = param(20, ge=1)
+    iters_per_epoch: int = param(25, ge=1)
+    eval_every_epochs: int = param(2, ge=1)
+    log_every: int = param(10, ge=1)
+    loss_weights: dict[str, float] = param(
+        {"out": 1.0, "pam": 1.0, "cam": 1.0, "aux": 0.4}, keys=LOSS_OUTPUTS, ge=0
+    )
+    loss: str = param("ce", choices=("ce", "ohem"))
+    ohem_thresh: float = param(0.7, gt=0, le=1)
+    ohem_min_kept: int = param(100_000, ge=0)  # per image
+    class_weights: str = param("none", choices=("none", "median_frequency", "enet"))
+    bf16: bool = True  # autocast, GPU only
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    grad_clip: float = param(0.0, ge=0)  # max gradient norm; 0 = off
+    seed: int = 0
+    num_workers: int = param(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = param(2, ge=1)
+    max_failures: int = param(2, ge=0)
+    checkpoints_to_keep: int = param(1, ge=1)
+    checkpoint_every: int = param(0, ge=0)  # iterations; 0 = at evaluations only
+    run_name: str = ""  # "" = derived from the config: the same config resumes
+    storage_path: str = "outputs/ray_results"
+    out: str = "outputs/train"
+    ray_address: str = ""  # "" = RAY_ADDRESS or a local Ray
+
+    @property
+    def max_iters(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+
+@dataclass(frozen=True)
+class MlflowParams(Section):
+    """Tracking: URI (env MLFLOW_TRACKING_URI wins), experiment ("" = the dataset's name)."""
+
+    NAME = "mlflow"
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = ""
+    log_model: bool = True
+    num_prediction_images: int = param(4, ge=0)
+
+
+@dataclass(frozen=True)
+class TuneParams(Section):
+    """Ray Tune over the base lr (log-uniform) and the crop size (choice), ASHA on val mIoU."""
+
+    NAME = "tune"
+    lr_min: float = param(0.005, gt=0)
+    lr_max: float = param(0.02, gt=0)
+    crop_sizes: tuple[int, ...] = param((80, 96), ge=16)
+    num_samples: int = param(3, ge=1)
+    max_concurrent: int = param(1, ge=1)
+    epochs: int = param(6, ge=1)  # per trial; replaces train.epochs
+    grace_period: int = param(1, ge=1)  # evaluations before ASHA may stop a trial
+    reduction_factor: float = param(2.0, gt=1)
+    seed: int = 0
+    name: str = ""  # "" = derived from the config: the same config resumes the search
+    out: str = "outputs/tune"
+
+    def check(self) -> None:
+        require(
+            self.lr_min <= self.lr_max,
+            f"tune.lr_min/lr_max must satisfy min <= max, got {self.lr_min}, {self.lr_max}",
+        )
+        require(bool(self.crop_sizes), "tune.crop_sizes must list at least one crop size")
+
+
+@dataclass(frozen=True)
+class EvaluateParams(Section):
+    """``danet evaluate``: which model, which split, which protocol."""
+
+    NAME = "evaluate"
+    model: str = "auto"  # auto = the better of train.out and tune.out; or a file, run id, URI
+    shards: str = "data/shards"
+    split: str = "val"
+    mode: str = param("whole", choices=("whole", "slide"))
+    crop: int = param(512, ge=16)
+    stride: int = param(0, ge=0)  # 0 = 2/3 of the crop, as the official code
+    scales: tuple[float, ...] = param((1.0,), gt=0)
+    flip: bool = True
+    out: str = "outputs/eval"
+    num_overlays: int = param(4, ge=0)
+    device: str = param("auto", choices=("auto", "cpu", "cuda"))
+
+    def check(self) -> None:
+        require(bool(self.scales), "evaluate.scales must list at least one scale")
+
+
+@dataclass(frozen=True)
+class RegisterParams(Section):
+    """``danet register``: the MLflow registered model and what it is registered from."""
+
+    NAME = "register"
+    name: str = ""  # "" = danet-<dataset>
+    eval_metrics: str = "outputs/eval/metrics.json"
+    out: str = "outputs/register/registered.json"
+
+
+@dataclass(frozen=True)
+class Params:
+    """Every param of the pipeline: one field per params.yaml section."""
+
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    shard: ShardParams = field(default_factory=ShardParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    data: DataParams = field(default_factory=DataParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+    tune: TuneParams = field(default_factory=TuneParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    register: RegisterParams = field(default_factory=RegisterParams)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    f.name: hints(Params)[f.name] for f in dataclasses.fields(Params)
+}
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def section_from_mapping(cls: type[S], values: Any) -> S:
+    """Build one section from a mapping, naming any unknown key or bad value."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{cls.NAME} must be a mapping of params, got {values!r}")
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    if unknown := sorted(set(values) - set(names)):
+        raise ConfigError(
+            f"{cls.NAME}.{unknown[0]} is not a known param; known: {', '.join(names)}"
+        )
+    return cls(**values)
+
+
+def params_from_mapping(raw: Any, where: str = "params") -> Params:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a mapping of sections, got {type(raw).__name__}")
+    if unknown := sorted(set(raw) - set(SECTIONS)):
+        raise ConfigError(f"{unknown[0]} is not a params section; known: {', '.join(SECTIONS)}")
+    sections: dict[str, Any] = {
+        name: section_from_mapping(SECTIONS[name], raw[name]) for name in raw
+    }
+    return Params(**sections)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: params file does not exist")
@@ -37,247 +306,51 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return data
 
 
-def from_mapping(cls: type[T], values: Mapping[str, Any], section: str) -> T:
-    """Build a section dataclass, converting lists to tuples and naming any bad key."""
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{section} must be a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{section}.{unknown[0]} is not a known param; known: {', '.join(sorted(fields))}"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = _coerce(value, hints[name], f"{section}.{name}")
+def preset_path(name: str) -> Path:
+    """A preset by name (configs/<name>.yaml) or by path."""
+    if Path(name).is_file():
+        return Path(name)
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"--preset {name}: no such preset; known: {known}")
+    return path
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """``section.key[.subkey]=value`` (value parsed as YAML) into the raw params mapping."""
+    key, sep, text = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {assignment}: expected section.key=value, e.g. train.lr=0.005")
     try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"{section}: {err}") from None
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML") from None
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment}: {part} is not a mapping")
+        node = child
+    node[parts[-1]] = value
 
 
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], name) if len(non_none) == 1 else value
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        item = args[0] if args else Any
-        return tuple(_coerce(v, item, name) for v in value)
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{name} must be a mapping, got {value!r}")
-        return dict(value)
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool) and not isinstance(value, hint):
-        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
-    if hint is int and isinstance(value, bool):
-        raise ConfigError(f"{name} must be int, got {value!r}")
-    return value
+def load_params(
+    path: str | Path | None = "params.yaml",
+    overrides: Sequence[str] = (),
+    preset: str | None = None,
+) -> Params:
+    """The params of a command: a file (or a preset by name), then ``--set`` overrides.
 
-
-def load_section(cls: type[T], name: str, path: str | Path = "params.yaml") -> T:
-    params = read_params(path)
-    return from_mapping(cls, params.get(name, {}), name)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-@dataclass(frozen=True)
-class SyntheticParams:
-    """The embedded synthetic dataset (pipeline/datasets/synthetic.py)."""
-
-    num_samples: dict[str, int] = field(default_factory=lambda: {"train": 200, "val": 50})
-    width: int = 160
-    height: int = 120
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check(bool(self.num_samples), "synthetic.num_samples must name at least one split")
-        for split, n in self.num_samples.items():
-            _check(
-                isinstance(n, int) and n >= 1,
-                f"synthetic.num_samples.{split} must be >= 1, got {n}",
-            )
-        _check(self.width >= 32 and self.height >= 32, "synthetic.width and height must be >= 32")
-
-
-@dataclass(frozen=True)
-class ShardParams:
-    """Raw dataset -> WebDataset shards (pipeline/shard.py)."""
-
-    dataset: str = "synthetic"
-    root: str = ""
-    out: str = "data/shards"
-    splits: tuple[str, ...] = ("train", "val")
-    max_count: int = 100
-    max_size_mb: float = 256.0
-    image_format: str = "original"
-    jpeg_quality: int = 95
-    workers: int = 2
-    on_error: str = "fail"
-
-    def __post_init__(self) -> None:
-        _check(bool(self.splits), "shard.splits must name at least one split")
-        _check(self.max_count >= 1, f"shard.max_count must be >= 1, got {self.max_count}")
-        _check(self.max_size_mb > 0, f"shard.max_size_mb must be > 0, got {self.max_size_mb}")
-        _check(
-            self.image_format in ("original", "jpg"),
-            f"shard.image_format must be 'original' or 'jpg', got {self.image_format!r}",
-        )
-        _check(
-            1 <= self.jpeg_quality <= 100,
-            f"shard.jpeg_quality must be 1..100, got {self.jpeg_quality}",
-        )
-        _check(self.workers >= 1, f"shard.workers must be >= 1, got {self.workers}")
-        _check(
-            self.on_error in ("fail", "skip"),
-            f"shard.on_error must be fail or skip, got {self.on_error!r}",
-        )
-
-
-@dataclass(frozen=True)
-class ModelParams:
-    """The architecture; ``num_classes`` comes from the shard manifest (0 = take it from there)."""
-
-    backbone: str = "resnet18d"
-    head: str = "danet"
-    output_stride: int = 8
-    multi_grid: tuple[int, ...] | None = None
-    aux: bool = False
-    attention_impl: str = "auto"
-    dropout: float = 0.1
-    pretrained: bool = False
-    pretrained_path: str | None = None
-    num_classes: int = 0
-
-    def to_danet_config(self, num_classes: int) -> Any:
-        """The ``DANetConfig``; a ``num_classes`` param must agree with the manifest's classes."""
-        from danet import DANetConfig
-
-        if self.num_classes and self.num_classes != num_classes:
-            raise ConfigError(
-                f"model.num_classes is {self.num_classes} but the shard manifest has {num_classes} classes"
-            )
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k != "num_classes"}
-        try:
-            return DANetConfig(num_classes=num_classes, **values)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-
-
-@dataclass(frozen=True)
-class DataParams:
-    """Loader and training augmentation (pipeline/data.py, pipeline/transforms.py)."""
-
-    shards: str = "data/shards"
-    train_split: str = "train"
-    val_split: str = "val"
-    crop_size: int = 96
-    base_size: int = 0
-    scale_min: float = 0.5
-    scale_max: float = 2.0
-    flip: bool = True
-    photometric: bool = False
-    shuffle_buffer: int = 64
-    loader_workers: int = 0
-
-    def __post_init__(self) -> None:
-        _check(self.crop_size >= 16, f"data.crop_size must be >= 16, got {self.crop_size}")
-        _check(self.base_size >= 0, f"data.base_size must be >= 0, got {self.base_size}")
-        _check(
-            0 < self.scale_min <= self.scale_max,
-            f"data.scale_min/scale_max must satisfy 0 < min <= max, got {self.scale_min}, {self.scale_max}",
-        )
-        _check(
-            self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}"
-        )
-        _check(
-            self.loader_workers >= 0, f"data.loader_workers must be >= 0, got {self.loader_workers}"
-        )
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """The recipe (SGD, poly schedule, three losses) and the Ray scaling of ``danet train``."""
-
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    head_lr_mult: float = 10.0
-    poly_power: float = 0.9
-    batch_size: int = 8  # per worker
-    epochs: int = 10
-    iters_per_epoch: int = 30
-    eval_every_epochs: int = 1
-    log_every: int = 10
-    loss_weights: dict[str, float] = field(
-        default_factory=lambda: {"out": 1.0, "pam": 1.0, "cam": 1.0, "aux": 0.4}
-    )
-    bf16: bool = True  # autocast on GPU only
-    channels_last: bool = False
-    grad_clip: float = 0.0  # max grad norm; 0 = off
-    seed: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    max_failures: int = 2
-    checkpoints_to_keep: int = 1  # best by val mIoU; Ray keeps the latest as well
-    run_name: str = ""  # "" = derived from the config: the same config resumes, another starts anew
-    storage_path: str = "outputs/ray_results"
-    out: str = "outputs/train"
-    ray_address: str = ""  # "" = RAY_ADDRESS or a local Ray
-
-    def __post_init__(self) -> None:
-        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-        _check(0 <= self.momentum < 1, f"train.momentum must be in [0, 1), got {self.momentum}")
-        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        _check(self.head_lr_mult > 0, f"train.head_lr_mult must be > 0, got {self.head_lr_mult}")
-        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
-        _check(
-            self.iters_per_epoch >= 1,
-            f"train.iters_per_epoch must be >= 1, got {self.iters_per_epoch}",
-        )
-        _check(
-            self.eval_every_epochs >= 1,
-            f"train.eval_every_epochs must be >= 1, got {self.eval_every_epochs}",
-        )
-        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
-        _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
-        _check(self.num_workers >= 1, f"train.num_workers must be >= 1, got {self.num_workers}")
-        _check(
-            self.cpus_per_worker >= 1,
-            f"train.cpus_per_worker must be >= 1, got {self.cpus_per_worker}",
-        )
-        _check(self.max_failures >= 0, f"train.max_failures must be >= 0, got {self.max_failures}")
-        _check(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep must be >= 1")
-        unknown = set(self.loss_weights) - {"out", "pam", "cam", "aux"}
-        _check(
-            not unknown,
-            f"train.loss_weights has unknown outputs {sorted(unknown)}; use out, pam, cam, aux",
-        )
-
-    @property
-    def max_iters(self) -> int:
-        return self.epochs * self.iters_per_epoch
-
-
-@dataclass(frozen=True)
-class MlflowParams:
-    """Tracking: URI (env MLFLOW_TRACKING_URI wins), experiment ("" = the dataset's name)."""
-
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = ""
-    log_model: bool = True
-    num_prediction_images: int = 4
+    A missing default ``params.yaml`` means the code defaults (which equal params.yaml's); a
+    missing file named explicitly is an error.
+    """
+    source = preset_path(preset) if preset else Path(path) if path else None
+    if source is None or (not source.exists() and preset is None and str(path) == "params.yaml"):
+        raw: dict[str, Any] = {}
+    else:
+        raw = read_yaml(source)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return params_from_mapping(raw, str(source))

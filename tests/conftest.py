@@ -1,4 +1,5 @@
-"""Shared fixtures: no test sees the user's MLflow or Ray settings, or leaks its own."""
+"""Shared fixtures: no test sees the user's MLflow or Ray settings, or leaks its own; one local Ray
+for the whole session; tiny synthetic shards; model files as training writes them."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import pytest
 import torch
 
 from danet import DANetConfig, build_danet
-from pipeline.datasets.synthetic import SyntheticReader
-from pipeline.shard import shard_dataset
+from pipeline.artifacts.modelfile import ModelInfo, save_model_file
+from pipeline.data.manifest import load_manifest
+from pipeline.data.readers.synthetic import SyntheticReader
+from pipeline.data.shard import shard_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 
 
 @pytest.fixture(autouse=True)
@@ -24,25 +30,47 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray for every test that needs it (2 CPUs, dashboard on 127.0.0.1)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def synthetic_shards(out: Path, train: int, val: int, max_count: int, **reader: int) -> Path:
+    """Synthetic scenes (64x48 unless told) sharded into ``out``."""
+    size = {"width": 64, "height": 48, **reader}
+    shard_dataset(
+        SyntheticReader(num_samples={"train": train, "val": val}, **size),
+        ("train", "val"),
+        out,
+        max_count=max_count,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic shards, 64x48: 6 train and 4 val images."""
-    out = tmp_path_factory.mktemp("tiny") / "shards"
-    reader = SyntheticReader(num_samples={"train": 6, "val": 4}, width=64, height=48)
-    shard_dataset(reader, ("train", "val"), out, max_count=3)
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("tiny") / "shards", 6, 4, max_count=3)
 
 
 def write_model_file(path: Path, shards: Path, seed: int = 0, **meta: object) -> Path:
     """A randomly initialised DANet-R18d for the shards' classes, saved as training saves it."""
-    from pipeline.shard import load_manifest
-    from pipeline.train import save_model_file
-
     manifest = load_manifest(shards)
     torch.manual_seed(seed)
-    config = DANetConfig(num_classes=len(manifest["classes"]), backbone="resnet18d")
+    config = DANetConfig(num_classes=manifest.num_classes, backbone="resnet18d")
     model = build_danet(config)
-    save_model_file(
-        path, model.state_dict(), config, manifest["classes"], manifest["palette"],
-        manifest["mean"], manifest["std"], manifest["dataset"], **meta,
-    )  # fmt: skip
+    info = ModelInfo(
+        config=config,
+        classes=manifest.classes,
+        palette=manifest.palette,
+        mean=manifest.mean,
+        std=manifest.std,
+        dataset=manifest.dataset,
+        meta=dict(meta),
+    )
+    save_model_file(path, model.state_dict(), info)
     return path

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import READERS, DataError, make_reader
-from pipeline.datasets.base import bitwise_palette
-from pipeline.datasets.synthetic import SyntheticReader, render_scene
-
-CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+from pipeline.data.readers import READERS, make_reader
+from pipeline.data.readers.base import bitwise_palette
+from pipeline.data.readers.scene import render_scene
+from pipeline.data.readers.synthetic import SyntheticReader
+from pipeline.errors import ConfigError, DataError
+from tests.conftest import CAMVID
 
 
 def write_image(path: Path, w: int = 8, h: int = 6, fmt: str | None = None) -> None:
@@ -154,9 +155,16 @@ def test_camvid_reader_on_shared_data() -> None:
 
 def test_every_reader_is_registered() -> None:
     assert set(READERS) == {
-        "cityscapes", "voc", "pascal_context", "cocostuff", "ade20k", "camvid", "folder", "synthetic",
-    }  # fmt: skip
-    with pytest.raises(KeyError, match="unknown dataset 'kitti'"):
+        "cityscapes",
+        "voc",
+        "pascal_context",
+        "cocostuff",
+        "ade20k",
+        "camvid",
+        "folder",
+        "synthetic",
+    }
+    with pytest.raises(ConfigError, match=r"shard.dataset 'kitti' is unknown"):
         make_reader("kitti", "/tmp")
 
 

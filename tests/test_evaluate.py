@@ -10,14 +10,15 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from danet.inference import Protocol, infer, slide_logits
+from pipeline.artifacts.refs import load_model
 from pipeline.cli import app
-from pipeline.config import ConfigError
-from pipeline.data import EvalStream, eval_loader
-from pipeline.evaluate import EvaluateParams, evaluate_model, run_evaluation
-from pipeline.inference import Protocol, infer, slide_logits
-from pipeline.loop import evaluate
-from pipeline.modelref import load_model
-from pipeline.shard import load_manifest, shard_urls
+from pipeline.config import ConfigError, EvaluateParams
+from pipeline.data.loader import EvalStream, eval_loader
+from pipeline.data.manifest import load_manifest, shard_refs
+from pipeline.errors import ModelError
+from pipeline.evaluation.evaluate import evaluate_model, run_evaluation
+from pipeline.training.loop import validate
 from tests.conftest import write_model_file
 
 runner = CliRunner()
@@ -79,8 +80,8 @@ def test_protocol_names_and_validation() -> None:
     assert Protocol("slide", 512, scales=(0.5, 1.0), flip=True).name == "slide512-ms2-flip"
     with pytest.raises(ValueError, match=r"evaluate.mode must be whole or slide"):
         Protocol("tiles")
-    with pytest.raises(ConfigError, match=r"evaluate.scales must be positive"):
-        EvaluateParams(scales=(1.0, -0.5)).protocol()
+    with pytest.raises(ConfigError, match=r"evaluate.scales\[1\] must be > 0"):
+        EvaluateParams(scales=(1.0, -0.5))
 
 
 def build_tiny_segmenter() -> nn.Module:
@@ -100,14 +101,14 @@ def test_single_scale_evaluation_equals_in_training_evaluation(
     path = write_model_file(tmp_path / "model.pt", tiny_shards)
     loaded = load_model(str(path))
     manifest = load_manifest(tiny_shards)
-    urls = shard_urls(tiny_shards, manifest, "val")
+    refs = shard_refs(manifest, "val")
     cm_stage, rows = evaluate_model(
-        loaded, urls, Protocol(), torch.device("cpu"), 2, progress=False
+        loaded, refs, Protocol(), torch.device("cpu"), 2, progress=False
     )
     core = loaded.module.model  # the SegmentationModel inside the Segmenter
-    stream = EvalStream(urls, manifest["mean"], manifest["std"])
-    cm_train = evaluate(core, eval_loader(stream, 0), len(manifest["classes"]), torch.device("cpu"))
-    assert cm_stage.matrix.sum() == 4 * 64 * 48 - manifest["splits"]["val"]["ignore_pixels"]
+    stream = EvalStream(refs, manifest.mean, manifest.std)
+    cm_train = validate(core, eval_loader(stream, 0), manifest.num_classes, torch.device("cpu"))
+    assert cm_stage.matrix.sum() == 4 * 64 * 48 - manifest.splits["val"].ignore_pixels
     assert torch.equal(cm_stage.matrix, cm_train.matrix)
     assert len(rows) == 2
 
@@ -134,7 +135,7 @@ def test_evaluate_cli_writes_report(tiny_shards: Path, tmp_path: Path) -> None:
 def test_pick_model_auto_takes_the_better_candidate(
     tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.evaluate import pick_model
+    from pipeline.evaluation.evaluate import pick_model
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"evaluate.model is auto but none of"):
@@ -151,12 +152,13 @@ def test_pick_model_auto_takes_the_better_candidate(
 def test_corrupt_checkpoint_is_one_line(tiny_shards: Path, tmp_path: Path) -> None:
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match=r"model\.pt: not a valid DANet model file"):
+    with pytest.raises(ModelError, match=r"model\.pt: not a valid DANet model file"):
         load_model(str(bad))
 
 
 def test_class_mismatch_and_unknown_registry_uri(tiny_shards: Path, tmp_path: Path) -> None:
-    from pipeline.shard import shard_dataset
+    from pipeline.data.readers import make_reader
+    from pipeline.data.shard import shard_dataset
     from tests.test_datasets import write_image, write_label
 
     # a 2-class folder dataset: the 11-class model does not fit it
@@ -166,14 +168,13 @@ def test_class_mismatch_and_unknown_registry_uri(tiny_shards: Path, tmp_path: Pa
     (root / "classes.txt").write_text("background\nthing\n")
     write_image(root / "images" / "val" / "a.png", 32, 24)
     write_label(root / "masks" / "val" / "a.png", torch.zeros(24, 32, dtype=torch.uint8).numpy())
-    from pipeline.datasets import make_reader
 
     shard_dataset(make_reader("folder", root), ("val",), tmp_path / "two")
     model = write_model_file(tmp_path / "model.pt", tiny_shards)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(ConfigError, match=r"the model has 11 classes .* but .* has 2"):
         run_evaluation(EvaluateParams(model=str(model), shards=str(tmp_path / "two")), uri)
-    with pytest.raises(ConfigError, match=r"models:/nope@champion: cannot load the model"):
+    with pytest.raises(ModelError, match=r"models:/nope@champion: cannot load the model"):
         load_model("models:/nope@champion", uri)
     result = runner.invoke(
         app,

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipeline.artifacts.refs import load_model
 from pipeline.cli import app
-from pipeline.modelref import load_model
 from tests.conftest import write_model_file
 
 runner = CliRunner()
@@ -68,16 +68,20 @@ def test_mlflow_models_serve_answers_a_request(tiny_shards: Path, tmp_path: Path
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import log_segmenter, tracking_uri
-    from pipeline.train import load_model_file
+    from pipeline.artifacts.modelfile import load_model_file
+    from pipeline.artifacts.tracking import log_segmenter, tracking_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    segmenter, payload = load_model_file(write_model_file(tmp_path / "model.pt", tiny_shards))
+    segmenter, model_info = load_model_file(write_model_file(tmp_path / "model.pt", tiny_shards))
     with tracking_uri(uri):
         mlflow.set_experiment("synthetic")
         with mlflow.start_run():
             info = log_segmenter(
-                segmenter, payload["classes"], payload["palette"], "synthetic", 0.1
+                segmenter,
+                list(model_info.classes),
+                [list(c) for c in model_info.palette],
+                "synthetic",
+                0.1,
             )
         version = mlflow.register_model(info.model_uri, "danet-serve")
     MlflowClient(uri).set_registered_model_alias("danet-serve", "champion", version.version)

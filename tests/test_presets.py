@@ -1,88 +1,188 @@
-"""params.yaml and every preset in configs/ load into the typed sections and agree with each other."""
+"""params.yaml, the presets in configs/, and the one config path: defaults, overrides, errors."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
+from typer.testing import CliRunner
 
-from pipeline.config import (
-    DataParams,
-    MlflowParams,
-    ModelParams,
-    ShardParams,
-    SyntheticParams,
-    TrainParams,
-    from_mapping,
-    read_params,
-)
-from pipeline.datasets import READERS
-from pipeline.evaluate import EvaluateParams
-from pipeline.registry import RegisterParams
-from pipeline.tune import TuneParams
+from pipeline.cli import app
+from pipeline.config import ConfigError, Params, load_params, read_yaml
+from pipeline.data.readers import READERS
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {
-    "synthetic": SyntheticParams,
-    "shard": ShardParams,
-    "model": ModelParams,
-    "data": DataParams,
-    "train": TrainParams,
-    "mlflow": MlflowParams,
-    "tune": TuneParams,
-    "evaluate": EvaluateParams,
-    "register": RegisterParams,
-}
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
-CLASSES = {"cityscapes": 19, "voc": 21, "pascal_context": 59, "cocostuff": 171, "ade20k": 150,
-           "camvid": 11}  # fmt: skip
+CLASSES = {
+    "cityscapes": 19,
+    "voc": 21,
+    "pascal_context": 59,
+    "cocostuff": 171,
+    "ade20k": 150,
+    "camvid": 11,
+}
+runner = CliRunner()
 
 
-def load_all(path: Path) -> dict[str, object]:
-    raw = read_params(path)
-    assert set(raw) == set(SECTIONS), f"{path.name}: sections {sorted(raw)}"
-    return {name: from_mapping(cls, raw[name], name) for name, cls in SECTIONS.items()}
+def test_code_defaults_equal_params_yaml() -> None:
+    """A params file may leave a key out: the code's default is params.yaml's value."""
+    assert load_params(ROOT / "params.yaml") == Params()
+    assert set(read_yaml(ROOT / "params.yaml")) == {f.name for f in dataclasses.fields(Params)}
 
 
 def test_default_params_are_the_embedded_demo() -> None:
-    s = load_all(ROOT / "params.yaml")
-    assert s["shard"].dataset == "synthetic"  # type: ignore[attr-defined]
-    assert s["model"].backbone == "resnet18d"  # type: ignore[attr-defined]
-    assert not s["train"].use_gpu  # type: ignore[attr-defined]
+    p = load_params(ROOT / "params.yaml")
+    assert (
+        p.shard.dataset == "synthetic" and p.model.backbone == "resnet18d" and not p.train.use_gpu
+    )
 
 
 def test_every_paper_dataset_has_a_preset() -> None:
     assert {p.stem for p in PRESETS} >= {
-        "cityscapes", "voc_aug", "pascal_context", "cocostuff", "ade20k", "camvid",
-    }  # fmt: skip
+        "cityscapes",
+        "voc_aug",
+        "pascal_context",
+        "cocostuff",
+        "ade20k",
+        "camvid",
+    }
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_preset_is_valid_and_complete(path: Path) -> None:
-    s = load_all(path)
-    default = read_params(ROOT / "params.yaml")
-    for name, values in read_params(path).items():
+    p = load_params(preset=path.stem)
+    default = read_yaml(ROOT / "params.yaml")
+    for name, values in read_yaml(path).items():
         assert set(values) == set(default[name]), (
             f"{path.name}: {name} keys differ from params.yaml"
         )
-    shard, model, data, train = s["shard"], s["model"], s["data"], s["train"]
-    assert shard.dataset in READERS and shard.root  # type: ignore[attr-defined]
-    assert model.num_classes == CLASSES[shard.dataset]  # type: ignore[attr-defined]
-    model.to_danet_config(CLASSES[shard.dataset])  # type: ignore[attr-defined]  # backbone, grid
-    assert data.train_split in shard.splits and data.val_split in shard.splits  # type: ignore[attr-defined]
-    assert s["evaluate"].split == data.val_split  # type: ignore[attr-defined]
-    assert data.crop_size in s["tune"].crop_sizes  # type: ignore[attr-defined]
-    # the DVC paths are the default ones, so `cp configs/X.yaml params.yaml && dvc repro` works
-    assert (shard.out, data.shards, train.out) == ("data/shards", "data/shards", "outputs/train")  # type: ignore[attr-defined]
-    s["evaluate"].protocol()  # type: ignore[attr-defined]
+    assert p.shard.dataset in READERS and p.shard.root
+    assert p.model.num_classes == CLASSES[p.shard.dataset]
+    p.model.to_danet_config(CLASSES[p.shard.dataset])  # backbone, grid
+    assert p.data.train_split in p.shard.splits and p.data.val_split in p.shard.splits
+    assert p.evaluate.split == p.data.val_split
+    assert p.data.crop_size in p.tune.crop_sizes
+    # the DVC paths are the default ones, so a preset runs through dvc.yaml as is
+    assert (p.shard.out, p.data.shards, p.train.out) == (
+        "data/shards",
+        "data/shards",
+        "outputs/train",
+    )
 
 
 def test_cityscapes_preset_is_the_papers_setting() -> None:
-    s = load_all(ROOT / "configs" / "cityscapes.yaml")
-    model, data, train = s["model"], s["data"], s["train"]
-    assert (model.backbone, model.multi_grid) == ("resnet101d", (4, 8, 16))  # type: ignore[attr-defined]
-    assert (data.crop_size, data.scale_min, data.scale_max) == (768, 0.75, 2.0)  # type: ignore[attr-defined]
-    assert train.batch_size * train.num_workers == 8 and train.use_gpu  # type: ignore[attr-defined]
-    assert train.lr == 0.003  # type: ignore[attr-defined]
-    protocol = s["evaluate"].protocol()  # type: ignore[attr-defined]
-    assert protocol.flip and len(protocol.scales) == 6
+    p = load_params(preset="cityscapes")
+    assert (p.model.backbone, p.model.multi_grid) == ("resnet101d", (4, 8, 16))
+    assert p.data.crop_size == 768
+    assert p.train.batch_size * p.train.num_workers == 8 and p.train.use_gpu
+    assert p.evaluate.flip and len(p.evaluate.scales) >= 6
+
+
+def test_overrides_reach_every_level() -> None:
+    p = load_params(
+        ROOT / "params.yaml",
+        [
+            "train.lr=0.005",
+            "data.crop_size=64",
+            "model.multi_grid=[1, 2, 4]",
+            "train.loss_weights.aux=0.2",
+        ],
+    )
+    assert (p.train.lr, p.data.crop_size, p.model.multi_grid) == (0.005, 64, (1, 2, 4))
+    assert p.train.loss_weights == {**Params().train.loss_weights, "aux": 0.2}
+    assert load_params(preset="cityscapes", overrides=["train.lr=0.01"]).train.lr == 0.01
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trian.lr=1"], "trian is not a params section; known: synthetic, shard"),
+        (["train.lrr=1"], "train.lrr is not a known param; known: lr, momentum"),
+        (["train.lr=abc"], "train.lr must be a number, got 'abc'"),
+        (["train.lr=-1"], "train.lr must be > 0, got -1.0"),
+        (["train.loss_weights.out=heavy"], "train.loss_weights.out must be a number, got 'heavy'"),
+        (
+            ["train.loss_weights.deep=1"],
+            "train.loss_weights.deep is not known; use out, pam, cam, aux",
+        ),
+        (["train.batch_size=2.5"], "train.batch_size must be an integer, got 2.5"),
+        (["train.use_gpu=maybe"], "train.use_gpu must be true or false, got 'maybe'"),
+        (["train=5"], "--set train=5: expected section.key=value"),
+        (["model.multi_grid=[4, 0]"], "model.multi_grid[1] must be >= 1, got 0"),
+        (
+            ["data.scale_mode=huge"],
+            "data.scale_mode must be one of short_side | ratio | long_side, got 'huge'",
+        ),
+        (["synthetic.num_samples.train=0"], "synthetic.num_samples.train must be >= 1, got 0"),
+        (["train.lr"], "--set train.lr: expected section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(ROOT / "params.yaml", overrides)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    for text, message in (
+        ("train: 5\n", "train must be a mapping of params, got 5"),
+        ("- a\n", f"{bad}: must be a mapping of sections"),
+        ("train: {lr: [\n", f"{bad}: not valid YAML"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+            load_params(bad)
+    with pytest.raises(ConfigError, match="params file does not exist"):
+        load_params(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="--preset kitti: no such preset; known: ade20k, camvid"):
+        load_params(preset="kitti")
+
+
+def test_cli_set_and_preset_on_every_command(tmp_path: Path) -> None:
+    """--set and --preset go through the same loader on every command: a bad key is one line."""
+    commands = ["shard", "train", "tune", "evaluate", "register", "summary", "synthetic --out x"]
+    for command in commands:
+        result = runner.invoke(app, [*command.split(), "--set", "train.lr=abc"])
+        assert result.exit_code == 2, (command, result.output)
+        assert (
+            result.output.strip().splitlines()[-1] == "error: train.lr must be a number, got 'abc'"
+        )
+        result = runner.invoke(app, ["--preset", "kitti", *command.split()])
+        assert result.exit_code == 2 and "error: --preset kitti: no such preset" in result.output
+    result = runner.invoke(
+        app, ["predict", "--model", "m.pt", "--out", str(tmp_path), ".", "--set", "x=1"]
+    )
+    assert (
+        result.exit_code == 2
+        and result.output.strip()
+        == "error: --set x=1: expected section.key=value, e.g. train.lr=0.005"
+    )
+
+
+def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["predict", "--model", "m.pt", "--out", str(tmp_path), "--crop", "8", "."]
+    )
+    assert result.exit_code == 2
+    assert (
+        result.output.strip()
+        == "error: Invalid value for '--crop': Input should be greater than or equal to 16"
+    )
+    result = runner.invoke(app, ["evaluate", "--scales", "1,a"])
+    assert result.exit_code == 2 and result.output.strip().startswith(
+        "error: Invalid value for --scales"
+    )
+
+
+def test_cli_preset_by_name_runs_a_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`danet --preset camvid shard` reads configs/camvid.yaml: here it fails on its data root,
+    naming that param's value (the preset's), not params.yaml's synthetic dataset."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["--preset", "camvid", "shard", "--set", "shard.root=nowhere"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == "error: nowhere: dataset root does not exist"
+    preset = yaml.safe_load((ROOT / "configs" / "camvid.yaml").read_text())
+    assert preset["shard"]["dataset"] == "camvid"

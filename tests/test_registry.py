@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError
-from pipeline.registry import CHALLENGER, CHAMPION, RegisterParams, decide, register
+from pipeline.config import ConfigError, RegisterParams
+from pipeline.registry.register import CHALLENGER, CHAMPION, decide, register
 
 
 def tags(miou: float, protocol: str = "whole-flip", dataset: str = "synthetic") -> dict[str, str]:
@@ -30,7 +30,7 @@ def log_model(uri: str, dataset: str = "synthetic") -> str:
     import mlflow
     import torch
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.artifacts.tracking import tracking_uri
 
     with tracking_uri(uri):
         mlflow.set_experiment(dataset)
@@ -47,7 +47,7 @@ def evaluation(tmp: Path, uri: str, miou: float, protocol: str = "whole-flip") -
     """An evaluation of a freshly logged model, as danet evaluate writes it."""
     import mlflow
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.artifacts.tracking import tracking_uri
 
     run_id = log_model(uri)
     with tracking_uri(uri):
@@ -58,7 +58,7 @@ def evaluation(tmp: Path, uri: str, miou: float, protocol: str = "whole-flip") -
     path.write_text(json.dumps(
         {"dataset": "synthetic", "miou": miou, "protocol": protocol, "model_uri": model_uri}
     ))  # fmt: skip
-    return RegisterParams(eval_metrics=str(path), shards=str(tmp), out=str(tmp / "registered.json"))
+    return RegisterParams(eval_metrics=str(path), out=str(tmp / "registered.json"))
 
 
 def test_register_moves_champion_only_on_a_win(tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ def test_register_moves_champion_only_on_a_win(tmp_path: Path) -> None:
     assert (
         champion.tags["val_miou"] == "0.550000" and champion.tags["eval_protocol"] == "whole-flip"
     )
-    assert {"dataset", "manifest_sha256", "git_commit", "source_run_id"} <= set(champion.tags)
+    assert {"dataset", "data_sha256", "git_commit", "source_run_id"} <= set(champion.tags)
     assert str(client.get_model_version_by_alias("danet-synthetic", CHALLENGER).version) == "3"
 
     again = register(better, uri)  # the same evaluation again: no new version, champion kept
@@ -91,7 +91,7 @@ def test_register_moves_champion_only_on_a_win(tmp_path: Path) -> None:
     assert len(client.search_model_versions("name = 'danet-synthetic'")) == 4
     assert json.loads(Path(better.out).read_text())["champion_version"] == "4"
 
-    from pipeline.modelref import load_model
+    from pipeline.artifacts.refs import load_model
 
     loaded = load_model("models:/danet-synthetic@champion", uri)
     assert loaded.classes == ("a", "b") and loaded.dataset == "synthetic"

@@ -13,11 +13,14 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.data import EvalStream, TrainStream, read_shard, train_loader
-from pipeline.datasets import DataError, make_reader
-from pipeline.datasets.synthetic import SyntheticReader
-from pipeline.shard import load_manifest, shard_dataset, shard_urls
-from pipeline.transforms import AugmentParams, train_transform
+from pipeline.data.augment import AugmentParams, train_transform
+from pipeline.data.loader import EvalStream, TrainStream, read_shard, train_loader
+from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
+from pipeline.data.readers import make_reader
+from pipeline.data.readers.synthetic import SyntheticReader
+from pipeline.data.shard import shard_dataset
+from pipeline.errors import DataError
+from tests.conftest import CAMVID
 from tests.test_datasets import label_grid, write_image, write_label
 
 runner = CliRunner()
@@ -36,9 +39,9 @@ def test_shards_are_byte_identical_across_runs(tmp_path: Path) -> None:
     b = shard_dataset(synthetic(), ("train", "val"), tmp_path / "b", max_count=3, workers=1)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     assert a == b
-    names = [s["name"] for s in a["splits"]["train"]["shards"]]
+    names = [s.name for s in a.splits["train"].shards]
     assert names == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert [s["samples"] for s in a["splits"]["train"]["shards"]] == [3, 3, 1]
+    assert [s.samples for s in a.splits["train"].shards] == [3, 3, 1]
     with tarfile.open(tmp_path / "a" / names[0]) as tar:
         members = tar.getmembers()
     assert [m.name for m in members[:3]] == [
@@ -50,17 +53,19 @@ def test_shards_are_byte_identical_across_runs(tmp_path: Path) -> None:
 def test_manifest_contents_and_raw_labels(tmp_path: Path) -> None:
     reader = synthetic()
     manifest = shard_dataset(reader, ("train", "val"), tmp_path / "s", max_count=4)
-    assert manifest["dataset"] == "synthetic"
-    assert len(manifest["classes"]) == len(manifest["palette"]) == 11
-    train = manifest["splits"]["train"]
-    assert train["samples"] == 7
-    assert sum(train["class_pixels"]) + train["ignore_pixels"] == 7 * 64 * 48
-    assert all(0 < m < 1 for m in manifest["mean"]) and all(0 < s < 1 for s in manifest["std"])
-    for shard in train["shards"]:
-        path = tmp_path / "s" / shard["name"]
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+    assert manifest.dataset == "synthetic"
+    assert len(manifest.classes) == len(manifest.palette) == 11
+    train = manifest.splits["train"]
+    assert train.samples == 7
+    assert sum(train.class_pixels) + train.ignore_pixels == 7 * 64 * 48
+    assert all(0 < m < 1 for m in manifest.mean) and all(0 < s < 1 for s in manifest.std)
+    for shard in train.shards:
+        path = tmp_path / "s" / shard.name
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard.sha256
+        assert path.stat().st_size == shard.bytes
+    assert load_manifest(tmp_path / "s") == manifest  # what was written reads back the same
     # Labels come back exactly as the reader produced them (single-channel PNG, raw decode).
-    key, _, label = next(read_shard(str(tmp_path / "s" / train["shards"][0]["name"])))
+    key, _, label = next(read_shard(str(tmp_path / "s" / train.shards[0].name)))
     assert np.array_equal(label, reader.read(reader.items("train")[0]).label)
     with tarfile.open(tmp_path / "s" / "train-000000.tar") as tar:
         member = tar.extractfile(f"{key}.json")
@@ -73,7 +78,7 @@ def test_jpeg_reencoding(tmp_path: Path) -> None:
     manifest = shard_dataset(
         synthetic(2, 1), ("train",), tmp_path / "j", image_format="jpg", jpeg_quality=80
     )
-    with tarfile.open(tmp_path / "j" / manifest["splits"]["train"]["shards"][0]["name"]) as tar:
+    with tarfile.open(tmp_path / "j" / manifest.splits["train"].shards[0].name) as tar:
         assert sorted(m.name.split(".", 1)[1] for m in tar.getmembers()) == [
             "jpg",
             "jpg",
@@ -95,8 +100,19 @@ def bad_camvid(root: Path) -> Path:
 def test_cli_bad_input_one_line_error_and_nothing_written(tmp_path: Path) -> None:
     root = bad_camvid(tmp_path / "camvid")
     out = tmp_path / "out"
-    args = ["shard", "--params", str(tmp_path / "none.yaml"), "--dataset", "camvid", "--root", str(root),
-            "--out", str(out), "--splits", "val", "--workers", "1"]  # fmt: skip
+    args = [
+        "shard",
+        "--dataset",
+        "camvid",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--splits",
+        "val",
+        "--workers",
+        "1",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1] == (
@@ -120,26 +136,38 @@ def test_skip_mode_lists_bad_samples(tmp_path: Path) -> None:
     manifest = shard_dataset(
         make_reader("camvid", root), ("val",), tmp_path / "out", on_error="skip"
     )
-    val = manifest["splits"]["val"]
-    assert val["samples"] == 2
-    assert len(val["skipped"]) == 1 and val["skipped"][0]["path"].endswith("valannot/img1.png")
-    assert "outside" in val["skipped"][0]["error"]
+    val = manifest.splits["val"]
+    assert val.samples == 2
+    assert len(val.skipped) == 1 and val.skipped[0].path.endswith("valannot/img1.png")
+    assert "outside" in val.skipped[0].error
 
 
 # --- loader ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def uneven_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], dict]:
+def uneven_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[ShardRef], Manifest]:
     out = tmp_path_factory.mktemp("uneven") / "s"
-    manifest = shard_dataset(synthetic(11, 5), ("train", "val"), out, max_count=4)  # 4 + 4 + 3
-    return shard_urls(out, manifest, "train"), manifest
+    shard_dataset(synthetic(11, 5), ("train", "val"), out, max_count=4)  # 4 + 4 + 3
+    manifest = load_manifest(out)
+    return shard_refs(manifest, "train"), manifest
 
 
-def stream(urls: list[str], manifest: dict, rank: int, world: int, epoch: int = 0) -> TrainStream:
-    s = TrainStream(urls, batch_size=2, batches_per_epoch=5, augment=AugmentParams(crop_size=32),
-                    mean=manifest["mean"], std=manifest["std"], rank=rank, world_size=world,
-                    seed=1, shuffle_buffer=4)  # fmt: skip
+def stream(
+    refs: list[ShardRef], manifest: Manifest, rank: int, world: int, epoch: int = 0
+) -> TrainStream:
+    s = TrainStream(
+        refs,
+        batch_size=2,
+        batches_per_epoch=5,
+        augment=AugmentParams(crop_size=32),
+        mean=manifest.mean,
+        std=manifest.std,
+        rank=rank,
+        world_size=world,
+        seed=1,
+        shuffle_buffer=4,
+    )
     s.set_epoch(epoch)
     return s
 
@@ -168,16 +196,14 @@ def test_data_order_reproducible_from_seed_epoch_rank(uneven_shards) -> None:  #
     assert not all(torch.equal(a, b) for a, b in zip(first, other_rank, strict=True))
 
 
-def test_eval_stream_covers_each_image_once(uneven_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_eval_stream_covers_each_image_once(uneven_shards) -> None:  # type: ignore[no-untyped-def]
     _, manifest = uneven_shards
-    urls = shard_urls(Path(uneven_shards[0][0]).parent, manifest, "val")
+    refs = shard_refs(manifest, "val")
     keys = [
-        k
-        for rank in range(2)
-        for _, _, k in EvalStream(urls, manifest["mean"], manifest["std"], rank, 2)
+        k for rank in range(2) for _, _, k in EvalStream(refs, manifest.mean, manifest.std, rank, 2)
     ]
     assert sorted(keys) == [f"synthetic_val_{i:06d}" for i in range(5)]
-    x, y, _ = next(iter(EvalStream(urls, manifest["mean"], manifest["std"])))
+    x, y, _ = next(iter(EvalStream(refs, manifest.mean, manifest.std)))
     assert x.shape == (3, 48, 64) and y.shape == (48, 64)  # whole image
 
 
@@ -208,7 +234,7 @@ def test_cli_shards_synthetic_default_from_params(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "train: 5 samples in 3 shards" in result.output
     manifest = load_manifest(tmp_path / "shards")
-    assert manifest["dataset"] == "synthetic" and manifest["splits"]["val"]["samples"] == 2
+    assert manifest.dataset == "synthetic" and manifest.splits["val"].samples == 2
     params.write_text("shard: {max_count: 0}\n")
     result = runner.invoke(app, ["shard", "--params", str(params)])
     assert result.exit_code == 2
@@ -218,24 +244,25 @@ def test_cli_shards_synthetic_default_from_params(tmp_path: Path) -> None:
     assert "error: shard.max_cuont is not a known param" in result.output
 
 
-CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid not present")
 def test_cli_shards_real_camvid(tmp_path: Path) -> None:
     out = tmp_path / "camvid"
-    args = ["shard", "--params", str(tmp_path / "none.yaml"), "--dataset", "camvid", "--root",
-            str(CAMVID), "--out", str(out), "--workers", "2"]  # fmt: skip
+    args = [
+        "shard",
+        "--dataset",
+        "camvid",
+        "--root",
+        str(CAMVID),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     manifest = load_manifest(out)
-    assert (
-        manifest["splits"]["train"]["samples"] == 367
-        and manifest["splits"]["val"]["samples"] == 101
-    )
-    assert manifest["splits"]["train"]["ignore_pixels"] > 0  # Unlabelled (11) became 255
-    assert (
-        sum(manifest["splits"]["val"]["class_pixels"]) + manifest["splits"]["val"]["ignore_pixels"]
-        == 101 * 480 * 360
-    )
+    train, val = manifest.splits["train"], manifest.splits["val"]
+    assert (train.samples, val.samples) == (367, 101)
+    assert train.ignore_pixels > 0  # Unlabelled (11) became 255
+    assert sum(val.class_pixels) + val.ignore_pixels == 101 * 480 * 360

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,100 +15,100 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ConfigError, DataParams, MlflowParams, ModelParams, TrainParams
-from pipeline.datasets.synthetic import SyntheticReader
-from pipeline.shard import shard_dataset
-from pipeline.train import STATE_FILE, prepare_job, run_training
+from pipeline.errors import DataError, TrainingError
+from pipeline.training.checkpoint import TrainState, load_checkpoint
+from pipeline.training.driver import run_training
+from pipeline.training.job import prepare_job
+from pipeline.training.results import RunSummary
+from tests.conftest import synthetic_shards
 
 runner = CliRunner()
+Configs = tuple[ModelParams, DataParams, TrainParams, MlflowParams]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("train") / "shards"
-    reader = SyntheticReader(num_samples={"train": 12, "val": 4}, width=64, height=48)
-    shard_dataset(reader, ("train", "val"), out, max_count=5)  # uneven: 5 + 5 + 2
-    return out
+    return synthetic_shards(
+        tmp_path_factory.mktemp("train") / "shards", 12, 4, max_count=5
+    )  # 5 + 5 + 2
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():  # type: ignore[no-untyped-def]
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def configs(
-    shards: Path, tmp: Path, **train: object
-) -> tuple[ModelParams, DataParams, TrainParams, MlflowParams]:
+def configs(shards: Path, tmp: Path, **train: object) -> Configs:
+    values: dict[str, object] = {
+        "lr": 0.01,
+        "batch_size": 2,
+        "epochs": 3,
+        "iters_per_epoch": 3,
+        "log_every": 3,
+        "eval_every_epochs": 1,
+        "num_workers": 2,
+        "cpus_per_worker": 1,
+        "max_failures": 0,
+        "storage_path": str(tmp / "ray"),
+        "out": str(tmp / "out"),
+        "seed": 3,
+    }
     return (
         ModelParams(backbone="resnet18d"),
         DataParams(shards=str(shards), crop_size=32, shuffle_buffer=4),
-        TrainParams(
-            **{  # type: ignore[arg-type]
-                "lr": 0.01,
-                "batch_size": 2,
-                "epochs": 3,
-                "iters_per_epoch": 3,
-                "log_every": 3,
-                "num_workers": 2,
-                "cpus_per_worker": 1,
-                "max_failures": 0,
-                "storage_path": str(tmp / "ray"),
-                "out": str(tmp / "out"),
-                "seed": 3,
-                **train,
-            }
-        ),
+        TrainParams(**{**values, **train}),  # type: ignore[arg-type]
         MlflowParams(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", num_prediction_images=2),
     )
 
 
-def latest_state(storage: Path, run_name: str) -> dict:
+def latest_state(storage: Path, run_name: str) -> TrainState:
     checkpoints = sorted(p for p in (storage / run_name).glob("checkpoint_*") if p.is_dir())
-    return torch.load(checkpoints[-1] / STATE_FILE, weights_only=True)
+    return load_checkpoint(checkpoints[-1])[0]
+
+
+def assert_same_weights(a: TrainState, b: TrainState) -> None:
+    for name, value in b.model.items():
+        assert torch.equal(a.model[name], value), name
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(
-    shards: Path, tmp_path_factory: pytest.TempPathFactory, ray_cluster
-) -> tuple[Path, dict]:  # type: ignore[no-untyped-def]
+    shards: Path, tmp_path_factory: pytest.TempPathFactory, ray_cluster: None
+) -> tuple[Path, RunSummary]:
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    metrics = run_training(*configs(shards, tmp, run_name="reference"))
-    return tmp, metrics
+    return tmp, run_training(*configs(shards, tmp, run_name="reference"))
 
 
 @pytest.mark.slow
-def test_two_worker_run_learns_and_writes_outputs(uninterrupted) -> None:  # type: ignore[no-untyped-def]
-    tmp, metrics = uninterrupted
+def test_two_worker_run_learns_and_writes_outputs(uninterrupted: tuple[Path, RunSummary]) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    tmp, summary = uninterrupted
     out = tmp / "out"
     assert {p.name for p in out.iterdir()} >= {
-        "model.pt", "metrics.json", "train_curve.csv", "val_curve.csv", "per_class_iou.csv",
-        "confusion_matrix.png", "val_predictions.png",
-    }  # fmt: skip
-    assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert 0 < metrics["best"]["val_miou"] <= 1
+        "model.pt",
+        "metrics.json",
+        "train_curve.csv",
+        "val_curve.csv",
+        "per_class_iou.csv",
+        "confusion_matrix.png",
+        "val_predictions.png",
+        "curves.png",
+    }
+    assert json.loads((out / "metrics.json").read_text()) == dataclasses.asdict(summary)
+    assert 0 < summary.best["val_miou"] <= 1
     with open(out / "train_curve.csv") as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f)]
     assert len(losses) == 3 and losses[-1] < losses[0]  # one log line per epoch; the loss went down
     state = latest_state(tmp / "ray", "reference")
-    assert state["iteration"] == 9 and state["epoch"] == 2 and len(state["rng"]) == 2
-    from mlflow.tracking import MlflowClient
+    assert (state.iteration, state.epoch, state.batch, len(state.rng)) == (9, 3, 0, 2)
 
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    run = client.get_run(metrics["mlflow_run_id"])
+    run = client.get_run(summary.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert (
         run.data.params["train.lr"] == "0.01" and run.data.params["model.backbone"] == "resnet18d"
     )
     assert len(client.get_metric_history(run.info.run_id, "val_miou")) == 3
     assert {"loss", "loss_pam", "lr", "images_per_s", "val_iou/Road"} <= set(run.data.metrics)
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
-        "confusion_matrix.png",
-        "val_predictions.png",
-    }
-    import mlflow
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert artifacts >= {"confusion_matrix.png", "val_predictions.png", "curves.png"}
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
     logged = mlflow.search_logged_models(
@@ -114,44 +116,36 @@ def test_two_worker_run_learns_and_writes_outputs(uninterrupted) -> None:  # typ
     )
     assert logged, "the model was not logged"
     model = mlflow.pytorch.load_model(logged[0].model_uri)
-    assert model(torch.rand(1, 3, 37, 53)).shape == (
-        1,
-        11,
-        37,
-        53,
-    )  # any size: signature has -1 dims
+    assert model(torch.rand(1, 3, 37, 53)).shape == (1, 11, 37, 53)  # any size: -1 dims
 
 
 @pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted(
-    shards: Path, tmp_path: Path, uninterrupted
-) -> None:  # type: ignore[no-untyped-def]
-    """Crash at the start of epoch 2 (after the epoch-1 checkpoint), no retries; start again."""
-    from ray.train import TrainingFailedError
-
+    shards: Path, tmp_path: Path, uninterrupted: tuple[Path, RunSummary]
+) -> None:
+    """A worker dies at the start of epoch 2 (after the epoch-1 checkpoint), no retries; start again."""
     cfg = configs(shards, tmp_path, run_name="interrupted")
-    with pytest.raises(TrainingFailedError):
+    with pytest.raises(TrainingError, match=r"training failed after train.max_failures retries"):
         run_training(*cfg, fault=(2, 0, str(tmp_path / "crashed")))
-    assert latest_state(tmp_path / "ray", "interrupted")["epoch"] == 1
+    assert latest_state(tmp_path / "ray", "interrupted").epoch == 2  # epoch 2 not started
     run_training(*cfg)  # the same name: resumes from the epoch-1 checkpoint
     resumed = latest_state(tmp_path / "ray", "interrupted")
     reference = latest_state(uninterrupted[0] / "ray", "reference")
-    assert resumed["iteration"] == reference["iteration"] == 9
-    for name, value in reference["model"].items():
-        assert torch.equal(resumed["model"][name], value), name
+    assert resumed.iteration == reference.iteration == 9
+    assert_same_weights(resumed, reference)
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_run_recovers(shards: Path, tmp_path: Path, uninterrupted) -> None:  # type: ignore[no-untyped-def]
+def test_worker_killed_mid_run_recovers(
+    shards: Path, tmp_path: Path, uninterrupted: tuple[Path, RunSummary]
+) -> None:
     """Rank 1's process dies in epoch 2; FailureConfig restarts the group from the checkpoint."""
     cfg = configs(shards, tmp_path, run_name="killed", max_failures=1)
-    metrics = run_training(*cfg, fault=(2, 1, str(tmp_path / "crashed")))
+    summary = run_training(*cfg, fault=(2, 1, str(tmp_path / "crashed")))
     assert (tmp_path / "crashed").exists()
     recovered = latest_state(tmp_path / "ray", "killed")
-    reference = latest_state(uninterrupted[0] / "ray", "reference")
-    assert recovered["iteration"] == 9 and metrics["final"]["iteration"] == 9
-    for name, value in reference["model"].items():
-        assert torch.equal(recovered["model"][name], value), name
+    assert recovered.iteration == 9 and summary.final["iteration"] == 9
+    assert_same_weights(recovered, latest_state(uninterrupted[0] / "ray", "reference"))
 
 
 # --- bad input: one line, before any work --------------------------------------------------
@@ -159,7 +153,7 @@ def test_worker_killed_mid_run_recovers(shards: Path, tmp_path: Path, uninterrup
 
 def test_missing_shards(tmp_path: Path) -> None:
     model, data, train, _ = configs(tmp_path / "nowhere", tmp_path)
-    with pytest.raises(Exception, match="shard manifest does not exist"):
+    with pytest.raises(DataError, match="shard manifest does not exist"):
         prepare_job(model, data, train)
 
 
@@ -178,14 +172,17 @@ def test_classes_mismatch_and_bad_params(shards: Path, tmp_path: Path) -> None:
         TrainParams(lr=-0.1)
 
 
-def test_empty_shard(shards: Path, tmp_path: Path) -> None:
-    import shutil
-
+def test_truncated_or_missing_shard(shards: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
     (copy / "val-000000.tar").write_bytes(b"")
     model, data, train, _ = configs(copy, tmp_path)
-    with pytest.raises(Exception, match=r"val-000000\.tar: shard is missing or empty"):
+    with pytest.raises(
+        DataError, match=r"val-000000\.tar: shard has 0 bytes, the manifest says \d+"
+    ):
+        prepare_job(model, data, train)
+    (copy / "val-000000.tar").unlink()
+    with pytest.raises(DataError, match=r"val-000000\.tar: shard is missing"):
         prepare_job(model, data, train)
 
 

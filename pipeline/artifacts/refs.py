@@ -1,0 +1,69 @@
+"""Resolve a model reference to an inference module and its class table.
+
+A reference is a ``model.pt`` file written by training, an MLflow run id (its logged model),
+``runs:/<run_id>/model``, a logged-model URI ``models:/m-...``, or a registry URI such as
+``models:/danet-synthetic@champion`` or ``models:/danet-synthetic/3``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pipeline.artifacts.modelfile import load_model_file, palette_of
+from pipeline.artifacts.tracking import logged_model_uri, resolve_tracking_uri
+from pipeline.artifacts.tracking import tracking_uri as using
+from pipeline.errors import ModelError, first_line
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    module: nn.Module  # RGB in [0, 1] -> logits, eval mode
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    dataset: str
+    ref: str
+    uri: str  # where it came from, normalised (file path or MLflow model URI)
+
+
+def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
+    """Load ``ref``; a missing file, unknown run or registry entry, or corrupt file is one line."""
+    path = Path(ref)
+    if path.suffix in (".pt", ".pth") or path.exists():
+        module, info = load_model_file(path)
+        return LoadedModel(module, info.classes, info.palette, info.dataset, ref, str(path))
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = ref
+    try:
+        with using(resolve_tracking_uri(tracking_uri or DEFAULT_TRACKING_URI)):
+            if RUN_ID.match(ref):
+                found = logged_model_uri(ref)
+                if found is None:
+                    raise ModelError(ref, "no MLflow run with a logged model has this id")
+                uri = found
+            elif not ref.startswith(("models:/", "runs:/")):
+                raise ModelError(ref, "not a model file, MLflow run id, runs:/ or models:/ URI")
+            logged = mlflow.models.get_model_info(uri)
+            module = mlflow.pytorch.load_model(uri, map_location="cpu").eval()
+    except MlflowException as err:
+        raise ModelError(ref, f"cannot load the model ({first_line(err)})") from None
+    meta: dict[str, Any] = logged.metadata or {}
+    if "classes" not in meta:
+        raise ModelError(ref, "the logged model has no class metadata (not logged by danet train)")
+    return LoadedModel(
+        module,
+        tuple(meta["classes"]),
+        palette_of(meta["palette"]),
+        meta.get("dataset", ""),
+        ref,
+        uri,
+    )

@@ -1,0 +1,209 @@
+"""What every dataset reader provides: the class table and a list of (key, image, label) items.
+
+A reader lists its items cheaply (paths only); ``read`` loads one item and returns the image as
+its original encoded bytes and the label as a uint8 array of train ids with 255 = ignore. Readers
+are plain picklable objects so that sharding can fan ``read`` out over processes.
+"""
+
+from __future__ import annotations
+
+import io
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import DataError
+
+IGNORE_INDEX = 255
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sample to read: a key unique in its split, and where its data comes from."""
+
+    key: str
+    image: str  # a file path, or a description for generated data
+    label: str | None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One loaded sample: encoded image bytes, label train ids (H, W) uint8."""
+
+    key: str
+    image_bytes: bytes
+    image_format: str  # "png" or "jpg"
+    label: np.ndarray
+    source: str
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The class table of a dataset (train ids 0..K-1; ``IGNORE_INDEX`` is not a class)."""
+
+    name: str
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    ignore_rule: str = "255 = ignore"
+
+    def __post_init__(self) -> None:
+        if len(self.classes) != len(self.palette):
+            raise ValueError(
+                f"{self.name}: {len(self.classes)} classes but {len(self.palette)} colours"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class Reader(ABC):
+    """A dataset in its published layout under ``root``."""
+
+    root: Path
+    info: DatasetInfo = field(init=False)
+
+    @abstractmethod
+    def items(self, split: str) -> list[Item]:
+        """All items of a split, sorted by key. Raises DataError for a missing or empty root."""
+
+    def read(self, item: Item) -> Sample:
+        """Load and validate one item."""
+        image_bytes, fmt, size = read_image(item.image)
+        if item.label is None:
+            raise DataError(item.image, "image has no label file")
+        label = self.convert_label(load_label_array(item.label), item.label)
+        if label.shape != (size[1], size[0]):
+            raise DataError(
+                item.label,
+                f"label is {label.shape[1]}x{label.shape[0]} but its image is {size[0]}x{size[1]}",
+            )
+        check_label_values(label, self.info.num_classes, item.label)
+        return Sample(item.key, image_bytes, fmt, label, item.image)
+
+    def convert_label(self, raw: np.ndarray, path: str) -> np.ndarray:
+        """Raw label values -> train ids (255 = ignore). Identity by default."""
+        return raw.astype(np.uint8)
+
+
+def read_image(path: str) -> tuple[bytes, str, tuple[int, int]]:
+    """The file's bytes, its format ("png"/"jpg"/...) and (width, height); checks it decodes."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as err:
+        raise DataError(path, f"cannot read image ({err.strerror or err})") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # full decode: catches truncated files
+            size = im.size
+            fmt = (im.format or p.suffix.lstrip(".")).lower()
+    except Exception as err:
+        raise DataError(path, f"unreadable or truncated image ({err})") from None
+    return data, {"jpeg": "jpg"}.get(fmt, fmt), size
+
+
+def load_label_array(path: str) -> np.ndarray:
+    """A label PNG as its raw stored values: palette PNGs give indices, never colours."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "P", "I", "I;16", "I;16B"):
+                raise DataError(path, f"label must be a single-channel PNG, got mode {im.mode}")
+            return np.array(im)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(path, "label file does not exist") from None
+    except Exception as err:
+        raise DataError(path, f"unreadable or truncated label ({err})") from None
+
+
+def check_label_values(label: np.ndarray, num_classes: int, path: str) -> None:
+    values = np.unique(label)
+    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
+    if bad.size:
+        raise DataError(
+            path,
+            f"label values {bad.tolist()[:5]} are outside the {num_classes} classes "
+            f"(0..{num_classes - 1}) and not ignore ({IGNORE_INDEX})",
+        )
+
+
+def lookup_table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
+    """A uint8 table raw value -> train id, 255 for every value not in ``mapping``."""
+    table = np.full(size, IGNORE_INDEX, dtype=np.uint8)
+    for raw, train_id in mapping.items():
+        table[raw] = train_id
+    return table
+
+
+def reduce_zero_label(raw: np.ndarray) -> np.ndarray:
+    """0 -> 255 (ignore), v -> v - 1, 255 stays: ADE20K's and PASCAL Context's 'other = 0'."""
+    out = raw.astype(np.int32) - 1
+    out[(raw == 0) | (raw == IGNORE_INDEX)] = IGNORE_INDEX
+    return out.astype(np.uint8)
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DataError(path, f"{what} directory does not exist")
+    return path
+
+
+def pair_by_stem(
+    images: Sequence[Path],
+    label_for: Callable[[Path], Path],
+    key_for: Callable[[Path], str] = lambda p: p.stem,
+) -> list[Item]:
+    """Items for image files, each with the label path the dataset's rule gives (may not exist)."""
+    items = []
+    for image in images:
+        label = label_for(image)
+        items.append(
+            Item(
+                key=safe_key(key_for(image)),
+                image=str(image),
+                label=str(label) if label.exists() else None,
+            )
+        )
+    return sorted(items, key=lambda it: it.key)
+
+
+def list_images(directory: Path, recursive: bool = False) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(
+        p for p in directory.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+def safe_key(key: str) -> str:
+    """WebDataset splits file names at the first dot: keys must not contain one."""
+    return key.replace(".", "_").replace("/", "_")
+
+
+def non_empty(items: list[Item], where: Path, split: str) -> list[Item]:
+    if not items:
+        raise DataError(where, f"no images found for split {split!r}")
+    return items
+
+
+def bitwise_palette(n: int) -> tuple[tuple[int, int, int], ...]:
+    """The PASCAL VOC colour map (bit-interleaved), used where a dataset has no official colours."""
+    colours = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)

@@ -1,0 +1,85 @@
+"""Outputs appear atomically: written into a temporary sibling, moved into place when complete.
+
+Every stage writes through these helpers, so an interrupted or failed run leaves the previous
+output as it was, and an output can never replace one of the stage's own inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.errors import ConfigError, ServiceError
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out``; it replaces ``out`` when the block ends
+    without error, and is removed otherwise (an interrupted run leaves the old ``out`` as it was)."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:
+        raise ServiceError(f"{out}: cannot write the output here ({err.strerror or err})") from None
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; the old ``target`` disappears only once ``new`` is in place."""
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{target}: exists and is not a folder")
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix); it becomes ``path`` on success."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    except OSError as err:
+        raise ServiceError(f"{path}: cannot write here ({err.strerror or err})") from None
+    os.close(fd)
+    try:
+        yield Path(name)
+        os.replace(name, path)
+    finally:
+        if os.path.exists(name):
+            os.unlink(name)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary sibling and ``os.replace``."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def check_outside(out: str | Path, inputs: Mapping[str, str | Path]) -> None:
+    """Refuse an output equal to, inside or containing one of the stage's inputs.
+
+    ``inputs`` maps a param name (``shard.root``) to the path it names; URLs are not checked.
+    Called before anything is written, so the inputs are never touched.
+    """
+    if "://" in str(out):
+        return
+    target = Path(out).resolve()
+    for name, value in inputs.items():
+        if not value or "://" in str(value):
+            continue
+        source = Path(value).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise ConfigError(f"the output {out} overlaps the input {name} {value}: choose another")

@@ -1,0 +1,144 @@
+"""Results people look at: colour masks, overlays, prediction grids, confusion matrices and curves
+(PNG), and the per-class IoU table (CSV)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
+
+IGNORE_COLOUR = (0, 0, 0)
+
+
+def colorize(label: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """(H, W) train ids -> (H, W, 3) uint8 colours; 255 and unknown ids are black."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    return table[label.astype(np.uint8)]
+
+
+def overlay(
+    image: np.ndarray, label: np.ndarray, palette: Sequence[Sequence[int]], alpha: float = 0.5
+) -> np.ndarray:
+    """Colour mask blended over an (H, W, 3) uint8 image."""
+    colours = colorize(label, palette).astype(np.float32)
+    return (image.astype(np.float32) * (1 - alpha) + colours * alpha).clip(0, 255).astype(np.uint8)
+
+
+def prediction_grid(
+    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: Sequence[Sequence[int]]
+) -> np.ndarray:
+    """One row per image: image | ground truth | prediction overlay (all the same size)."""
+    lines = []
+    for image, truth, pred in rows:
+        lines.append(
+            np.concatenate([image, colorize(truth, palette), overlay(image, pred, palette)], axis=1)
+        )
+    width = max(line.shape[1] for line in lines)
+    lines = [
+        np.pad(line, ((0, 4), (0, width - line.shape[1]), (0, 0)), constant_values=255)
+        for line in lines
+    ]
+    return np.concatenate(lines, axis=0)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def plot_confusion_matrix(
+    cm: np.ndarray, classes: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """Row-normalised confusion matrix (rows: ground truth) as a PNG heat map."""
+    cm = np.asarray(cm, dtype=np.float64)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    if len(classes) <= 30:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                if norm[i, j] >= 0.01:
+                    colour = "white" if norm[i, j] > 0.5 else "black"
+                    ax.text(
+                        j,
+                        i,
+                        f"{norm[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color=colour,
+                    )
+    ax.set_title(title or "confusion matrix (row-normalised)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class _Step(Protocol):
+    iteration: int
+    loss: float
+    lr: float
+
+
+class _Eval(Protocol):
+    iteration: int
+    val_miou: float
+
+
+def plot_curves(
+    steps: Sequence[_Step], evals: Sequence[_Eval], path: str | Path, title: str = ""
+) -> Path:
+    """Training loss and learning rate per logged step, val mIoU per evaluation, as one PNG."""
+    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(10, 4))
+    if steps:
+        its = [s.iteration for s in steps]
+        ax_loss.plot(its, [s.loss for s in steps], label="loss (sum of outputs)")
+        ax_lr = ax_loss.twinx()
+        ax_lr.plot(its, [s.lr for s in steps], color="tab:gray", linestyle="--", label="head lr")
+        ax_lr.set_ylabel("head learning rate")
+    ax_loss.set_xlabel("iteration")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.legend(loc="upper right")
+    if evals:
+        ax_miou.plot([e.iteration for e in evals], [e.val_miou for e in evals], marker="o")
+    ax_miou.set_xlabel("iteration")
+    ax_miou.set_ylabel("val mIoU")
+    ax_miou.set_ylim(0, 1)
+    ax_miou.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_per_class_iou(path: str | Path, pairs: Iterable[tuple[str, float]]) -> Path:
+    """``class,iou`` rows; a class absent from both truth and predictions (NaN) is left blank."""
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "iou"])
+        for name, iou in pairs:
+            writer.writerow([name, "" if math.isnan(iou) else f"{iou:.5f}"])
+    return path

@@ -1,0 +1,115 @@
+"""Images -> colour masks and overlays, from any model reference (file, MLflow run, registry).
+
+The preprocessing is evaluation's (pipeline/inference.py): RGB in [0, 1] into a ``Segmenter``
+that normalises itself; an image whose long side exceeds ``slide_above`` goes through the sliding
+window instead of one whole-image pass. Per image ``<stem>_mask.png`` (the dataset's palette),
+``<stem>_overlay.png`` and ``<stem>_labels.png`` (single-channel train ids, for programs) are
+written, each atomically. A file that is not a readable image is reported and skipped; the rest
+are still processed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from danet.inference import Protocol, infer, to_input
+from pipeline.artifacts.refs import LoadedModel
+from pipeline.outputs import atomic_file
+from pipeline.pictures import colorize, overlay
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class PredictReport:
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> Iterator[Path]:
+    """Files as given; folders -> every file inside (sorted), images or not (bad ones are reported)."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(
+                p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+            )
+        else:
+            yield path
+
+
+def read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8; ``ValueError`` naming the problem for anything that is not an image."""
+    if not path.is_file():
+        raise ValueError("file does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.array(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"not a readable image ({type(err).__name__})") from None
+
+
+def predict_image(
+    model: LoadedModel, image: np.ndarray, protocol: Protocol, device: torch.device
+) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) uint8 class ids."""
+    with torch.no_grad():
+        logits = infer(model.module, to_input(image).to(device), protocol)
+    return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+
+
+def choose_protocol(image: np.ndarray, slide_above: int, crop: int, flip: bool) -> Protocol:
+    """Whole image up to ``slide_above`` pixels on the long side, sliding window beyond."""
+    large = slide_above > 0 and max(image.shape[:2]) > slide_above
+    return Protocol("slide" if large else "whole", crop=crop, flip=flip)
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def predict_files(
+    model: LoadedModel,
+    inputs: Sequence[str | Path],
+    out: Path,
+    slide_above: int = 1024,
+    crop: int = 512,
+    flip: bool = False,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> PredictReport:
+    """Predict every image of ``inputs`` into ``out``; bad files are collected, not raised."""
+    device = device or torch.device("cpu")
+    model.module.to(device).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    report = PredictReport()
+    files = list(expand_inputs(inputs))
+    used: set[str] = set()
+    for path in tqdm(files, desc="predict", unit="img", disable=None if progress else True):
+        try:
+            image = read_image(path)
+        except ValueError as err:
+            report.failed.append((path, str(err)))
+            continue
+        pred = predict_image(model, image, choose_protocol(image, slide_above, crop, flip), device)
+        stem = path.stem if path.stem not in used else f"{path.parent.name}_{path.stem}"
+        used.add(stem)
+        targets = {
+            "mask": colorize(pred, model.palette),
+            "overlay": overlay(image, pred, model.palette),
+            "labels": pred,
+        }
+        for kind, array in targets.items():
+            target = out / f"{stem}_{kind}.png"
+            _save(array, target)
+            report.written.append(target)
+    return report

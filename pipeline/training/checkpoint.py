@@ -1,0 +1,96 @@
+"""A training checkpoint: where a run stands, every rank's RNG states, the best weights so far and
+the history; written by rank 0 into the folder Ray Train stores.
+
+``state.pt`` holds the tensors (loaded with ``weights_only=True``), ``history.json`` the records.
+Each checkpoint carries the best weights seen so far, so the newest checkpoint alone finishes a
+run and Ray keeps only the ``train.checkpoints_to_keep`` newest ones. ``load_latest`` resumes from
+the newest checkpoint that loads, and warns about each broken one it skips.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import first_line
+from pipeline.training.records import History
+
+STATE_FILE = "state.pt"
+HISTORY_FILE = "history.json"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: ``epoch`` is the epoch in progress, ``batch`` the batches done in it."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    epoch: int
+    batch: int
+    iteration: int
+    rng: list[torch.Tensor]  # per rank: the CPU generator's state
+    cuda_rng: list[torch.Tensor] = field(default_factory=list)  # per rank, on GPU runs
+    best_model: dict[str, torch.Tensor] | None = None  # the weights of the best evaluation so far
+    best_confusion: torch.Tensor | None = None  # its confusion matrix
+
+
+def save_checkpoint(directory: Path, state: TrainState, history: History) -> None:
+    torch.save(state.__dict__, directory / STATE_FILE)
+    (directory / HISTORY_FILE).write_text(history.to_json())
+
+
+def load_checkpoint(
+    directory: Path, device: torch.device | str = "cpu"
+) -> tuple[TrainState, History]:
+    raw = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
+    history = History.from_json((Path(directory) / HISTORY_FILE).read_text())
+    return TrainState(**raw), history
+
+
+def checkpoint_dirs(run_dir: str) -> list[str]:
+    """The run's checkpoint folders on its storage (a local path or a bucket URI), oldest first."""
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(run_dir)
+    except (pyarrow.ArrowInvalid, ValueError):
+        fs, path = pyarrow.fs.LocalFileSystem(), run_dir
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    )
+    return [f"{run_dir.rstrip('/')}/{name}" for name in names]
+
+
+def load_latest(
+    latest: Any, run_dir: str, device: torch.device
+) -> tuple[TrainState, History] | None:
+    """The newest checkpoint that loads: Ray's latest, else older ones of the run (with a warning)."""
+    from ray.train import Checkpoint
+
+    candidates = [latest] + [
+        Checkpoint(d)
+        for d in reversed(checkpoint_dirs(run_dir))
+        if d.rstrip("/").split("/")[-1] != Path(latest.path).name
+    ]
+    for checkpoint in candidates:
+        try:
+            with checkpoint.as_directory() as directory:
+                return load_checkpoint(Path(directory), device)
+        except (
+            Exception
+        ) as err:  # a half-written or corrupt checkpoint: fall back to the one before
+            log.warning(
+                "checkpoint %s does not load (%s): trying the one before",
+                checkpoint.path,
+                first_line(err),
+            )
+    return None

@@ -1,0 +1,163 @@
+"""A training job: everything a worker needs, checked by the driver before any work starts.
+
+A run's identity (its default name, ``danet-<hash>``) is a digest of what decides its result: the
+model, data and recipe params, the shards' digests, and the code that trains (danet/ and the
+pipeline's data, artifacts and training packages, as they are on disk, committed or not). The
+same identity resumes; new code, params or data start a new run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, DataParams, ModelParams, TrainParams
+from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentParams, largest_side
+from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
+
+PIPELINE = Path(__file__).resolve().parents[1]
+TRAINING_CODE = (
+    PIPELINE.parent / "danet",
+    PIPELINE / "data",
+    PIPELINE / "artifacts",
+    PIPELINE / "training",
+)
+# Params that do not change a run's result: left out of its identity.
+NOT_IDENTITY = (
+    "run_name",
+    "storage_path",
+    "out",
+    "ray_address",
+    "max_failures",
+    "log_every",
+    "checkpoints_to_keep",
+)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What every worker needs; built and checked by the driver, pickled to the workers."""
+
+    model: ModelParams
+    data: DataParams
+    train: TrainParams
+    dataset: str
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_shards: tuple[ShardRef, ...]
+    val_shards: tuple[ShardRef, ...]
+    manifest_sha256: str
+    class_pixels: tuple[int, ...]  # of the training split, per class
+    class_image_pixels: tuple[int, ...]  # pixels of the training images that contain each class
+    tracking_uri: str = ""
+    mlflow_run_id: str = ""
+    fault: tuple[int, int, str] | None = None  # test hook: (epoch, rank, marker file) -> crash once
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def augment(self) -> AugmentParams:
+        d = self.data
+        return AugmentParams(
+            crop_size=d.crop_size,
+            scale_mode=d.scale_mode,
+            base_size=d.base_size,
+            scale=(d.scale[0], d.scale[1]) if len(d.scale) == 2 else (0, 0),
+            scale_min=d.scale_min,
+            scale_max=d.scale_max,
+            cat_max_ratio=d.cat_max_ratio,
+            flip=d.flip,
+            photometric=d.photometric,
+        )
+
+
+def normalization(
+    model: ModelParams, data: DataParams, manifest: Manifest
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's mean/std for a pretrained backbone (what its weights expect), the dataset's own
+    (from the manifest) when training from scratch; ``data.normalization`` can force either."""
+    mode = data.normalization
+    if mode == "auto":
+        mode = "imagenet" if (model.pretrained or model.pretrained_path) else "dataset"
+    return (IMAGENET_MEAN, IMAGENET_STD) if mode == "imagenet" else (manifest.mean, manifest.std)
+
+
+def prepare_job(model: ModelParams, data: DataParams, train: TrainParams) -> TrainJob:
+    """Check every input before any work starts: shards, classes, architecture, crop."""
+    manifest = load_manifest(data.shards)
+    model.to_danet_config(manifest.num_classes)  # validates backbone, head, classes
+    train_shards = shard_refs(manifest, data.train_split)
+    val_shards = shard_refs(manifest, data.val_split)
+    job = TrainJob(
+        model=model,
+        data=data,
+        train=train,
+        dataset=manifest.dataset,
+        classes=manifest.classes,
+        palette=manifest.palette,
+        mean=(),
+        std=(),
+        train_shards=tuple(train_shards),
+        val_shards=tuple(val_shards),
+        manifest_sha256=manifest.sha256,
+        class_pixels=manifest.split(data.train_split).class_pixels,
+        class_image_pixels=manifest.split(data.train_split).class_image_pixels,
+    )
+    w, h = manifest.split(data.train_split).max_size
+    largest = largest_side(h, w, job.augment())
+    if data.crop_size > largest:
+        raise ConfigError(
+            f"data.crop_size {data.crop_size} is larger than any crop the loader can produce: the "
+            f"largest scaled image side is {largest} (data.scale_mode, base_size/scale, scale_max)"
+        )
+    mean, std = normalization(model, data, manifest)
+    return dataclasses.replace(job, mean=tuple(mean), std=tuple(std))
+
+
+@cache
+def code_digest() -> str:
+    """sha256 over the training code's Python files, as they are on disk."""
+    digest = hashlib.sha256()
+    for root in TRAINING_CODE:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(PIPELINE.parent)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def identity(job: TrainJob) -> dict[str, Any]:
+    """Everything that decides a run's result."""
+    train = {k: v for k, v in dataclasses.asdict(job.train).items() if k not in NOT_IDENTITY}
+    data = dataclasses.asdict(job.data)
+    data.pop("shards")  # the location: the shards' digests say what they hold
+    shards = [r.sha256 for r in (*job.train_shards, *job.val_shards)]
+    return {
+        "model": dataclasses.asdict(job.model),
+        "data": data,
+        "train": train,
+        "shards": shards,
+        "code": code_digest(),
+    }
+
+
+def default_run_name(job: TrainJob) -> str:
+    """``danet-<hash>`` of the run's identity: the same identity resumes."""
+    blob = json.dumps(identity(job), sort_keys=True, default=str)
+    return "danet-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def flat_params(job: TrainJob) -> dict[str, str]:
+    """The job's params as MLflow logs them (``section.key``)."""
+    out = {"dataset": job.dataset, "num_classes": str(job.num_classes)}
+    for section, values in (("model", job.model), ("data", job.data), ("train", job.train)):
+        for key, value in dataclasses.asdict(values).items():
+            out[f"{section}.{key}"] = str(value)[:6000]
+    return out

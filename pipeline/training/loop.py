@@ -1,0 +1,163 @@
+"""The training recipe in plain torch, no Ray: optimizer, poly schedule, train steps, validation.
+
+As the paper (Sec. 4.1) and the official code: SGD with momentum 0.9 and weight decay, the head
+at 10x the base learning rate, and the poly schedule lr = base (1 - iter / max_iter)^0.9 stepped
+every iteration (torch's ``PolynomialLR``).
+
+The step never waits on the host: losses stay on the device and are read once every
+``log_every`` steps; images/s is wall clock over the whole loop, the loader's time included.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from danet.metrics import ConfusionMatrix
+from danet.model import SegmentationModel
+from pipeline.training.records import StepRecord
+
+LossFn = Callable[
+    [Mapping[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]
+]
+BatchFn = Callable[[Any, torch.device], tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_optimizer(
+    model: SegmentationModel, lr: float, momentum: float, weight_decay: float, head_lr_mult: float
+) -> torch.optim.SGD:
+    """SGD with two parameter groups: the backbone at ``lr``, everything else at ``lr * mult``.
+
+    ``foreach`` (one fused kernel per parameter group) wherever torch offers it.
+    """
+    groups = [
+        {"params": list(model.backbone.parameters()), "lr": lr},
+        {"params": model.head_parameters(), "lr": lr * head_lr_mult},
+    ]
+    return torch.optim.SGD(
+        groups, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True
+    )
+
+
+def poly_schedule(
+    optimizer: torch.optim.Optimizer, max_iters: int, power: float
+) -> torch.optim.lr_scheduler.PolynomialLR:
+    """lr_i = lr_0 (1 - i / max_iters)^power for every group; ``step()`` once per iteration."""
+    return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max_iters, power=power)
+
+
+def to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CPU batch ``(images, labels)`` onto the device (asynchronous from pinned memory)."""
+    images, labels = batch
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def autocast(device: torch.device, bf16: bool) -> Any:
+    """bf16 autocast on CUDA when asked; attention energies stay fp32 inside (danet/attention.py)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: LossFn,
+    device: torch.device,
+    *,
+    bf16: bool = False,
+    channels_last: bool = False,
+    grad_clip: float = 0.0,
+    on_log: Callable[[StepRecord], None] | None = None,
+    log_every: int = 10,
+    world_size: int = 1,
+    batch_fn: BatchFn = to_device,
+) -> StepRecord:
+    """One pass over ``batches`` (one epoch); returns the epoch's means.
+
+    ``on_log`` gets a ``StepRecord`` every ``log_every`` steps (and for the remainder): mean
+    losses, the head group's learning rate, and wall-clock images/s of all ``world_size`` workers.
+    """
+    model.train()
+    epoch, window = _Window(device), _Window(device)
+    for batch in batches:
+        images, labels = batch_fn(batch, device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, bf16):
+            logits = model(images)
+        loss, parts = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        n = images.shape[0] * world_size
+        epoch.add(loss, parts, n)
+        window.add(loss, parts, n)
+        if on_log is not None and window.steps >= log_every:
+            on_log(window.record(scheduler, optimizer))
+            window = _Window(device)
+    if on_log is not None and window.steps:
+        on_log(window.record(scheduler, optimizer))
+    return epoch.record(scheduler, optimizer)
+
+
+class _Window:
+    """Running sums over some steps, on the device: read once, when the record is made."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.start = device, time.perf_counter()
+        self.sums: torch.Tensor | None = None
+        self.names: list[str] = []
+        self.steps = self.images = 0
+
+    def add(self, loss: torch.Tensor, parts: Mapping[str, torch.Tensor], images: int) -> None:
+        values = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())])
+        self.sums = values if self.sums is None else self.sums + values
+        self.names = list(parts)
+        self.steps += 1
+        self.images += images
+
+    def record(self, scheduler: Any, optimizer: torch.optim.Optimizer) -> StepRecord:
+        means = (self.sums / max(self.steps, 1)).tolist() if self.sums is not None else [0.0]
+        seconds = time.perf_counter() - self.start  # after tolist(): the device has caught up
+        return StepRecord(
+            iteration=int(scheduler.last_epoch),
+            loss=means[0],
+            lr=float(optimizer.param_groups[-1]["lr"]),
+            images_per_s=self.images / seconds if seconds > 0 else 0.0,
+            parts=dict(zip(self.names, means[1:], strict=True)),
+        )
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, object]],
+    num_classes: int,
+    device: torch.device,
+    bf16: bool = False,
+    ignore_index: int = 255,
+) -> ConfusionMatrix:
+    """Whole-image validation; the confusion matrix is summed over all workers once at the end.
+
+    Pass the unwrapped model (not DDP): ranks may hold different numbers of images, and only the
+    final all-reduce is collective.
+    """
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index, device=device)
+    for images, labels, _ in batches:
+        with autocast(device, bf16):
+            logits = model(images.to(device, non_blocking=True))["out"]
+        cm.update(logits.argmax(1), labels.to(device, non_blocking=True))
+    cm.reduce()
+    return cm

@@ -1,0 +1,81 @@
+"""What a training run records: per-step logs, per-evaluation scores, and their names.
+
+Each metric name is defined here once; the worker reports them to Ray and MLflow, the results
+writer turns them into CSVs and pictures, the search reads ``VAL_MIOU`` back from Tune.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+VAL_MIOU = "val_miou"
+VAL_PIXEL_ACC = "val_pixel_acc"
+VAL_MEAN_ACC = "val_mean_acc"
+IMAGES_PER_S = "images_per_s"
+STEP_IMAGES_PER_S = "step_images_per_s"
+LOSS = "loss"
+LR = "lr"
+
+
+@dataclass
+class StepRecord:
+    """Means over the steps since the last log line."""
+
+    iteration: int
+    loss: float
+    lr: float  # the head group's
+    images_per_s: float  # wall clock, loader included, all workers
+    parts: dict[str, float] = field(default_factory=dict)  # unweighted loss per output
+
+    def metrics(self) -> dict[str, float]:
+        return {LOSS: self.loss, LR: self.lr, IMAGES_PER_S: self.images_per_s} | {
+            f"loss_{k}": v for k, v in self.parts.items()
+        }
+
+
+@dataclass
+class EvalRecord:
+    """One in-training evaluation (whole images of the val split)."""
+
+    epoch: int
+    iteration: int
+    val_miou: float
+    val_pixel_acc: float
+    val_mean_acc: float
+    train_loss: float
+    iou_per_class: list[float]
+
+    def metrics(self) -> dict[str, float]:
+        """What is reported to Ray Train (and Tune) at an evaluation."""
+        return {
+            VAL_MIOU: self.val_miou,
+            VAL_PIXEL_ACC: self.val_pixel_acc,
+            VAL_MEAN_ACC: self.val_mean_acc,
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "train_loss": self.train_loss,
+        }
+
+
+@dataclass
+class History:
+    """Everything a run recorded so far; saved with every checkpoint."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    evals: list[EvalRecord] = field(default_factory=list)
+
+    def best(self) -> EvalRecord:
+        return max(self.evals, key=lambda e: e.val_miou)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> History:
+        data: dict[str, Any] = json.loads(text)
+        return cls(
+            steps=[StepRecord(**s) for s in data.get("steps", [])],
+            evals=[EvalRecord(**e) for e in data.get("evals", [])],
+        )

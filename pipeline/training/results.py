@@ -1,0 +1,177 @@
+"""A finished run's outputs: the DVC folder (model.pt, metrics, curves, pictures) and MLflow's.
+
+``write_outputs`` builds ``train.out`` atomically from the best and latest checkpoints;
+``log_outputs`` puts the same pictures, tables and the model into the run's MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from danet.model import Segmenter
+from pipeline.artifacts.modelfile import ModelInfo, load_model_file, save_model_file
+from pipeline.config import MlflowParams
+from pipeline.data.loader import read_shard
+from pipeline.outputs import atomic_dir
+from pipeline.pictures import (
+    plot_confusion_matrix,
+    plot_curves,
+    prediction_grid,
+    save_png,
+    write_per_class_iou,
+)
+from pipeline.training.checkpoint import TrainState
+from pipeline.training.job import TrainJob, code_digest
+from pipeline.training.records import VAL_MIOU, EvalRecord, History
+
+OUTPUT_FILES = (
+    "confusion_matrix.png",
+    "val_predictions.png",
+    "curves.png",
+    "per_class_iou.csv",
+    "metrics.json",
+    "train_curve.csv",
+    "val_curve.csv",
+)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """metrics.json of ``train.out``."""
+
+    best: dict[str, float]
+    final: dict[str, float]
+    run_name: str
+    mlflow_run_id: str
+    dataset: str
+
+
+def _scores(e: EvalRecord) -> dict[str, float]:
+    return {k: v for k, v in asdict(e).items() if k != "iou_per_class" and k != "train_loss"}
+
+
+def prediction_rows(
+    segmenter: torch.nn.Module, job: TrainJob, count: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(image, ground truth, prediction) for the first ``count`` val images."""
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    with torch.no_grad():
+        for ref in job.val_shards:
+            for _, image, label in read_shard(ref):
+                if len(rows) >= count:
+                    return rows
+                x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+                rows.append((image, label, segmenter(x).argmax(1)[0].numpy().astype(np.uint8)))
+    return rows
+
+
+def write_curves(directory: Path, history: History) -> None:
+    with open(directory / "train_curve.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["iteration", "loss", "lr", "images_per_s"])
+        for s in history.steps:
+            writer.writerow([s.iteration, f"{s.loss:.5f}", f"{s.lr:.6g}", f"{s.images_per_s:.2f}"])
+    with open(directory / "val_curve.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["iteration", "miou", "pixel_acc", "mean_acc"])
+        for e in history.evals:
+            writer.writerow(
+                [
+                    e.iteration,
+                    f"{e.val_miou:.5f}",
+                    f"{e.val_pixel_acc:.5f}",
+                    f"{e.val_mean_acc:.5f}",
+                ]
+            )
+
+
+def model_info(job: TrainJob, best: EvalRecord, run_id: str) -> ModelInfo:
+    return ModelInfo(
+        config=job.model.to_danet_config(job.num_classes),
+        classes=job.classes,
+        palette=job.palette,
+        mean=job.mean,
+        std=job.std,
+        dataset=job.dataset,
+        meta={
+            VAL_MIOU: best.val_miou,
+            "iteration": best.iteration,
+            "mlflow_run_id": run_id,
+            "lr": job.train.lr,
+            "crop_size": job.data.crop_size,
+            "manifest_sha256": job.manifest_sha256,
+            "code_sha256": code_digest(),
+        },
+    )
+
+
+def write_outputs(
+    out: Path,
+    job: TrainJob,
+    run_name: str,
+    history: History,
+    state: TrainState,
+    num_images: int,
+) -> tuple[RunSummary, Segmenter]:
+    """model.pt (best weights), metrics.json, curves CSVs and pictures; the folder is replaced
+    atomically. Returns metrics.json's content and the inference module loaded from model.pt."""
+    best, final = history.best(), history.evals[-1]
+    if state.best_model is None:
+        raise RuntimeError(f"run {run_name}: the checkpoint holds no evaluated weights")
+    summary = RunSummary(_scores(best), _scores(final), run_name, job.mlflow_run_id, job.dataset)
+    with atomic_dir(out) as tmp:
+        save_model_file(
+            tmp / "model.pt", state.best_model, model_info(job, best, job.mlflow_run_id)
+        )
+        (tmp / "metrics.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        write_curves(tmp, history)
+        write_per_class_iou(
+            tmp / "per_class_iou.csv", zip(job.classes, best.iou_per_class, strict=True)
+        )
+        plot_curves(history.steps, history.evals, tmp / "curves.png", f"{run_name} ({job.dataset})")
+        segmenter, _ = load_model_file(tmp / "model.pt")  # also checks the file just written
+        rows = prediction_rows(segmenter, job, num_images)
+        if rows:
+            save_png(prediction_grid(rows, job.palette), tmp / "val_predictions.png")
+        if state.best_confusion is not None:
+            title = f"{job.dataset} val, best checkpoint (iteration {best.iteration}), mIoU {best.val_miou:.3f}"
+            plot_confusion_matrix(
+                state.best_confusion.numpy(), job.classes, tmp / "confusion_matrix.png", title
+            )
+    return summary, segmenter
+
+
+def log_outputs(
+    job: TrainJob, out: Path, segmenter: Segmenter, summary: RunSummary, tracking: MlflowParams
+) -> None:
+    """The artifacts of ``out``, the model and the summary metrics into the run; marks it FINISHED."""
+    import mlflow
+
+    from pipeline.artifacts.tracking import log_segmenter, tracking_uri
+
+    best = summary.best
+    with tracking_uri(job.tracking_uri), mlflow.start_run(run_id=job.mlflow_run_id):
+        mlflow.log_metrics({"best_val_miou": best[VAL_MIOU], "best_iteration": best["iteration"]})
+        for name in OUTPUT_FILES:
+            if (out / name).exists():
+                mlflow.log_artifact(str(out / name))
+        if tracking.log_model:
+            log_segmenter(
+                segmenter,
+                list(job.classes),
+                [list(c) for c in job.palette],
+                job.dataset,
+                best[VAL_MIOU],
+            )
+        mlflow.set_tags({VAL_MIOU: f"{best[VAL_MIOU]:.4f}", "eval_protocol": "whole"})
+
+
+def summary_dict(summary: RunSummary) -> dict[str, Any]:
+    return asdict(summary)
