@@ -28,8 +28,10 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 	$(VENV)/bin/danet summary
 
+# Fast tests first (seconds), then the slow end-to-end ones (minutes): a broken unit fails early.
 test: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "not slow"
+	$(VENV)/bin/pytest -m slow
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,14 @@ CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 class RawFiles(Dataset):
     """The same samples read from the dataset's own files, one file pair per item."""
 
-    def __init__(self, reader: Reader, split: str, augment: AugmentParams, mean: list, std: list):
+    def __init__(
+        self,
+        reader: Reader,
+        split: str,
+        augment: AugmentParams,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ):
         self.reader, self.items = reader, reader.items(split)
         self.augment, self.mean, self.std = augment, mean, std
 
@@ -46,6 +54,7 @@ class RawFiles(Dataset):
             image, label = decode_image(sample.image_bytes), sample.label
         else:  # one decode of each file, as a plain file-based loader would
             image = decode_image(Path(item.image).read_bytes())
+            assert item.label is not None
             label = self.reader.convert_label(load_label_array(item.label), item.label)
         rng = np.random.default_rng(index)
         return train_transform(image, label, self.augment, self.mean, self.std, rng)

@@ -31,10 +31,8 @@ def step_rate(
 ) -> float:  # fmt: skip
     """Images/s of ``steps`` timed training steps in this process (median of per-step rates)."""
     torch.manual_seed(0)
-    model = build_danet(
-        DANetConfig(num_classes=19, backbone=backbone, head=head, attention_impl=attention)
-    )  # type: ignore[arg-type]
-    model = model.to(device)
+    config = DANetConfig(num_classes=19, backbone=backbone, head=head, attention_impl=attention)  # type: ignore[arg-type]
+    model = build_danet(config).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, 0.01, 0.9, 1e-4, 10.0)
@@ -77,7 +75,7 @@ def ray_rate(workers: int, backbone: str, head: str, crop: int, batch: int, step
                 DANetConfig(num_classes=19, backbone=config["backbone"], head=config["head"])
             )
         )
-        core = model.module if hasattr(model, "module") else model
+        core: Any = model.module if hasattr(model, "module") else model
         optimizer = build_optimizer(core, 0.01, 0.9, 1e-4, 10.0)
         scheduler = poly_schedule(optimizer, 10_000, 0.9)
         x = torch.randn(config["batch"], 3, config["crop"], config["crop"])
@@ -115,6 +113,7 @@ def ray_rate(workers: int, backbone: str, head: str, crop: int, batch: int, step
         ),
     )
     result = trainer.fit()
+    assert result.metrics is not None
     return float(result.metrics["images_per_s"])
 
 

@@ -1,7 +1,7 @@
 """The ``danet`` command: one sub-command per pipeline stage (``danet --help`` lists them).
 
 Every command reads its params the same way (pipeline/config.py): ``--params FILE`` (default
-params.yaml) or ``danet --preset NAME`` (configs/NAME.yaml), then ``--set section.key=value``
+params.yaml) or ``danet --preset NAME`` (configs/<name>.yaml), then ``--set section.key=value``
 overrides, then the command's own options, which are shorthands for ``--set``. A
 ``PipelineError`` (bad input, an unreachable service) prints one line and exits 2 (a lost
 training worker: 1); any other exception is a bug and keeps its traceback. Usage errors (an

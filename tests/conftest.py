@@ -41,9 +41,9 @@ def ray_cluster() -> Iterator[None]:
 
 def synthetic_shards(out: Path, train: int, val: int, max_count: int, **reader: int) -> Path:
     """Synthetic scenes (64x48 unless told) sharded into ``out``."""
-    size = {"width": 64, "height": 48, **reader}
+    width, height = reader.get("width", 64), reader.get("height", 48)
     shard_dataset(
-        SyntheticReader(num_samples={"train": train, "val": val}, **size),
+        SyntheticReader(num_samples={"train": train, "val": val}, width=width, height=height),
         ("train", "val"),
         out,
         max_count=max_count,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.readers import READERS, make_reader
+from pipeline.data.readers import READERS, Reader, make_reader
 from pipeline.data.readers.base import bitwise_palette
 from pipeline.data.readers.scene import render_scene
 from pipeline.data.readers.synthetic import SyntheticReader
@@ -35,7 +35,7 @@ def label_grid(values: list[int], h: int = 6, w: int = 8) -> np.ndarray:
     return np.resize(np.array(values, dtype=np.uint8), (h, w))
 
 
-def read_all(reader, split: str) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+def read_all(reader: Reader, split: str) -> dict[str, np.ndarray]:
     return {it.key: reader.read(it).label for it in reader.items(split)}
 
 

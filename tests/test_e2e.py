@@ -100,6 +100,11 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
 
     again = run("dvc repro", repo)
     assert "Running stage" not in again, again[-2000:]  # nothing changed: nothing runs
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["log_every"] = 7  # how often it logs does not change what it trains
+    params["mlflow"]["num_prediction_images"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "up to date" in run("dvc status", repo)
 
     summary = run("danet summary", repo)
     assert "champion: models:/danet-synthetic@champion" in summary and "mlflow ui" in summary

@@ -105,7 +105,7 @@ def test_single_scale_evaluation_equals_in_training_evaluation(
     cm_stage, rows = evaluate_model(
         loaded, refs, Protocol(), torch.device("cpu"), 2, progress=False
     )
-    core = loaded.module.model  # the SegmentationModel inside the Segmenter
+    core = loaded.module.get_submodule("model")  # the SegmentationModel inside the Segmenter
     stream = EvalStream(refs, manifest.mean, manifest.std)
     cm_train = validate(core, eval_loader(stream, 0), manifest.num_classes, torch.device("cpu"))
     assert cm_stage.matrix.sum() == 4 * 64 * 48 - manifest.splits["val"].ignore_pixels

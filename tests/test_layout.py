@@ -239,3 +239,17 @@ def test_fmt_skip_only_on_constant_tables() -> None:
             if "# fmt: skip" in line and number not in tables:
                 wrong.append(f"{path.relative_to(ROOT)}:{number}")
     assert not wrong, f"keyword arguments, not fmt: skip, at {wrong}"
+
+
+def test_cited_files_exist() -> None:
+    """Docstrings and comments that name a file of this repository name one that exists."""
+    import re
+
+    cited = re.compile(r"\b((?:danet|pipeline|tests|bench|configs)/[\w/]+\.(?:py|yaml))\b")
+    missing = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in project_files()
+        for name in cited.findall(path.read_text())
+        if not (ROOT / name).exists()
+    ]
+    assert not missing, f"citations of files that do not exist: {missing}"

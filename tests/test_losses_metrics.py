@@ -78,3 +78,64 @@ def test_update_accumulates_and_rejects_bad_labels() -> None:
         cm.update(torch.tensor([0]), torch.tensor([7]))
     with pytest.raises(ValueError, match="differ"):
         cm.update(torch.tensor([0, 1]), torch.tensor([0]))
+
+
+def test_poly_schedule_is_the_papers_formula() -> None:
+    """torch's PolynomialLR gives lr_0 (1 - i / max_iters)^0.9 for both parameter groups."""
+    from danet import DANetConfig, build_danet
+    from pipeline.training.loop import build_optimizer, poly_schedule
+
+    model = build_danet(DANetConfig(num_classes=3, backbone="resnet18d"))
+    optimizer = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=1e-4, head_lr_mult=10)
+    scheduler = poly_schedule(optimizer, max_iters=50, power=0.9)
+    for i in range(51):
+        expected = 0.01 * (1 - i / 50) ** 0.9
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+        assert optimizer.param_groups[1]["lr"] == pytest.approx(10 * expected, rel=1e-9, abs=1e-15)
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.0
+
+
+def test_ohem_keeps_the_hard_pixels_as_mmseg() -> None:
+    """Hand-computed: 2 classes, one image of 4 pixels (one ignored)."""
+    from danet.losses import Ohem, ohem_mask
+
+    # true-class probabilities: softmax([a, b])[t] -> 0.88, 0.27, 0.5 (and an ignored pixel)
+    logits = torch.tensor([[[[2.0, 0.0], [0.0, 5.0]], [[0.0, 1.0], [0.0, 5.0]]]])  # (1, 2, 2, 2)
+    target = torch.tensor([[[0, 0], [1, 255]]])
+    p = logits.softmax(1)
+    probs = [p[0, 0, 0, 0], p[0, 0, 0, 1], p[0, 1, 1, 0]]
+    assert [round(float(v), 2) for v in probs] == [0.88, 0.27, 0.5]
+    # thresh 0.7, min_kept 1: threshold = max(sorted[1] = 0.5, 0.7) = 0.7 -> keep 0.27 and 0.5
+    assert ohem_mask(logits, target, Ohem(0.7, 1)).tolist() == [[[0.0, 1.0], [1.0, 0.0]]]
+    # thresh 0.3, min_kept 1: max(0.5, 0.3) = 0.5 -> only 0.27 (strictly below)
+    assert ohem_mask(logits, target, Ohem(0.3, 1)).tolist() == [[[0.0, 1.0], [0.0, 0.0]]]
+    # min_kept 5 > 3 valid pixels: the threshold is the largest probability -> all but it
+    assert ohem_mask(logits, target, Ohem(0.3, 5)).tolist() == [[[0.0, 1.0], [1.0, 0.0]]]
+    total, _ = segmentation_loss({"out": logits}, target, {"out": 1.0}, ohem=Ohem(0.7, 1))
+    ce = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    torch.testing.assert_close(total, (ce[0, 0, 1] + ce[0, 1, 0]) / 4)  # mmseg: over all pixels
+
+
+def test_class_weights_by_hand() -> None:
+    from danet.losses import class_weights
+
+    counts, image_pixels = [60, 30, 10, 0], [100, 100, 50, 0]
+    # median frequency: f = 0.6, 0.3, 0.2 (class 3 never seen); median 0.3 -> 0.5, 1, 1.5, 0
+    weights = class_weights("median_frequency", counts, image_pixels)
+    assert weights is not None
+    assert weights.tolist() == pytest.approx([0.5, 1.0, 1.5, 0.0])
+    enet = class_weights("enet", counts)
+    assert enet is not None
+    assert enet.tolist() == pytest.approx(
+        [1 / math.log(1.02 + p) for p in (0.6, 0.3, 0.1)] + [0.0], rel=1e-6
+    )
+    assert class_weights("none", counts) is None
+    weighted, _ = segmentation_loss(
+        {"out": torch.randn(2, 4, 3, 3)},
+        torch.randint(0, 3, (2, 3, 3)),
+        {"out": 1.0},
+        class_weight=weights,
+    )
+    assert torch.isfinite(weighted)

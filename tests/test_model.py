@@ -71,8 +71,15 @@ def test_output_stride(stride: int, size: int) -> None:
 
 def test_multi_grid_dilations() -> None:
     backbone = DilatedResNet("resnet50", output_stride=8, multi_grid=(4, 8, 16))
-    assert stage_dilations(backbone.body.layer4) == [4, 8, 16]
-    assert stage_dilations(backbone.body.layer3) == [1, 2, 2, 2, 2, 2]  # block 1 keeps rate 1
+    assert stage_dilations(backbone.body.get_submodule("layer4")) == [4, 8, 16]
+    assert stage_dilations(backbone.body.get_submodule("layer3")) == [
+        1,
+        2,
+        2,
+        2,
+        2,
+        2,
+    ]  # block 1 keeps rate 1
     _, c4 = backbone(torch.randn(1, 3, 64, 64))
     assert c4.shape == (1, 2048, 8, 8)
     with pytest.raises(ValueError, match="3 blocks"):

@@ -101,7 +101,7 @@ def test_mlflow_models_serve_answers_a_request(tiny_shards: Path, tmp_path: Path
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while True:
-            assert server.poll() is None, server.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
             try:
                 if requests.get(f"{base}/ping", timeout=2).status_code == 200:
                     break

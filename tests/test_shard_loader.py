@@ -174,8 +174,8 @@ def stream(
 
 @pytest.mark.parametrize("loader_workers", [0, 2])
 def test_two_ranks_get_equal_batch_counts_from_uneven_shards(
-    uneven_shards, loader_workers: int
-) -> None:  # type: ignore[no-untyped-def]
+    uneven_shards: tuple[list[ShardRef], Manifest], loader_workers: int
+) -> None:
     urls, manifest = uneven_shards
     counts = []
     for rank in range(2):
@@ -185,18 +185,25 @@ def test_two_ranks_get_equal_batch_counts_from_uneven_shards(
     assert counts == [5, 5]
 
 
-def test_data_order_reproducible_from_seed_epoch_rank(uneven_shards) -> None:  # type: ignore[no-untyped-def]
+def labels(s: TrainStream) -> list[torch.Tensor]:
+    return [batch[1] for batch in s if isinstance(batch, tuple)]
+
+
+def test_data_order_reproducible_from_seed_epoch_rank(
+    uneven_shards: tuple[list[ShardRef], Manifest],
+) -> None:
     urls, manifest = uneven_shards
-    first = [y for _, y in stream(urls, manifest, 0, 2, epoch=3)]
-    again = [y for _, y in stream(urls, manifest, 0, 2, epoch=3)]
-    other_epoch = [y for _, y in stream(urls, manifest, 0, 2, epoch=4)]
-    other_rank = [y for _, y in stream(urls, manifest, 1, 2, epoch=3)]
+    first = labels(stream(urls, manifest, 0, 2, epoch=3))
+    again = labels(stream(urls, manifest, 0, 2, epoch=3))
+    other_epoch = labels(stream(urls, manifest, 0, 2, epoch=4))
+    other_rank = labels(stream(urls, manifest, 1, 2, epoch=3))
+    assert len(first) == 5
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other_epoch, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other_rank, strict=True))
 
 
-def test_eval_stream_covers_each_image_once(uneven_shards) -> None:  # type: ignore[no-untyped-def]
+def test_eval_stream_covers_each_image_once(uneven_shards: tuple[list[ShardRef], Manifest]) -> None:
     _, manifest = uneven_shards
     refs = shard_refs(manifest, "val")
     keys = [
@@ -266,3 +273,39 @@ def test_cli_shards_real_camvid(tmp_path: Path) -> None:
     assert (train.samples, val.samples) == (367, 101)
     assert train.ignore_pixels > 0  # Unlabelled (11) became 255
     assert sum(val.class_pixels) + val.ignore_pixels == 101 * 480 * 360
+
+
+def test_gpu_path_applies_the_cpu_paths_draws(tmp_path: Path) -> None:
+    """The GPU path (run here on the CPU device) decodes JPEGs in the batch and applies the draws
+    the workers made; for one seed it gives the CPU path's labels exactly and its images within
+    rounding (uint8 vs float resizing)."""
+    from pipeline.data.gpu import decode_batch
+    from pipeline.data.loader import RawBatch
+
+    shard_dataset(synthetic(6, 1), ("train",), tmp_path / "j", image_format="jpg", max_count=3)
+    manifest = load_manifest(tmp_path / "j")
+    refs = shard_refs(manifest, "train")
+    augment = AugmentParams(crop_size=40, scale_min=0.6, scale_max=1.4, photometric=True)
+
+    def make(gpu: bool) -> TrainStream:
+        return TrainStream(
+            refs,
+            batch_size=3,
+            batches_per_epoch=2,
+            augment=augment,
+            mean=manifest.mean,
+            std=manifest.std,
+            seed=5,
+            shuffle_buffer=4,
+            gpu_decode=gpu,
+        )
+
+    cpu = [b for b in make(False) if isinstance(b, tuple)]
+    raw = [b for b in make(True) if isinstance(b, RawBatch)]
+    assert len(cpu) == len(raw) == 2
+    assert all(t.dim() == 1 for b in raw for t in b.images)  # the workers left the JPEGs encoded
+    for (x_cpu, y_cpu), batch in zip(cpu, raw, strict=True):
+        x_gpu, y_gpu = decode_batch(batch, 40, manifest.mean, manifest.std, torch.device("cpu"))
+        assert torch.equal(y_cpu, y_gpu)
+        assert x_gpu.shape == x_cpu.shape == (3, 3, 40, 40)
+        assert (x_gpu - x_cpu).abs().mean() < 0.03, (x_gpu - x_cpu).abs().mean()

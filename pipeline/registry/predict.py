@@ -1,6 +1,6 @@
 """Images -> colour masks and overlays, from any model reference (file, MLflow run, registry).
 
-The preprocessing is evaluation's (pipeline/inference.py): RGB in [0, 1] into a ``Segmenter``
+The preprocessing is evaluation's (danet/inference.py): RGB in [0, 1] into a ``Segmenter``
 that normalises itself; an image whose long side exceeds ``slide_above`` goes through the sliding
 window instead of one whole-image pass. Per image ``<stem>_mask.png`` (the dataset's palette),
 ``<stem>_overlay.png`` and ``<stem>_labels.png`` (single-channel train ids, for programs) are

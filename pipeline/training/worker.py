@@ -35,7 +35,15 @@ from pipeline import logs
 from pipeline.data.loader import EvalStream, TrainStream, eval_loader, train_loader
 from pipeline.training.checkpoint import TrainState, load_latest, save_checkpoint
 from pipeline.training.job import TrainJob
-from pipeline.training.loop import LossFn, build_optimizer, poly_schedule, train_steps, validate
+from pipeline.training.loop import (
+    BatchFn,
+    LossFn,
+    build_optimizer,
+    poly_schedule,
+    to_device,
+    train_steps,
+    validate,
+)
 from pipeline.training.records import EvalRecord, History, StepRecord
 
 log = logging.getLogger(__name__)
@@ -104,6 +112,7 @@ class Run:
     stream: TrainStream
     loader: DataLoader
     val_loader: DataLoader
+    batch_fn: BatchFn = to_device
     history: History = field(default_factory=History)
     epoch: int = 0
     batch: int = 0
@@ -192,6 +201,12 @@ def setup(job: TrainJob) -> Run:
         gpu_decode=job.data.gpu_decode and device.type == "cuda",
     )
     val = EvalStream(job.val_shards, job.mean, job.std, rank=rank, world_size=world)
+    batch_fn: BatchFn = to_device
+    if stream.gpu_decode:
+        from pipeline.data.gpu import decode_batch
+
+        crop, mean, std = job.data.crop_size, job.mean, job.std
+        batch_fn = lambda batch, dev: decode_batch(batch, crop, mean, std, dev)  # noqa: E731
     return Run(
         job=job,
         rank=rank,
@@ -205,6 +220,7 @@ def setup(job: TrainJob) -> Run:
         stream=stream,
         loader=train_loader(stream, job.data.loader_workers, pin_memory=device.type == "cuda"),
         val_loader=eval_loader(val, job.data.loader_workers),
+        batch_fn=batch_fn,
     )
 
 
@@ -304,6 +320,7 @@ def stretches(run: Run, tracker: Tracker | None) -> Iterator[float]:
             on_log=tracker.step if tracker else None,
             log_every=t.log_every,
             world_size=run.world,
+            batch_fn=run.batch_fn,
         )
         done += n
         run.batch = done
