@@ -37,6 +37,11 @@ FUSED_BACKENDS = [
 CPU_DENSE_MAX_MAP_BYTES = 1 << 30
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: half-precision tensors widened, fp32 and fp64 kept."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class PositionAttention(nn.Module):
     """Position attention module (PAM).
 
@@ -84,21 +89,49 @@ class PositionAttention(nn.Module):
 
 
 def dense_position_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """out = V softmax(Q^T K)^T, holding the N x N map. q, k: (B, C', N); v: (B, C, N)."""
-    energy = torch.bmm(q.transpose(1, 2), k)  # (B, N, N): energy[i, j] = <q_i, k_j>
-    attention = energy.softmax(dim=-1)  # (B, N, N), rows sum to 1 over keys j
-    return torch.bmm(v, attention.transpose(1, 2))  # (B, C, N)
+    """out = V softmax(Q^T K)^T, holding the N x N map. q, k: (B, C', N); v: (B, C, N).
+
+    The energy and its softmax run in fp32 whatever the autocast dtype (a bf16 energy of
+    magnitude 10^2-10^3 has a spacing of 1-8, which moves the softmax); the weighted sum of
+    values then runs in the input's dtype.
+    """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        energy = torch.bmm(wide(q).transpose(1, 2), wide(k))  # (B, N, N): <q_i, k_j>
+        attention = energy.softmax(dim=-1)  # (B, N, N), rows sum to 1 over keys j
+    return torch.bmm(v, attention.to(v.dtype).transpose(1, 2))  # (B, C, N)
 
 
 def efficient_position_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The same result as ``dense_position_attention`` without materialising the N x N map.
 
-    The fused kernels want one head width for query, key and value, so the C value channels are
-    split into C / C' heads of width C' (the last padded with zeros when C' does not divide C), and
-    query and key are repeated per head. All three must be contiguous with a unit last stride
-    (``repeat`` copies; an ``expand`` or transposed view sends SDPA to its math kernel, which builds
-    the N x N map per head), and the math kernel is excluded so that a fallback is an error, not a
-    silent 8x memory blow-up.
+    Two exact forms, the faster one per device and dtype (bench/attention.py, BENCHMARKS.md):
+    fp32 on CUDA runs one head with the full value width through the memory-efficient kernel;
+    otherwise (bf16/fp16 on CUDA: the flash kernel; and the CPU) the value channels are split into
+    heads of the key width. The fused kernels accumulate the energy and its softmax in fp32.
+    """
+    if q.is_cuda and q.dtype == torch.float32:
+        return _single_head_attention(q, k, v)
+    return _per_head_attention(q, k, v)
+
+
+def _single_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One head: query/key of width C', value of width C (memory-efficient kernel, CUDA)."""
+    q_h = q.transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, N, C')
+    k_h = k.transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, N, C')
+    v_h = v.transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, N, C)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        out = F.scaled_dot_product_attention(q_h, k_h, v_h, scale=1.0)  # (B, 1, N, C)
+    return out[:, 0].transpose(1, 2)  # (B, C, N)
+
+
+def _per_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The fused kernels' common form: one head width for query, key and value.
+
+    The C value channels are split into C / C' heads of width C' (the last padded with zeros when
+    C' does not divide C), and query and key are repeated per head. All three must be contiguous
+    with a unit last stride (``repeat`` copies; an ``expand`` or transposed view sends SDPA to its
+    math kernel, which builds the N x N map per head), and the math kernel is excluded so that a
+    fallback is an error, not a silent 8x memory blow-up.
     """
     b, ck, n = q.shape
     c = v.shape[1]
@@ -131,8 +164,12 @@ class ChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         flat = x.flatten(2)  # (B, C, N)
-        energy = torch.bmm(flat, flat.transpose(1, 2))  # (B, C, C)
-        energy_new = energy.amax(dim=-1, keepdim=True).expand_as(energy) - energy  # (B, C, C)
-        attention = energy_new.softmax(dim=-1)  # (B, C, C)
-        out = torch.bmm(attention, flat)  # (B, C, N)
-        return self.gamma * out.view(b, c, h, w) + x
+        # fp32 even under autocast: on post-ReLU features the energy is of order 10^3-10^4, where
+        # bf16's spacing is 16-32, and the max-minus-energy softmax is near-hard. C x C: cheap.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            f32 = wide(flat)
+            energy = torch.bmm(f32, f32.transpose(1, 2))  # (B, C, C)
+            energy_new = energy.amax(dim=-1, keepdim=True) - energy  # (B, C, C)
+            attention = energy_new.softmax(dim=-1)  # (B, C, C)
+            out = torch.bmm(attention, f32)  # (B, C, N)
+        return self.gamma * out.view(b, c, h, w).to(x.dtype) + x

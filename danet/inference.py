@@ -1,7 +1,23 @@
-"""Inference protocols shared by evaluation and prediction: whole image, sliding window,
-multi-scale with horizontal flip (the paper's "MS + Flip", Sec. 4.2/Table 4).
+"""Inference protocols, as the references evaluate DANet: whole image or sliding window, multi-scale,
+horizontal flip (the paper's "MS + Flip", Sec. 4.2 / Table 4).
 
-All take a ``Segmenter`` (RGB in [0, 1] -> logits) and return logits at the input size.
+Two references, each followed exactly (``Protocol.reference``):
+
+- ``official`` -- junfu1115/DANet v0.5.0, ``encoding/models/base.py`` ``MultiEvalModule``: at
+  scale s the image's long side becomes ceil(base_size x s) (base_size 0 = the image's own long
+  side), resized with ``align_corners=True``. Sliding windows start at multiples of the stride
+  (2/3 of the crop with one scale, 1/2 with several) and are padded with black at the borders;
+  an image no larger than the crop is padded to it. Each window's score is exp(logits (+ the
+  flipped logits)); overlapping windows are averaged, resized back and summed over scales.
+- ``mmseg`` -- mmsegmentation: an optional keep-ratio test resize to ``test_scale`` (W, H), then
+  each ratio r (mmseg 0.x ``MultiScaleFlipAug``: the keep-ratio size that fits test_scale x r;
+  without a test scale, 1.x's ``scale_factor``: the image x r). Sliding windows at multiples of
+  the stride, the last one shifted back inside the image, no padding (``slide_inference``); logits
+  of overlapping windows averaged, resized back (``align_corners=False``), then the softmax of
+  every (scale, flip) variant averaged (``SegTTAModel.merge_preds``).
+
+``mode="whole"`` runs each (resized) image in one pass, no padding. All functions take a module
+mapping (B, 3, H, W) RGB in [0, 1] to logits, and return scores at the input size; argmax them.
 """
 
 from __future__ import annotations
@@ -14,39 +30,66 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+REFERENCES = ("official", "mmseg")
+
 
 @dataclass(frozen=True)
 class Protocol:
-    """How to turn an image into logits.
+    """How to turn an image into class scores.
 
     Args:
+        reference: ``"official"`` or ``"mmseg"`` (see the module docstring).
         mode: ``"whole"`` (the image in one pass) or ``"slide"`` (crop windows).
         crop: window side for ``"slide"``.
-        stride: window step; 0 = 2/3 of the crop, as the official code.
-        scales: image scales, summed at full resolution (``(1.0,)`` = single scale).
-        flip: also run on the mirrored image and add its (mirrored back) logits.
+        stride: window step; 0 = the reference's default.
+        scales: image scales (official: of ``base_size``; mmseg: ratios of the test scale).
+        flip: also run on the mirrored image.
+        base_size: official: the long side at scale 1.0 (0 = the image's own).
+        test_scale: mmseg: (W, H) of the keep-ratio test resize, or None.
     """
 
+    reference: str = "official"
     mode: str = "whole"
     crop: int = 512
     stride: int = 0
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    base_size: int = 0
+    test_scale: tuple[int, int] | None = None
+    window_batch: int = 8  # windows per forward pass (speed only: the scores are the same)
 
     def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be official or mmseg, got {self.reference!r}")
         if self.mode not in ("whole", "slide"):
-            raise ValueError(f"evaluate.mode must be whole or slide, got {self.mode!r}")
-        if self.crop < 16 or self.stride < 0:
-            raise ValueError(
-                f"evaluate.crop must be >= 16 and stride >= 0, got {self.crop}, {self.stride}"
-            )
+            raise ValueError(f"mode must be whole or slide, got {self.mode!r}")
+        if self.crop < 16 or self.stride < 0 or self.base_size < 0:
+            raise ValueError("crop must be >= 16, stride and base_size >= 0")
         if not self.scales or any(s <= 0 for s in self.scales):
-            raise ValueError(f"evaluate.scales must be positive, got {self.scales}")
+            raise ValueError(f"scales must be positive, got {self.scales}")
+        if self.window_batch < 1:
+            raise ValueError(f"window_batch must be >= 1, got {self.window_batch}")
+
+    @property
+    def window_stride(self) -> int:
+        if self.stride:
+            return self.stride
+        if self.reference == "official" and len(self.scales) > 1:
+            return int(self.crop * 0.5)
+        return (
+            int(self.crop * 2 / 3) if self.reference == "official" else math.ceil(self.crop * 2 / 3)
+        )
 
     @property
     def name(self) -> str:
-        """A short tag that says which numbers may be compared: e.g. ``whole``, ``slide512-ms6-flip``."""
-        parts = [self.mode if self.mode == "whole" else f"slide{self.crop}"]
+        """What makes numbers comparable, e.g. ``official-whole-flip``,
+        ``official-base2048-slide1024-ms8-flip``, ``mmseg-2048x512-whole-ms6-flip``."""
+        parts = [self.reference]
+        if self.reference == "official" and self.base_size:
+            parts.append(f"base{self.base_size}")
+        if self.reference == "mmseg" and self.test_scale:
+            parts.append(f"{self.test_scale[0]}x{self.test_scale[1]}")
+        parts.append("whole" if self.mode == "whole" else f"slide{self.crop}s{self.window_stride}")
         if tuple(self.scales) != (1.0,):
             parts.append(f"ms{len(self.scales)}")
         if self.flip:
@@ -54,58 +97,115 @@ class Protocol:
         return "-".join(parts)
 
 
-def slide_logits(model: nn.Module, x: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
-    """Logits of overlapping crop x crop windows, averaged where they overlap.
+def scaled_size(h: int, w: int, scale: float, p: Protocol) -> tuple[int, int]:
+    """The (H, W) the image is resized to at ``scale``."""
+    if p.reference == "official":
+        long_size = math.ceil((p.base_size or max(h, w)) * scale)
+        if h > w:
+            return long_size, int(1.0 * w * long_size / h + 0.5)
+        return int(1.0 * h * long_size / w + 0.5), long_size
+    if p.test_scale is None:
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+    target = (int(p.test_scale[0] * scale), int(p.test_scale[1] * scale))
+    factor = min(max(target) / max(h, w), min(target) / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
 
-    An image smaller than the crop is padded (and the padding cut off again), so a crop at least
-    as large as the image gives exactly the whole-image result.
-    """
-    b, _, h, w = x.shape
-    stride = stride or max(1, math.ceil(crop * 2 / 3))
-    if h <= crop and w <= crop:
-        return model(x)
-    ph, pw = max(crop - h, 0), max(crop - w, 0)
-    x = F.pad(x, (0, pw, 0, ph))
-    hp, wp = x.shape[-2:]
-    rows = range(0, max(hp - crop, 0) + stride, stride)
-    cols = range(0, max(wp - crop, 0) + stride, stride)
-    logits: torch.Tensor | None = None
-    count = torch.zeros(1, 1, hp, wp, device=x.device)
-    for top in rows:
-        for left in cols:
-            t, lft = min(top, hp - crop), min(left, wp - crop)
-            out = model(x[:, :, t : t + crop, lft : lft + crop])  # (B, K, crop, crop)
-            if logits is None:
-                logits = torch.zeros(b, out.shape[1], hp, wp, device=x.device, dtype=out.dtype)
-            logits[:, :, t : t + crop, lft : lft + crop] += out
-            count[:, :, t : t + crop, lft : lft + crop] += 1
-    assert logits is not None
-    return (logits / count)[:, :, :h, :w]
+
+def _forward(model: nn.Module, x: torch.Tensor, p: Protocol) -> torch.Tensor:
+    """Per-window scores before fusion: official exp(logits (+ flipped)), mmseg raw logits."""
+    out = model(x)
+    if p.reference == "official":
+        if p.flip:
+            out = out + model(x.flip(-1)).flip(-1)
+        return out.float().exp()
+    return out.float()
+
+
+def official_windows(model: nn.Module, x: torch.Tensor, p: Protocol) -> torch.Tensor:
+    """The official grid: windows at multiples of the stride, black-padded to the crop."""
+    crop, stride = p.crop, p.window_stride
+    h, w = x.shape[-2:]
+    if max(h, w) <= crop or p.mode == "whole":
+        padded = F.pad(x, (0, max(crop - w, 0), 0, max(crop - h, 0))) if p.mode == "slide" else x
+        return _forward(model, padded, p)[..., :h, :w]
+    if min(h, w) < crop:
+        x = F.pad(x, (0, max(crop - w, 0), 0, max(crop - h, 0)))
+    ph, pw = x.shape[-2:]
+    boxes = [
+        (top, min(top + crop, ph), left, min(left + crop, pw))
+        for top in range(0, math.ceil((ph - crop) / stride) * stride + 1, stride)
+        for left in range(0, math.ceil((pw - crop) / stride) * stride + 1, stride)
+    ]
+    pad = [(0, crop - (x2 - x1), 0, crop - (y2 - y1)) for y1, y2, x1, x2 in boxes]
+    windows = [
+        F.pad(x[..., y1:y2, x1:x2], pads) for (y1, y2, x1, x2), pads in zip(boxes, pad, strict=True)
+    ]
+    return _accumulate(model, windows, boxes, x.shape, p)[..., :h, :w]
+
+
+def _accumulate(
+    model: nn.Module,
+    windows: list[torch.Tensor],
+    boxes: list[tuple[int, int, int, int]],
+    shape: torch.Size,
+    p: Protocol,
+) -> torch.Tensor:
+    """Run the (equal-sized) windows ``window_batch`` at a time and average the overlaps."""
+    b, _, h, w = shape
+    scores = counts = None
+    for start in range(0, len(windows), p.window_batch):
+        chunk = torch.cat(windows[start : start + p.window_batch])  # (n * B, 3, crop, crop)
+        outs = _forward(model, chunk, p).split(b)
+        for (y1, y2, x1, x2), out in zip(boxes[start : start + p.window_batch], outs, strict=True):
+            if scores is None or counts is None:
+                scores = out.new_zeros(b, out.shape[1], h, w)
+                counts = out.new_zeros(1, 1, h, w)
+            scores[..., y1:y2, x1:x2] += out[..., : y2 - y1, : x2 - x1]
+            counts[..., y1:y2, x1:x2] += 1
+    assert scores is not None and counts is not None
+    return scores / counts
+
+
+def mmseg_windows(model: nn.Module, x: torch.Tensor, p: Protocol) -> torch.Tensor:
+    """mmseg's grid: windows at multiples of the stride, the last one shifted back, no padding."""
+    if p.mode == "whole":
+        return _forward(model, x, p)
+    crop, stride = p.crop, p.window_stride
+    h, w = x.shape[-2:]
+    boxes = []
+    for i in range(max(h - crop + stride - 1, 0) // stride + 1):
+        for j in range(max(w - crop + stride - 1, 0) // stride + 1):
+            y2, x2 = min(i * stride + crop, h), min(j * stride + crop, w)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    windows = [x[..., y1:y2, x1:x2] for y1, y2, x1, x2 in boxes]  # all one size
+    return _accumulate(model, windows, boxes, x.shape, p)
 
 
 def infer(model: nn.Module, x: torch.Tensor, protocol: Protocol) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, K, H, W) logits under ``protocol``."""
+    """(B, 3, H, W) RGB in [0, 1] -> (B, K, H, W) fused scores under ``protocol``."""
+    p = protocol
     h, w = x.shape[-2:]
+    official = p.reference == "official"
     total: torch.Tensor | None = None
-    for scale in protocol.scales:
+    variants = 0
+    for scale in p.scales:
+        size = scaled_size(h, w, scale, p)
         xs = (
             x
-            if scale == 1.0
-            else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+            if size == (h, w)
+            else F.interpolate(x, size=size, mode="bilinear", align_corners=official)
         )
-        for flipped in (False, True) if protocol.flip else (False,):
+        for flipped in (False, True) if (p.flip and not official) else (False,):
             inp = xs.flip(-1) if flipped else xs
-            if protocol.mode == "whole":
-                out = model(inp)
-            else:
-                out = slide_logits(model, inp, protocol.crop, protocol.stride)
-            if flipped:
-                out = out.flip(-1)
+            out = official_windows(model, inp, p) if official else mmseg_windows(model, inp, p)
+            out = out.flip(-1) if flipped else out
             if out.shape[-2:] != (h, w):
-                out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+                out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=official)
+            out = out if official else out.softmax(dim=1)
             total = out if total is None else total + out
+            variants += 1
     assert total is not None
-    return total
+    return total if official else total / variants
 
 
 def to_input(image: np.ndarray) -> torch.Tensor:

@@ -204,13 +204,16 @@ def train(
     run_name: Annotated[
         str | None, typer.Option(help="resume this run (default: derived from the config)")
     ] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="delete the run's checkpoints and train it anew")
+    ] = False,
 ) -> None:
     """Train DANet with Ray Train on the shards; resumes a run of the same name (params: model, data, train, mlflow)."""
     from pipeline.training.driver import run_training
 
     with one_line_errors():
         p = load(ctx, params, sets, **{"train.ray_address": address, "train.run_name": run_name})
-        summary = run_training(p.model, p.data, p.train, p.mlflow)
+        summary = run_training(p.model, p.data, p.train, p.mlflow, restart=restart)
     best, final = summary.best, summary.final
     typer.echo(
         f"run {summary.run_name}: best val mIoU {best['val_miou']:.4f} at iteration "
@@ -220,14 +223,19 @@ def train(
 
 @app.command()
 def tune(
-    ctx: typer.Context, params: ParamsOption = Path("params.yaml"), sets: SetOption = None
+    ctx: typer.Context,
+    params: ParamsOption = Path("params.yaml"),
+    sets: SetOption = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="delete the search's results and run it anew")
+    ] = False,
 ) -> None:
     """Ray Tune search over learning rate and crop size with ASHA (params: tune, model, data, train, mlflow)."""
     from pipeline.training.search import format_trials, run_search
 
     with one_line_errors():
         p = load(ctx, params, sets)
-        summary = run_search(p.model, p.data, p.train, p.mlflow, p.tune)
+        summary = run_search(p.model, p.data, p.train, p.mlflow, p.tune, restart=restart)
     typer.echo(format_trials(summary))
     best = summary["best"]
     typer.echo(
@@ -287,11 +295,11 @@ def evaluate(
             },
         )
         candidates = [str(Path(p.train.out) / "model.pt"), str(Path(p.tune.out) / "model.pt")]
-        metrics = run_evaluation(p.evaluate, _tracking_uri(p), candidates)
-    typer.echo(format_table(metrics))
+        result = run_evaluation(p.evaluate, _tracking_uri(p), candidates)
+    typer.echo(format_table(result))
     typer.echo(
-        f"{metrics['model']} on {metrics['dataset']} {metrics['split']} ({metrics['protocol']}): "
-        f"mIoU {metrics['miou']:.4f} -> {p.evaluate.out}/"
+        f"{result.model} on {result.dataset} {result.split} ({result.protocol}): "
+        f"mIoU {result.miou:.4f} -> {p.evaluate.out}/"
     )
 
 
@@ -315,12 +323,10 @@ def register(
             ctx, params, sets, **{"register.eval_metrics": eval_metrics, "register.name": name}
         )
         result = do_register(p.register, _tracking_uri(p))
+    typer.echo(f"{result.name} version {result.version} -> @{result.alias}: {result.reason}")
     typer.echo(
-        f"{result['name']} version {result['version']} -> @{result['alias']}: {result['reason']}"
-    )
-    typer.echo(
-        f"champion: {result['champion_uri']} (version {result['champion_version']}, "
-        f"val mIoU {result['champion_val_miou']:.4f})"
+        f"champion: {result.champion_uri} (version {result.champion_version}, "
+        f"val mIoU {result.champion_val_miou:.4f})"
     )
 
 
@@ -367,26 +373,16 @@ def summary(
     ctx: typer.Context, params: ParamsOption = Path("params.yaml"), sets: SetOption = None
 ) -> None:
     """What the pipeline produced: the champion, its val mIoU, where to look, how to open MLflow."""
-    from pipeline.errors import DataError
+    from pipeline.registry.register import read_registration
 
     with one_line_errors():
         p = load(ctx, params, sets)
-        registered = Path(p.register.out)
-        if not registered.is_file():
-            raise DataError(registered, "nothing registered yet (run dvc repro)")
-        try:
-            result = json.loads(registered.read_text())
-        except json.JSONDecodeError as err:
-            raise DataError(registered, f"not valid JSON ({err})") from None
+        result = read_registration(Path(p.register.out))
         uri = _tracking_uri(p)
     ev = Path(p.evaluate.out)
-    typer.echo(
-        f"champion: {result['champion_uri']} = {result['name']} version {result['champion_version']}"
-    )
-    typer.echo(f"  val mIoU {result['champion_val_miou']:.4f} ({result['eval_protocol']})")
-    typer.echo(
-        f"  this run: version {result['version']} -> @{result['alias']} ({result['reason']})"
-    )
+    typer.echo(f"champion: {result.champion_uri} = {result.name} version {result.champion_version}")
+    typer.echo(f"  val mIoU {result.champion_val_miou:.4f} ({result.eval_protocol})")
+    typer.echo(f"  this run: version {result.version} -> @{result.alias} ({result.reason})")
     typer.echo(f"prediction overlays: {ev / 'predictions.png'}")
     typer.echo(f"confusion matrix:    {ev / 'confusion_matrix.png'}")
     typer.echo(

@@ -147,7 +147,7 @@ class TrainParams(Section):
     weight_decay: float = param(1e-4, ge=0)
     head_lr_mult: float = param(10.0, gt=0)
     poly_power: float = param(0.9, ge=0)
-    batch_size: int = param(8, ge=1)  # per worker
+    batch_size: int = param(8, ge=1)  # global: split over train.num_workers
     epochs: int = param(20, ge=1)
     iters_per_epoch: int = param(25, ge=1)
     eval_every_epochs: int = param(2, ge=1)
@@ -175,9 +175,21 @@ class TrainParams(Section):
     out: str = "outputs/train"
     ray_address: str = ""  # "" = RAY_ADDRESS or a local Ray
 
+    def check(self) -> None:
+        require(
+            self.batch_size % self.num_workers == 0,
+            f"train.batch_size {self.batch_size} does not split evenly over "
+            f"train.num_workers {self.num_workers}",
+        )
+
     @property
     def max_iters(self) -> int:
         return self.epochs * self.iters_per_epoch
+
+    @property
+    def worker_batch(self) -> int:
+        """Images per worker and step; one step of all workers = one iteration."""
+        return self.batch_size // self.num_workers
 
 
 @dataclass(frozen=True)
@@ -224,17 +236,27 @@ class EvaluateParams(Section):
     model: str = "auto"  # auto = the better of train.out and tune.out; or a file, run id, URI
     shards: str = "data/shards"
     split: str = "val"
+    reference: str = param("official", choices=("official", "mmseg"))
     mode: str = param("whole", choices=("whole", "slide"))
     crop: int = param(512, ge=16)
-    stride: int = param(0, ge=0)  # 0 = 2/3 of the crop, as the official code
+    stride: int = param(0, ge=0)  # 0 = the reference's default
     scales: tuple[float, ...] = param((1.0,), gt=0)
     flip: bool = True
+    base_size: int = param(0, ge=0)  # official: long side at scale 1 (0 = the image's own)
+    test_scale: tuple[int, ...] = param((), ge=1)  # mmseg: [W, H] keep-ratio test resize
     out: str = "outputs/eval"
     num_overlays: int = param(4, ge=0)
     device: str = param("auto", choices=("auto", "cpu", "cuda"))
+    bf16: bool = False  # autocast on CUDA (attention energies stay fp32)
+    window_batch: int = param(8, ge=1)  # sliding windows per forward pass
+    workers: int = param(1, ge=1)  # > 1: Ray tasks (a GPU each when there are GPUs)
 
     def check(self) -> None:
         require(bool(self.scales), "evaluate.scales must list at least one scale")
+        require(
+            len(self.test_scale) in (0, 2),
+            f"evaluate.test_scale must be [] or [W, H], got {list(self.test_scale)}",
+        )
 
 
 @dataclass(frozen=True)

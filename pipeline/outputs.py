@@ -68,6 +68,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def project_path(path: str | Path) -> Path:
+    """A path of the project's own stores (MLflow's SQLite file, Ray's results): relative ones
+    resolve against the project's root, which DVC names in DVC_ROOT also when an experiment runs
+    in a temporary copy (``dvc exp run --temp``, ``--queue``), so its runs land in the real stores."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    return (Path(os.environ.get("DVC_ROOT") or Path.cwd()) / path).resolve()
+
+
 def check_outside(out: str | Path, inputs: Mapping[str, str | Path]) -> None:
     """Refuse an output equal to, inside or containing one of the stage's inputs.
 

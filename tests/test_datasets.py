@@ -73,12 +73,14 @@ def test_voc_palette_png_gives_indices_not_colours(tmp_path: Path) -> None:
     assert Image.open(root / "SegmentationClass/2007_000032.png").mode == "P"
     labels = read_all(make_reader("voc", root), "val")
     assert np.array_equal(labels["2007_000032"], label_grid([0, 15, 255, 20]))
-    # The SBD aug split reads SegmentationClassAug with its own list.
-    (root / "ImageSets/Segmentation/train_aug.txt").write_text("2007_000032\n")
-    write_label(root / "SegmentationClassAug/2007_000032.png", label_grid([1, 2]))
-    assert np.array_equal(
-        read_all(make_reader("voc", root), "train_aug")["2007_000032"], label_grid([1, 2])
-    )
+    # mmseg's trainaug.txt: VOC's own label where it has one (train), SBD's otherwise.
+    write_image(root / "JPEGImages/2008_000099.jpg", fmt="JPEG")
+    (root / "ImageSets/Segmentation/trainaug.txt").write_text("2007_000032\n2008_000099\n")
+    write_label(root / "SegmentationClassAug/2007_000032.png", label_grid([1, 2]))  # not used
+    write_label(root / "SegmentationClassAug/2008_000099.png", label_grid([3, 4]))
+    aug = read_all(make_reader("voc", root), "trainaug")
+    assert np.array_equal(aug["2007_000032"], label_grid([0, 15, 255, 20]))
+    assert np.array_equal(aug["2008_000099"], label_grid([3, 4]))
 
 
 def test_pascal_context_reduces_zero_label(tmp_path: Path) -> None:
@@ -102,6 +104,24 @@ def test_cocostuff_maps_171_used_ids(tmp_path: Path) -> None:
     expected = label_grid([0, 255, 11, 255, 80, 170, 255, 79])
     assert np.array_equal(read_all(reader, "val2017")["000000000139"], expected)
     assert reader.info.classes[80] == "banner" and reader.info.classes[79] == "toothbrush"
+
+
+def test_cocostuff10k_reads_the_published_mat_files(tmp_path: Path) -> None:
+    """cocostuff-10k-v1.1: S holds COCO ids (1-based), 0 = unlabelled; as mmseg's converter."""
+    from scipy.io import savemat
+
+    write_image(tmp_path / "images/COCO_train2014_000000000077.jpg", fmt="JPEG")
+    (tmp_path / "annotations").mkdir()
+    raw = label_grid([0, 1, 12, 13, 92, 182, 91, 90]).astype(np.uint16)
+    savemat(tmp_path / "annotations/COCO_train2014_000000000077.mat", {"S": raw})
+    (tmp_path / "imageLists").mkdir()
+    (tmp_path / "imageLists/train.txt").write_text("COCO_train2014_000000000077\n")
+    reader = make_reader("cocostuff10k", tmp_path)
+    # none; person=0; 12 unused; 13 (stop sign) -> 11; 92 (banner) -> 80; 182 (wood) -> 170;
+    # 91 unused; 90 (toothbrush) -> 79
+    expected = label_grid([255, 0, 255, 11, 80, 170, 255, 79])
+    assert np.array_equal(read_all(reader, "train")["COCO_train2014_000000000077"], expected)
+    assert reader.info.num_classes == 171 and reader.info.name == "cocostuff10k"
 
 
 def test_ade20k_reduces_zero_label(tmp_path: Path) -> None:
@@ -159,6 +179,7 @@ def test_every_reader_is_registered() -> None:
         "voc",
         "pascal_context",
         "cocostuff",
+        "cocostuff10k",
         "ade20k",
         "camvid",
         "folder",

@@ -95,7 +95,7 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
         and registered["champion_uri"] == "models:/danet-synthetic@champion"
     )
     evaluation = json.loads((repo / "outputs/eval/metrics.json").read_text())
-    assert evaluation["protocol"] == "whole-flip" and 0 <= evaluation["miou"] <= 1
+    assert evaluation["protocol"] == "official-whole-flip" and 0 <= evaluation["miou"] <= 1
     assert (repo / "outputs/tune/best_params.yaml").is_file()
 
     again = run("dvc repro", repo)

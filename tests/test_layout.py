@@ -33,6 +33,7 @@ LAYERS = (
         "pipeline.logs",
         "pipeline.outputs",
         "pipeline.pictures",
+        "pipeline.cluster",
     ),
     ("pipeline.data",),
     ("pipeline.artifacts",),
@@ -63,6 +64,8 @@ NOT_OUTPUT_KEYS = {
     "tune.name",
     "tune.out",
     "evaluate.shards",
+    "evaluate.window_batch",  # speed only: the same scores
+    "evaluate.workers",  # a test shows the same scores
     "evaluate.out",
     "register.eval_metrics",
     "register.out",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,20 @@ CLASSES = {
     "voc": 21,
     "pascal_context": 59,
     "cocostuff": 171,
+    "cocostuff10k": 171,
     "ade20k": 150,
     "camvid": 11,
+}
+# For an image of the dataset's usual native size (H, W): the smallest and largest (H, W) the
+# preset's random scale can give, as its reference computes them (by hand, see each reference).
+SCALE_RANGES = {
+    "cityscapes": ((1024, 2048), (768, 1536), (2048, 4096)),  # official: short side 768..2048
+    "ade20k": ((480, 640), (256, 341), (1024, 1365)),  # mmseg: fit (2048, 512) x 0.5..2.0
+    "voc_aug": ((375, 500), (256, 341), (1024, 1365)),
+    "pascal_context": ((375, 500), (195, 260), (780, 1040)),  # fit (520, 520) x 0.5..2.0
+    "cocostuff": ((480, 640), (256, 341), (1024, 1365)),
+    "cocostuff10k": ((480, 640), (256, 341), (1024, 1365)),
+    "camvid": ((360, 480), (270, 360), (720, 960)),  # ours: short side 270..720
 }
 runner = CliRunner()
 
@@ -72,12 +85,51 @@ def test_preset_is_valid_and_complete(path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_names_its_reference_and_draws_its_scales(path: Path) -> None:
+    """The header names the reference file it follows; the loader's random scale, for an image
+    of the dataset's native size, spans exactly the range that reference draws."""
+    from pipeline.data.augment import AugmentParams, size_range
+
+    header = path.read_text().split("\n\n", 1)[0]
+    assert re.search(r"\S+\.(py|md)\b", header), f"{path.name}: the header names no reference file"
+    d = load_params(preset=path.stem).data
+    scale = (d.scale[0], d.scale[1]) if d.scale else (0, 0)
+    params = AugmentParams(
+        crop_size=d.crop_size,
+        scale_mode=d.scale_mode,
+        base_size=d.base_size,
+        scale=scale,
+        scale_min=d.scale_min,
+        scale_max=d.scale_max,
+    )
+    (h, w), low, high = SCALE_RANGES[path.stem]
+    assert size_range(h, w, params) == (low, high)
+
+
 def test_cityscapes_preset_is_the_papers_setting() -> None:
     p = load_params(preset="cityscapes")
-    assert (p.model.backbone, p.model.multi_grid) == ("resnet101d", (4, 8, 16))
-    assert p.data.crop_size == 768
-    assert p.train.batch_size * p.train.num_workers == 8 and p.train.use_gpu
-    assert p.evaluate.flip and len(p.evaluate.scales) >= 6
+    assert (p.model.backbone, p.model.multi_grid, p.model.pretrained) == (
+        "resnet101",
+        (4, 8, 16),
+        True,
+    )
+    assert (p.data.crop_size, p.data.scale_mode, p.data.base_size) == (768, "short_side", 1024)
+    assert (p.train.batch_size, p.train.lr, p.train.epochs * p.train.iters_per_epoch) == (
+        8,
+        0.003,
+        240 * 371,
+    )
+    assert p.train.use_gpu and p.train.head_lr_mult == 10
+    e = p.evaluate
+    assert (e.reference, e.mode, e.crop, e.base_size, len(e.scales), e.flip) == (
+        "official",
+        "slide",
+        1024,
+        2048,
+        8,
+        True,
+    )
 
 
 def test_overrides_reach_every_level() -> None:

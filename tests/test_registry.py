@@ -1,64 +1,105 @@
-"""The MLflow model registry: champion moves only on a win, never demoted; repeat = same version."""
+"""The MLflow model registry: the champion moves only on a strict win on a comparable evaluation
+(same dataset, split, data digest and protocol); repeat = same version; all or nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import ConfigError, RegisterParams
+from pipeline.evaluation.record import Evaluation
 from pipeline.registry.register import CHALLENGER, CHAMPION, decide, register
 
+BASE = {
+    "dataset": "synthetic",
+    "split": "val",
+    "data_sha256": "abc",
+    "eval_protocol": "official-whole-flip",
+}
 
-def tags(miou: float, protocol: str = "whole-flip", dataset: str = "synthetic") -> dict[str, str]:
-    return {"dataset": dataset, "eval_protocol": protocol, "val_miou": f"{miou:.6f}"}
+
+def tags(miou: float, **changes: str) -> dict[str, str]:
+    return {**BASE, "val_miou": f"{miou:.6f}", **changes}
 
 
-def test_decide_never_demotes() -> None:
-    assert decide(None, tags(0.1))[0] == CHAMPION
-    assert decide(tags(0.5), tags(0.6))[0] == CHAMPION
-    assert decide(tags(0.5), tags(0.5))[0] == CHALLENGER  # a tie does not move it
-    assert decide(tags(0.5), tags(0.4))[0] == CHALLENGER
-    alias, reason = decide(tags(0.5), tags(0.9, protocol="whole-ms6-flip"))
-    assert alias == CHALLENGER and "not comparable" in reason
-    assert decide(tags(0.5), tags(0.9, dataset="cityscapes"))[0] == CHALLENGER
+@pytest.mark.parametrize(
+    ("new", "alias", "reason"),
+    [
+        (tags(0.6), CHAMPION, "val mIoU 0.6000 beats the champion's 0.5000"),
+        (tags(0.5), CHALLENGER, "does not beat"),  # a tie does not move it
+        (tags(0.4), CHALLENGER, "does not beat"),
+        (tags(0.9, dataset="cityscapes"), CHALLENGER, "not comparable: the champion has dataset"),
+        (
+            tags(0.9, split="train"),
+            CHALLENGER,
+            "not comparable: the champion has split 'val', this 'train'",
+        ),
+        (tags(0.9, data_sha256="def"), CHALLENGER, "not comparable: the champion has data_sha256"),
+        (
+            tags(0.9, eval_protocol="official-whole-ms6-flip"),
+            CHALLENGER,
+            "not comparable: the champion has eval_protocol",
+        ),
+    ],
+)
+def test_decide_each_case(new: dict[str, str], alias: str, reason: str) -> None:
+    got_alias, got_reason = decide(tags(0.5), new)
+    assert got_alias == alias and reason in got_reason
+    assert decide(None, new) == (CHAMPION, "no champion yet")
 
 
 def log_model(uri: str, dataset: str = "synthetic") -> str:
-    """A tiny logged model (with a run) as training logs it; returns its run id."""
+    """A tiny logged model (with a run) as training logs it; returns its model URI."""
     import mlflow
     import torch
 
     from pipeline.artifacts.tracking import tracking_uri
 
+    metadata = {"classes": ["a", "b"], "palette": [[0, 0, 0], [255, 255, 255]], "dataset": dataset}
     with tracking_uri(uri):
         mlflow.set_experiment(dataset)
         with mlflow.start_run() as run:
             mlflow.pytorch.log_model(
-                torch.nn.Conv2d(3, 2, 1), name="model", serialization_format="pickle",
-                metadata={"classes": ["a", "b"], "palette": [[0, 0, 0], [255, 255, 255]],
-                          "dataset": dataset},
-            )  # fmt: skip
-    return run.info.run_id
+                torch.nn.Conv2d(3, 2, 1),
+                name="model",
+                serialization_format="pickle",
+                metadata=metadata,
+            )
+        found = mlflow.search_logged_models(
+            filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"
+        )
+    return str(found[0].model_uri)
 
 
-def evaluation(tmp: Path, uri: str, miou: float, protocol: str = "whole-flip") -> RegisterParams:
+def evaluation(tmp: Path, uri: str, miou: float, **changes: str) -> RegisterParams:
     """An evaluation of a freshly logged model, as danet evaluate writes it."""
-    import mlflow
-
-    from pipeline.artifacts.tracking import tracking_uri
-
-    run_id = log_model(uri)
-    with tracking_uri(uri):
-        model_uri = mlflow.search_logged_models(
-            filter_string=f"source_run_id = '{run_id}'", output_format="list"
-        )[0].model_uri
-    path = tmp / f"eval-{run_id}.json"
-    path.write_text(json.dumps(
-        {"dataset": "synthetic", "miou": miou, "protocol": protocol, "model_uri": model_uri}
-    ))  # fmt: skip
+    model_uri = log_model(uri)
+    record = Evaluation(
+        model=model_uri,
+        model_uri=model_uri,
+        dataset="synthetic",
+        split="val",
+        split_sha256="abc",
+        protocol="official-whole-flip",
+        miou=miou,
+        pixel_acc=0.9,
+        mean_acc=0.5,
+        iou_per_class={"a": miou, "b": miou},
+        images=4,
+    )
+    record = dataclasses.replace(record, **changes)  # type: ignore[arg-type]
+    path = tmp / f"eval-{model_uri.rsplit('/', 1)[-1]}.json"
+    path.write_text(record.to_json())
     return RegisterParams(eval_metrics=str(path), out=str(tmp / "registered.json"))
+
+
+def champion_version(uri: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return str(MlflowClient(uri).get_model_version_by_alias("danet-synthetic", CHAMPION).version)
 
 
 def test_register_moves_champion_only_on_a_win(tmp_path: Path) -> None:
@@ -68,28 +109,36 @@ def test_register_moves_champion_only_on_a_win(tmp_path: Path) -> None:
     client = MlflowClient(uri)
 
     first = register(evaluation(tmp_path, uri, 0.50), uri)
-    assert (first["version"], first["alias"]) == ("1", CHAMPION)
+    assert (first.version, first.alias) == ("1", CHAMPION)
     worse = register(evaluation(tmp_path, uri, 0.40), uri)
-    assert (worse["version"], worse["alias"]) == ("2", CHALLENGER)
-    other = register(evaluation(tmp_path, uri, 0.90, protocol="whole-ms6-flip"), uri)
-    assert other["alias"] == CHALLENGER and "not comparable" in other["reason"]
-    assert str(client.get_model_version_by_alias("danet-synthetic", CHAMPION).version) == "1"
+    assert (worse.version, worse.alias) == ("2", CHALLENGER)
+    for change in (
+        {"protocol": "official-whole-ms6-flip"},
+        {"split": "train"},
+        {"split_sha256": "other"},
+    ):
+        other = register(evaluation(tmp_path, uri, 0.90, **change), uri)
+        assert other.alias == CHALLENGER and "not comparable" in other.reason
+        assert (
+            client.get_model_version("danet-synthetic", other.version).tags["reason"]
+            == other.reason
+        )
+    assert champion_version(uri) == "1"
 
     better = evaluation(tmp_path, uri, 0.55)
     won = register(better, uri)
-    assert (won["version"], won["alias"]) == ("4", CHAMPION)
+    assert (won.version, won.alias, won.champion_version) == ("6", CHAMPION, "6")
     champion = client.get_model_version_by_alias("danet-synthetic", CHAMPION)
-    assert str(champion.version) == "4"
     assert (
-        champion.tags["val_miou"] == "0.550000" and champion.tags["eval_protocol"] == "whole-flip"
+        champion.tags["val_miou"] == "0.550000"
+        and champion.tags["eval_protocol"] == "official-whole-flip"
     )
-    assert {"dataset", "data_sha256", "git_commit", "source_run_id"} <= set(champion.tags)
-    assert str(client.get_model_version_by_alias("danet-synthetic", CHALLENGER).version) == "3"
+    assert {"dataset", "split", "data_sha256", "git_commit", "source_run_id"} <= set(champion.tags)
 
     again = register(better, uri)  # the same evaluation again: no new version, champion kept
-    assert (again["version"], again["alias"]) == ("4", CHAMPION)
-    assert len(client.search_model_versions("name = 'danet-synthetic'")) == 4
-    assert json.loads(Path(better.out).read_text())["champion_version"] == "4"
+    assert (again.version, again.alias) == ("6", CHAMPION)
+    assert len(client.search_model_versions("name = 'danet-synthetic'")) == 6
+    assert json.loads(Path(better.out).read_text())["champion_version"] == "6"
 
     from pipeline.artifacts.refs import load_model
 
@@ -97,7 +146,44 @@ def test_register_moves_champion_only_on_a_win(tmp_path: Path) -> None:
     assert loaded.classes == ("a", "b") and loaded.dataset == "synthetic"
 
 
-def test_register_without_evaluation_is_one_line(tmp_path: Path) -> None:
-    params = RegisterParams(eval_metrics=str(tmp_path / "missing.json"))
+def test_register_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after the version and the alias changed puts both back."""
+    from mlflow.tracking import MlflowClient
+
+    import pipeline.registry.register as module
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register(evaluation(tmp_path, uri, 0.50), uri)
+    params = evaluation(tmp_path, uri, 0.70)
+    before = Path(params.out).read_text()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the output could not be written")
+
+    monkeypatch.setattr(module.Registration, "__init__", broken)
+    with pytest.raises(RuntimeError, match="could not be written"):
+        register(params, uri)
+    client = MlflowClient(uri)
+    assert [str(v.version) for v in client.search_model_versions("name = 'danet-synthetic'")] == [
+        "1"
+    ]
+    assert champion_version(uri) == "1"
+    assert Path(params.out).read_text() == before
+
+
+def test_register_refuses_before_touching_mlflow(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(ConfigError, match=r"missing\.json: evaluation metrics do not exist"):
-        register(params, f"sqlite:///{tmp_path / 'mlflow.db'}")
+        register(RegisterParams(eval_metrics=str(tmp_path / "missing.json")), uri)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    params = dataclasses.replace(
+        evaluation(tmp_path, uri, 0.5), out=str(blocker / "registered.json")
+    )
+    from pipeline.errors import ServiceError
+
+    with pytest.raises(ServiceError, match=r"file/registered\.json: cannot write here"):
+        register(params, uri)
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(uri).search_registered_models() == []

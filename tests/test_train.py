@@ -5,8 +5,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +41,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def configs(shards: Path, tmp: Path, **train: object) -> Configs:
     values: dict[str, object] = {
         "lr": 0.01,
-        "batch_size": 2,
+        "batch_size": 4,  # 2 per worker
         "epochs": 3,
         "iters_per_epoch": 3,
         "log_every": 3,
@@ -210,3 +215,103 @@ def test_cli_unreachable_ray_and_mlflow(shards: Path, tmp_path: Path) -> None:
         "error: mlflow.tracking_uri http://127.0.0.1:9: server unreachable (ConnectionError)"
     )
     assert not (tmp_path / "o").exists()
+
+
+# --- run identity: a finished run is reused, new code trains anew, --restart ------------------
+
+
+def count_runs(tmp: Path) -> int:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    return len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
+
+@pytest.mark.slow
+def test_finished_run_is_reused_new_code_retrains_and_restart_starts_anew(
+    shards: Path, tmp_path: Path, ray_cluster: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.training.job as job_module
+
+    cfg = configs(shards, tmp_path, epochs=1, iters_per_epoch=2, num_workers=1, batch_size=2)
+    first = run_training(*cfg)  # run_name "": named after its identity
+    checkpoints = sorted((tmp_path / "ray" / first.run_name).glob("checkpoint_*"))
+    again = run_training(*cfg)  # finished: reused, not resumed into a no-op
+    assert again == first and count_runs(tmp_path) == 1
+    assert sorted((tmp_path / "ray" / first.run_name).glob("checkpoint_*")) == checkpoints
+
+    monkeypatch.setattr(job_module, "code_digest", lambda: "a line of danet/ changed")
+    changed = run_training(*cfg)  # another identity: a new run that trains
+    assert changed.run_name != first.run_name and count_runs(tmp_path) == 2
+    assert latest_state(tmp_path / "ray", changed.run_name).iteration == 2
+
+    restarted = run_training(*cfg, restart=True)  # the same identity, trained anew
+    assert restarted.run_name == changed.run_name and count_runs(tmp_path) == 3
+    assert latest_state(tmp_path / "ray", changed.run_name).iteration == 2
+
+
+def train_command(tmp: Path, shards: Path, **train: object) -> list[str]:
+    values = {
+        "batch_size": 2,
+        "epochs": 6,
+        "iters_per_epoch": 2,
+        "eval_every_epochs": 3,
+        "log_every": 1,
+        "checkpoint_every": 1,
+        "checkpoints_to_keep": 2,
+        "cpus_per_worker": 1,
+        "max_failures": 0,
+        "storage_path": str(tmp / "ray"),
+        "out": str(tmp / "out"),
+        "run_name": "signals",
+        **train,
+    }
+    params = {
+        "model": {"backbone": "resnet18d"},
+        "data": {"shards": str(shards), "crop_size": 32, "shuffle_buffer": 4},
+        "train": values,
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "num_prediction_images": 1},
+    }
+    (tmp / "params.yaml").write_text(json.dumps(params))
+    return [
+        str(Path(sys.executable).parent / "danet"),
+        "train",
+        "--params",
+        str(tmp / "params.yaml"),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name
+)
+def test_interrupted_train_resumes_where_it_stopped(
+    shards: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The driver stopped by a signal after its second checkpoint; the same command continues
+    from the last checkpoint (not iteration 1), and at most checkpoints_to_keep remain."""
+    command = train_command(tmp_path, shards)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "first.log", "w") as output:  # a file: a full pipe would block the driver
+        process = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+        run_dir, deadline = tmp_path / "ray" / "signals", time.monotonic() + 300
+        while len(list(run_dir.glob("checkpoint_*/progress.json"))) < 2:
+            alive = process.poll() is None and time.monotonic() < deadline
+            assert alive, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        process.send_signal(sig)
+        process.wait(timeout=120)
+    stopped_at = max(
+        json.loads(p.read_text())["iteration"] for p in run_dir.glob("checkpoint_*/progress.json")
+    )
+    assert 2 <= stopped_at < 12
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    resumed = re.search(r"resumed at iteration (\d+)", done.stdout + done.stderr)
+    assert resumed and int(resumed.group(1)) >= stopped_at - 1, (done.stdout + done.stderr)[-3000:]
+    assert latest_state(tmp_path / "ray", "signals").iteration == 12
+    assert len(list(run_dir.glob("checkpoint_*"))) <= 2

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ServiceError
+from pipeline.outputs import project_path
 
 RUN_NAME_TAG = "danet.run_name"
 
@@ -26,7 +27,7 @@ def resolve_tracking_uri(uri: str) -> str:
     must answer its health check (one line error otherwise)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
+        uri = "sqlite:///" + str(project_path(uri[len("sqlite:///") :]))
     elif uri.startswith(("http://", "https://")):
         import requests
 
@@ -37,7 +38,7 @@ def resolve_tracking_uri(uri: str) -> str:
                 f"mlflow.tracking_uri {uri}: server unreachable ({type(err).__name__})"
             ) from None
     elif "://" not in uri and uri:
-        uri = Path(uri).resolve().as_uri()
+        uri = project_path(uri).as_uri()
     return uri
 
 
@@ -87,6 +88,33 @@ def start_or_resume_run(
     for i in range(0, len(entries), 100):
         client.log_batch(run.info.run_id, params=entries[i : i + 100])
     return run.info.run_id
+
+
+def find_run(uri: str, experiment: str, run_name: str) -> tuple[str, str] | None:
+    """(run id, status) of the MLflow run named ``run_name``, or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
+    )
+    return (runs[0].info.run_id, runs[0].info.status) if runs else None
+
+
+def retire_run(uri: str, experiment: str, run_name: str) -> None:
+    """Rename the MLflow run named ``run_name`` out of the way, so the name starts a new run."""
+    from mlflow.tracking import MlflowClient
+
+    found = find_run(uri, experiment, run_name)
+    if found is None:
+        return
+    client = MlflowClient(uri)
+    client.set_tag(found[0], RUN_NAME_TAG, f"{run_name}-restarted-{found[0][:8]}")
+    if found[1] == "RUNNING":
+        client.set_terminated(found[0], "KILLED")
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:

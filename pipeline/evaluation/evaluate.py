@@ -1,16 +1,20 @@
-"""Evaluate a model on a split of the shards: whole image, sliding window, multi-scale + flip.
+"""Evaluate a model on a split of the shards under a protocol (danet/inference.py).
 
 Reports mIoU, pixel accuracy, mean accuracy and per-class IoU (printed as a table, written as
 JSON and CSV), a confusion-matrix PNG and prediction overlays. ``evaluate.model: auto`` takes the
 better (by its in-training val mIoU) of the training run's model and the search's best model.
+
+``evaluate.workers`` > 1 spreads the split's shards over that many Ray tasks (a GPU each when
+the cluster has them): every image is read and decoded by exactly one task, and the confusion
+matrices are summed, so the scores equal a one-process evaluation's. ``evaluate.bf16`` runs the
+model under bf16 autocast on CUDA (the attention's energies stay fp32).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,22 +27,28 @@ from pipeline.artifacts.refs import LoadedModel, load_model
 from pipeline.config import ConfigError, EvaluateParams
 from pipeline.data.loader import read_shard
 from pipeline.data.manifest import ShardRef, load_manifest, shard_refs
+from pipeline.evaluation.record import Evaluation
 from pipeline.outputs import atomic_dir, check_outside
-from pipeline.pictures import (
-    plot_confusion_matrix,
-    prediction_grid,
-    save_png,
-    write_per_class_iou,
-)
+from pipeline.pictures import plot_confusion_matrix, prediction_grid, save_png, write_per_class_iou
 
 CANDIDATES = ("outputs/train/model.pt", "outputs/tune/model.pt")
+Rows = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def protocol_of(params: EvaluateParams) -> Protocol:
-    try:
-        return Protocol(params.mode, params.crop, params.stride, tuple(params.scales), params.flip)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    """The evaluation protocol of ``evaluate.*`` (checked there: this cannot fail)."""
+    test_scale = params.test_scale
+    return Protocol(
+        reference=params.reference,
+        mode=params.mode,
+        crop=params.crop,
+        stride=params.stride,
+        scales=tuple(params.scales),
+        flip=params.flip,
+        base_size=params.base_size,
+        test_scale=(test_scale[0], test_scale[1]) if len(test_scale) == 2 else None,
+        window_batch=params.window_batch,
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -61,35 +71,96 @@ def pick_model(ref: str, candidates: Sequence[str] = CANDIDATES) -> str:
 
 
 def evaluate_model(
-    model: LoadedModel,
+    module: torch.nn.Module,
+    num_classes: int,
     shards: Sequence[ShardRef],
     protocol: Protocol,
     device: torch.device,
-    num_overlays: int = 4,
+    *,
+    bf16: bool = False,
+    num_overlays: int = 0,
     progress: bool = True,
-) -> tuple[ConfusionMatrix, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """Confusion matrix over every image of ``shards``, and the first ``num_overlays`` predictions."""
-    module = model.module.to(device).eval()
-    cm = ConfusionMatrix(len(model.classes), device=device)
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+) -> tuple[torch.Tensor, Rows]:
+    """The confusion matrix over every image of ``shards``, and the first ``num_overlays``
+    (image, truth, prediction) rows. ``module`` maps RGB in [0, 1] to logits."""
+    module = module.to(device).eval()
+    cm = ConfusionMatrix(num_classes, device=device)
+    rows: Rows = []
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if bf16 and device.type == "cuda"
+        else nullcontext()
+    )
     bar = tqdm(desc=f"evaluate ({protocol.name})", unit="img", disable=None if progress else True)
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         for ref in shards:
             for _, image, label in read_shard(ref):
-                logits = infer(module, to_input(image).to(device), protocol)
-                pred = logits.argmax(1)[0]
+                pred = infer(module, to_input(image).to(device), protocol).argmax(1)[0]
                 cm.update(pred, torch.from_numpy(label).to(device).long())
                 if len(rows) < num_overlays:
                     rows.append((image, label, pred.cpu().numpy().astype(np.uint8)))
                 bar.update()
     bar.close()
-    cm.reduce()
-    return cm, rows
+    return cm.matrix.cpu(), rows
+
+
+def prediction_rows(
+    module: torch.nn.Module,
+    shards: Sequence[ShardRef],
+    protocol: Protocol,
+    device: torch.device,
+    count: int,
+) -> Rows:
+    """(image, truth, prediction) of the first ``count`` images."""
+    rows: Rows = []
+    module = module.to(device).eval()
+    with torch.no_grad():
+        for ref in shards:
+            for _, image, label in read_shard(ref):
+                if len(rows) >= count:
+                    return rows
+                pred = infer(module, to_input(image).to(device), protocol).argmax(1)[0]
+                rows.append((image, label, pred.cpu().numpy().astype(np.uint8)))
+    return rows
+
+
+def evaluate_on_ray(
+    model: LoadedModel, shards: Sequence[ShardRef], protocol: Protocol, params: EvaluateParams
+) -> torch.Tensor:
+    """``params.workers`` Ray tasks, each evaluating every ``workers``-th shard; the sum."""
+    import ray
+
+    from pipeline.cluster import connect_ray
+
+    connect_ray("")
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(_evaluate_part)
+    module = ray.put(model.module.cpu())
+    parts = [
+        task.remote(module, len(model.classes), shards[i :: params.workers], protocol, params.bf16)
+        for i in range(params.workers)
+        if shards[i :: params.workers]
+    ]
+    return torch.stack([torch.from_numpy(m) for m in ray.get(parts)]).sum(0)
+
+
+def _evaluate_part(
+    module: torch.nn.Module,
+    num_classes: int,
+    shards: Sequence[ShardRef],
+    protocol: Protocol,
+    bf16: bool,
+) -> np.ndarray:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    matrix, _ = evaluate_model(
+        module, num_classes, shards, protocol, device, bf16=bf16, progress=False
+    )
+    return matrix.numpy()
 
 
 def run_evaluation(
     params: EvaluateParams, tracking_uri: str = "", candidates: Sequence[str] = CANDIDATES
-) -> dict[str, Any]:
+) -> Evaluation:
     """Evaluate, write the report folder atomically, return metrics.json's content.
 
     ``candidates`` are the model files ``evaluate.model: auto`` chooses from (train.out, tune.out).
@@ -106,39 +177,55 @@ def run_evaluation(
             f"{ref}: the model has {len(model.classes)} classes ({', '.join(model.classes[:3])}, ...) but "
             f"{params.shards} has {manifest.num_classes} ({', '.join(manifest.classes[:3])}, ...)"
         )
-    cm, rows = evaluate_model(model, shards, protocol, device, params.num_overlays)
-    result = summarize(cm.matrix)
-    iou = dict(zip(model.classes, result["iou_per_class"], strict=True))
-    metrics = {
-        "model": ref,
-        "model_uri": model.uri,
-        "dataset": manifest.dataset,
-        "split": params.split,
-        "split_sha256": manifest.split_digest(params.split),
-        "protocol": protocol.name,
-        "miou": result["miou"],
-        "pixel_acc": result["pixel_acc"],
-        "mean_acc": result["mean_acc"],
-        "iou_per_class": iou,
-        "images": manifest.split(params.split).samples,
-    }
-    with atomic_dir(Path(params.out)) as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_per_class_iou(tmp / "per_class_iou.csv", iou.items())
-        title = f"{manifest.dataset} {params.split} ({protocol.name}): mIoU {result['miou']:.3f}"
-        plot_confusion_matrix(
-            cm.matrix.cpu().numpy(), model.classes, tmp / "confusion_matrix.png", title
+    num_classes = len(model.classes)
+    if params.workers > 1:
+        matrix = evaluate_on_ray(model, shards, protocol, params)
+        rows = prediction_rows(model.module, shards, protocol, device, params.num_overlays)
+    else:
+        matrix, rows = evaluate_model(
+            model.module,
+            num_classes,
+            shards,
+            protocol,
+            device,
+            bf16=params.bf16,
+            num_overlays=params.num_overlays,
         )
+    result = summarize(matrix)
+    evaluation = Evaluation(
+        model=ref,
+        model_uri=model.uri,
+        dataset=manifest.dataset,
+        split=params.split,
+        split_sha256=manifest.split_digest(params.split),
+        protocol=protocol.name,
+        miou=result["miou"],
+        pixel_acc=result["pixel_acc"],
+        mean_acc=result["mean_acc"],
+        iou_per_class=dict(zip(model.classes, result["iou_per_class"], strict=True)),
+        images=manifest.split(params.split).samples,
+    )
+    write_report(Path(params.out), evaluation, matrix, rows, model)
+    return evaluation
+
+
+def write_report(
+    out: Path, evaluation: Evaluation, matrix: torch.Tensor, rows: Rows, model: LoadedModel
+) -> None:
+    with atomic_dir(out) as tmp:
+        (tmp / "metrics.json").write_text(evaluation.to_json())
+        write_per_class_iou(tmp / "per_class_iou.csv", evaluation.iou_per_class.items())
+        title = f"{evaluation.dataset} {evaluation.split} ({evaluation.protocol}): mIoU {evaluation.miou:.3f}"
+        plot_confusion_matrix(matrix.numpy(), model.classes, tmp / "confusion_matrix.png", title)
         if rows:
             save_png(prediction_grid(rows, model.palette), tmp / "predictions.png")
-    return metrics
 
 
-def format_table(metrics: dict[str, Any]) -> str:
+def format_table(evaluation: Evaluation) -> str:
     lines = [f"{'class':<20} {'IoU':>7}"]
-    for name, iou in metrics["iou_per_class"].items():
+    for name, iou in evaluation.iou_per_class.items():
         lines.append(f"{name:<20} {'n/a' if np.isnan(iou) else f'{iou:7.4f}':>7}")
-    lines.append(f"{'mIoU':<20} {metrics['miou']:7.4f}")
-    lines.append(f"{'pixel accuracy':<20} {metrics['pixel_acc']:7.4f}")
-    lines.append(f"{'mean accuracy':<20} {metrics['mean_acc']:7.4f}")
+    lines.append(f"{'mIoU':<20} {evaluation.miou:7.4f}")
+    lines.append(f"{'pixel accuracy':<20} {evaluation.pixel_acc:7.4f}")
+    lines.append(f"{'mean accuracy':<20} {evaluation.mean_acc:7.4f}")
     return "\n".join(lines)

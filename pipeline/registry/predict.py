@@ -69,7 +69,7 @@ def predict_image(
 def choose_protocol(image: np.ndarray, slide_above: int, crop: int, flip: bool) -> Protocol:
     """Whole image up to ``slide_above`` pixels on the long side, sliding window beyond."""
     large = slide_above > 0 and max(image.shape[:2]) > slide_above
-    return Protocol("slide" if large else "whole", crop=crop, flip=flip)
+    return Protocol(mode="slide" if large else "whole", crop=crop, flip=flip)
 
 
 def _save(array: np.ndarray, path: Path) -> None:

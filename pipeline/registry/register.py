@@ -1,10 +1,14 @@
 """Register an evaluated model in the MLflow model registry; move ``champion`` only on a win.
 
-Each registration creates a new version of ``danet-<dataset>`` (or ``register.name``), tagged with
-the dataset, the shard manifest's hash, the git commit, the val mIoU and the evaluation protocol.
-The alias ``champion`` moves to it only if it strictly beats the current champion on the same
-dataset and protocol; otherwise it gets ``challenger``. A champion is never demoted by a worse
-or incomparable model. Aliases, not the deprecated stages.
+Each registration creates a version of ``danet-<dataset>`` (or ``register.name``) tagged with
+what makes its score comparable -- the dataset, the split, the digest of the shards actually
+evaluated, the evaluation protocol -- and the score, the git commit and the source run. The alias
+``champion`` moves to it only when it strictly beats the champion on a comparable evaluation;
+otherwise it gets ``challenger`` and a ``reason`` tag says why. The champion never moves to a
+lower, equal or non-comparable score. Aliases, not the deprecated stages.
+
+All or nothing: the output file's folder is checked before MLflow is touched, and if anything
+fails after the version or an alias changed, the version is deleted and the aliases are put back.
 """
 
 from __future__ import annotations
@@ -12,24 +16,43 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts.modelfile import read_model_info
 from pipeline.artifacts.tracking import logged_model_uri
 from pipeline.config import ConfigError, RegisterParams
-from pipeline.outputs import atomic_write_text
+from pipeline.errors import DataError, ModelError, first_line
+from pipeline.evaluation.record import Evaluation
+from pipeline.outputs import atomic_file
 
 log = logging.getLogger(__name__)
-
 CHAMPION, CHALLENGER = "champion", "challenger"
+COMPARABLE = ("dataset", "split", "data_sha256", "eval_protocol")  # tags that must be equal
+
+
+@dataclass(frozen=True)
+class Registration:
+    """registered.json: what was registered and what the champion is now."""
+
+    name: str
+    version: str
+    alias: str
+    reason: str
+    val_miou: float
+    eval_protocol: str
+    champion_version: str
+    champion_val_miou: float
+    champion_uri: str
 
 
 def git_commit() -> str:
     try:
-        return subprocess.run(
+        done = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        )
+        return done.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -37,28 +60,42 @@ def git_commit() -> str:
 def mlflow_model_uri(model_uri: str) -> tuple[str, str]:
     """An MLflow model URI and its run id for an evaluated model (a model.pt names its run)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     if model_uri.startswith(("models:/", "runs:/")):
-        info = mlflow.models.get_model_info(model_uri)
+        try:
+            info = mlflow.models.get_model_info(model_uri)
+        except MlflowException as err:
+            raise ModelError(model_uri, f"not an MLflow model ({first_line(err)})") from None
         return model_uri, info.run_id or ""
     run_id = str(read_model_info(model_uri).meta.get("mlflow_run_id", ""))
     uri = logged_model_uri(run_id) if run_id else None
     if uri is None:
-        raise ConfigError(
-            f"{model_uri}: no MLflow model was logged for it (mlflow.log_model: false?)"
-        )
+        raise ModelError(model_uri, "no MLflow model was logged for it (mlflow.log_model: false?)")
     return uri, run_id
+
+
+def version_tags(evaluation: Evaluation, run_id: str) -> dict[str, str]:
+    return {
+        "dataset": evaluation.dataset,
+        "split": evaluation.split,
+        "data_sha256": evaluation.split_sha256,
+        "eval_protocol": evaluation.protocol,
+        "val_miou": f"{evaluation.miou:.6f}",
+        "git_commit": git_commit(),
+        "source_run_id": run_id,
+    }
 
 
 def decide(champion_tags: dict[str, str] | None, tags: dict[str, str]) -> tuple[str, str]:
     """``(alias, reason)`` for a new version with ``tags`` against the champion's tags."""
     if champion_tags is None:
         return CHAMPION, "no champion yet"
-    for key in ("dataset", "eval_protocol"):
+    for key in COMPARABLE:
         if champion_tags.get(key) != tags[key]:
             return (
                 CHALLENGER,
-                f"champion has {key} {champion_tags.get(key)!r}, not {tags[key]!r}: not comparable",
+                f"not comparable: the champion has {key} {champion_tags.get(key)!r}, this {tags[key]!r}",
             )
     old, new = float(champion_tags.get("val_miou", "nan")), float(tags["val_miou"])
     if new > old:
@@ -67,7 +104,7 @@ def decide(champion_tags: dict[str, str] | None, tags: dict[str, str]) -> tuple[
 
 
 def find_version(client: Any, name: str, tags: dict[str, str]) -> Any:
-    """A version of ``name`` from the same run, protocol and score (a repeated registration)."""
+    """A version of ``name`` with the same run and evaluation (a repeated registration)."""
     from mlflow.exceptions import MlflowException
 
     if not tags["source_run_id"]:
@@ -76,70 +113,100 @@ def find_version(client: Any, name: str, tags: dict[str, str]) -> Any:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
-    for v in versions:
-        if all(v.tags.get(k) == tags[k] for k in ("source_run_id", "eval_protocol", "val_miou")):
-            return v
-    return None
+    keys = ("source_run_id", "val_miou", *COMPARABLE)
+    return next((v for v in versions if all(v.tags.get(k) == tags[k] for k in keys)), None)
 
 
-def register(params: RegisterParams, tracking_uri: str) -> dict[str, Any]:
+def alias_version(client: Any, name: str, alias: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def register(params: RegisterParams, tracking_uri: str) -> Registration:
     """Register the model of ``params.eval_metrics``; returns (and writes) what was decided."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.artifacts.tracking import tracking_uri as using
 
-    path = Path(params.eval_metrics)
-    if not path.is_file():
-        raise ConfigError(f"{path}: evaluation metrics do not exist (run danet evaluate)")
-    evaluation = json.loads(path.read_text())
-    with using(tracking_uri):
-        return _register(params, evaluation, MlflowClient(tracking_uri))
+    evaluation = Evaluation.read(Path(params.eval_metrics))
+    with atomic_file(Path(params.out)) as tmp, using(tracking_uri):  # the folder is writable first
+        client = MlflowClient(tracking_uri)
+        undo: list[tuple[str, Any]] = []
+        try:
+            result = _register(params, evaluation, client, undo)
+            tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
+        except BaseException:
+            rollback(client, params.name or f"danet-{evaluation.dataset}", undo)
+            raise
+    return result
 
 
-def _register(params: RegisterParams, evaluation: dict[str, Any], client: Any) -> dict[str, Any]:
+def rollback(client: Any, name: str, undo: list[tuple[str, Any]]) -> None:
+    """Put back what a failed registration changed, newest change first."""
+    for kind, value in reversed(undo):
+        try:
+            if kind == "version":
+                client.delete_model_version(name, value)
+            elif kind == "alias":
+                alias, previous = value
+                if previous is None:
+                    client.delete_registered_model_alias(name, alias)
+                else:
+                    client.set_registered_model_alias(name, alias, previous)
+        except Exception as err:  # best effort: report what could not be undone
+            log.warning("could not undo %s %s: %s", kind, value, first_line(err))
+
+
+def _register(
+    params: RegisterParams, evaluation: Evaluation, client: Any, undo: list[tuple[str, Any]]
+) -> Registration:
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    name = params.name or f"danet-{evaluation['dataset']}"
-    model_uri, run_id = mlflow_model_uri(evaluation["model_uri"])
-    tags = {
-        "dataset": evaluation["dataset"],
-        "split": evaluation.get("split", ""),
-        "data_sha256": evaluation.get("split_sha256", ""),
-        "git_commit": git_commit(),
-        "val_miou": f"{evaluation['miou']:.6f}",
-        "eval_protocol": evaluation["protocol"],
-        "source_run_id": run_id,
-    }
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-        champion_tags: dict[str, str] | None = dict(champion.tags)
-        champion_version: str | None = str(champion.version)
-    except MlflowException:
-        champion_tags, champion_version = None, None
-    existing = find_version(client, name, tags)
-    if existing is not None:  # the same model, evaluated the same way: no second version
-        version = existing
+    name = params.name or f"danet-{evaluation.dataset}"
+    model_uri, run_id = mlflow_model_uri(evaluation.model_uri)
+    tags = version_tags(evaluation, run_id)
+    champion = alias_version(client, name, CHAMPION)
+    champion_tags = dict(champion.tags) if champion else None
+    version = find_version(client, name, tags)
+    if version is not None:  # the same model, evaluated the same way: no second version
         log.info("already registered as %s version %s", name, version.version)
     else:
         version = mlflow.register_model(model_uri, name, tags=tags)
-    if champion_version == str(version.version):
+        undo.append(("version", str(version.version)))
+    if champion is not None and str(champion.version) == str(version.version):
         alias, reason = CHAMPION, "already the champion"
     else:
         alias, reason = decide(champion_tags, tags)
+        previous = alias_version(client, name, alias)
         client.set_registered_model_alias(name, alias, version.version)
+        undo.append(("alias", (alias, str(previous.version) if previous else None)))
+        client.set_model_version_tag(name, version.version, "reason", reason)
     if alias == CHAMPION:
-        champion_version, champion_tags = version.version, tags
-    result = {
-        "name": name,
-        "version": str(version.version),
-        "alias": alias,
-        "reason": reason,
-        "val_miou": evaluation["miou"],
-        "eval_protocol": evaluation["protocol"],
-        "champion_version": str(champion_version),
-        "champion_val_miou": float(champion_tags["val_miou"]) if champion_tags else None,
-        "champion_uri": f"models:/{name}@{CHAMPION}",
-    }
-    atomic_write_text(Path(params.out), json.dumps(result, indent=2) + "\n")
-    return result
+        champion_version, champion_miou = str(version.version), evaluation.miou
+    else:
+        assert champion is not None and champion_tags is not None
+        champion_version, champion_miou = str(champion.version), float(champion_tags["val_miou"])
+    return Registration(
+        name=name,
+        version=str(version.version),
+        alias=alias,
+        reason=reason,
+        val_miou=evaluation.miou,
+        eval_protocol=evaluation.protocol,
+        champion_version=champion_version,
+        champion_val_miou=champion_miou,
+        champion_uri=f"models:/{name}@{CHAMPION}",
+    )
+
+
+def read_registration(path: Path) -> Registration:
+    if not path.is_file():
+        raise ConfigError(f"{path}: nothing registered yet (run dvc repro)")
+    try:
+        return Registration(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+        raise DataError(path, f"not written by danet register ({err})") from None

@@ -9,6 +9,7 @@ the newest checkpoint that loads, and warns about each broken one it skips.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from pipeline.training.records import History
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
+PROGRESS_FILE = "progress.json"  # small: where the run stands, read without loading the state
 log = logging.getLogger(__name__)
 
 
@@ -40,9 +42,16 @@ class TrainState:
     best_confusion: torch.Tensor | None = None  # its confusion matrix
 
 
-def save_checkpoint(directory: Path, state: TrainState, history: History) -> None:
+def save_checkpoint(directory: Path, state: TrainState, history: History, max_iters: int) -> None:
     torch.save(state.__dict__, directory / STATE_FILE)
     (directory / HISTORY_FILE).write_text(history.to_json())
+    progress = {
+        "iteration": state.iteration,
+        "max_iters": max_iters,
+        "epoch": state.epoch,
+        "batch": state.batch,
+    }
+    (directory / PROGRESS_FILE).write_text(json.dumps(progress))
 
 
 def load_checkpoint(
@@ -53,14 +62,21 @@ def load_checkpoint(
     return TrainState(**raw), history
 
 
+def _fs(location: str) -> tuple[Any, str]:
+    import pyarrow
+    import pyarrow.fs
+
+    try:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    except (pyarrow.ArrowInvalid, ValueError):
+        return pyarrow.fs.LocalFileSystem(), location
+
+
 def checkpoint_dirs(run_dir: str) -> list[str]:
     """The run's checkpoint folders on its storage (a local path or a bucket URI), oldest first."""
     import pyarrow.fs
 
-    try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(run_dir)
-    except (pyarrow.ArrowInvalid, ValueError):
-        fs, path = pyarrow.fs.LocalFileSystem(), run_dir
+    fs, path = _fs(run_dir)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     names = sorted(
         i.base_name
@@ -68,6 +84,29 @@ def checkpoint_dirs(run_dir: str) -> list[str]:
         if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
     )
     return [f"{run_dir.rstrip('/')}/{name}" for name in names]
+
+
+def finished_checkpoint(run_dir: str) -> str | None:
+    """The run's newest checkpoint if it says the run reached its last iteration, else None."""
+    dirs = checkpoint_dirs(run_dir)
+    if not dirs:
+        return None
+    fs, path = _fs(f"{dirs[-1]}/{PROGRESS_FILE}")
+    try:
+        with fs.open_input_stream(path) as f:
+            progress = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return dirs[-1] if progress["iteration"] >= progress["max_iters"] else None
+
+
+def delete_run(run_dir: str) -> None:
+    """Every checkpoint and record of a run on its storage (``--restart``)."""
+    fs, path = _fs(run_dir)
+    import pyarrow.fs
+
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def load_latest(

@@ -14,69 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, DataParams, MlflowParams, ModelParams, TrainParams
-from pipeline.errors import PipelineError, ServiceError, TrainingError, first_line
-from pipeline.training.checkpoint import load_checkpoint
+from pipeline.cluster import connect_ray, storage_uri
+from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams
+from pipeline.errors import PipelineError, TrainingError, first_line
+from pipeline.training.checkpoint import delete_run, finished_checkpoint, load_checkpoint
 from pipeline.training.job import TrainJob, default_run_name, flat_params, prepare_job
 from pipeline.training.results import RunSummary, log_outputs, write_outputs
 from pipeline.training.worker import train_worker
 
 log = logging.getLogger(__name__)
-
-
-def connect_ray(address: str, num_cpus: int | None = None) -> None:
-    """Join ``address`` (or RAY_ADDRESS); otherwise start a local Ray sized to this machine."""
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    if address and address != "auto":
-        _probe(address)
-    if ray.is_initialized():
-        return
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            # The dashboard serves Ray's state API, which Train's placement-group cleanup and Tune's
-            # stopping of trials that run Train jobs rely on; it listens on 127.0.0.1 only.
-            ray.init(
-                num_cpus=num_cpus or os.cpu_count(),
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                log_to_driver=True,
-            )
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ServiceError(
-            f"train.ray_address {address!r}: cannot connect to Ray ({first_line(err)})"
-        ) from None
-
-
-def _probe(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on an unreachable cluster: ray.init would retry its GCS for minutes."""
-    host_port = address.split("://", 1)[-1]
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(
-            f"train.ray_address {address!r}: expected host:port, ray://host:port or auto"
-        )
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as err:
-        raise ServiceError(
-            f"train.ray_address {address!r}: cannot connect to Ray ({err.strerror or err})"
-        ) from None
-
-
-def storage_uri(path: str) -> str:
-    """Ray's storage path: a URI (``s3://``, ``gs://``) as is, a local path made absolute (workers
-    and Tune trials run in other working directories)."""
-    return path if "://" in path else os.path.abspath(path)
 
 
 def unwrap_failure(err: BaseException) -> BaseException:
@@ -159,20 +108,30 @@ def run_training(
     train: TrainParams,
     tracking: MlflowParams,
     fault: tuple[int, int, str] | None = None,
+    restart: bool = False,
 ) -> RunSummary:
-    """Train (or resume) and write the DVC outputs; returns metrics.json's content."""
+    """Train, resume or reuse, and write the DVC outputs; returns metrics.json's content.
+
+    The run is named after its identity: one that stopped resumes from its newest checkpoint;
+    one that finished is not resumed into a no-op but reused (its outputs written again from its
+    last checkpoint); ``restart`` deletes the run's checkpoints and trains it anew.
+    """
     from pipeline.artifacts import tracking as mlt
 
     job = prepare_job(model, data, train)
     uri = mlt.resolve_tracking_uri(tracking.tracking_uri)
-    connect_ray(train.ray_address)
     run_name = train.run_name or default_run_name(job)
+    run_dir = f"{storage_uri(train.storage_path)}/{run_name}"
+    experiment = tracking.experiment or job.dataset
+    if restart:
+        log.info("[train] --restart: deleting run %s and training it anew", run_name)
+        delete_run(run_dir)
+        mlt.retire_run(uri, experiment, run_name)
+    elif (finished := finished_checkpoint(run_dir)) is not None:
+        return reuse(finished, job, run_name, uri, experiment, tracking)
+    connect_ray(train.ray_address)
     run_id = mlt.start_or_resume_run(
-        uri,
-        tracking.experiment or job.dataset,
-        run_name,
-        flat_params(job),
-        {"dataset": job.dataset},
+        uri, experiment, run_name, flat_params(job), {"dataset": job.dataset}
     )
     job = dataclasses.replace(job, tracking_uri=uri, mlflow_run_id=run_id, fault=fault)
     try:
@@ -186,13 +145,50 @@ def run_training(
         return finalize(Path(latest), job, run_name, Path(train.out), tracking)
 
 
+def reuse(
+    checkpoint: str, job: TrainJob, run_name: str, uri: str, experiment: str, tracking: MlflowParams
+) -> RunSummary:
+    """A finished run of the same identity: its outputs again, without training."""
+    from ray.train import Checkpoint
+
+    from pipeline.artifacts import tracking as mlt
+
+    log.info(
+        "[train] run %s already finished with this code, params and data: reusing it (--restart trains it anew)",
+        run_name,
+    )
+    found = mlt.find_run(uri, experiment, run_name)
+    job = dataclasses.replace(job, tracking_uri=uri, mlflow_run_id=found[0] if found else "")
+    logged = found is not None and found[1] == "FINISHED"  # the artifacts and model are there
+    with Checkpoint(checkpoint).as_directory() as latest:
+        return finalize(
+            Path(latest), job, run_name, Path(job.train.out), tracking, log_to_mlflow=not logged
+        )
+
+
 def finalize(
-    latest: Path, job: TrainJob, run_name: str, out: Path, tracking: MlflowParams
+    latest: Path,
+    job: TrainJob,
+    run_name: str,
+    out: Path,
+    tracking: MlflowParams,
+    log_to_mlflow: bool = True,
 ) -> RunSummary:
     """A run's newest checkpoint (it holds the best weights) -> DVC outputs, MLflow's."""
     state, history = load_checkpoint(latest)
     summary, segmenter = write_outputs(
         out, job, run_name, history, state, tracking.num_prediction_images
     )
-    log_outputs(job, out, segmenter, summary, tracking)
+    if not (log_to_mlflow and job.mlflow_run_id):
+        return summary
+    try:
+        log_outputs(job, out, segmenter, summary, tracking)
+    except Exception as err:  # MLflow down at the end: the run's outputs are written all the same
+        log.warning(
+            "[train] MLflow unreachable (%s): the outputs are in %s; the MLflow run %s lacks its "
+            "artifacts and model",
+            first_line(err),
+            out,
+            job.mlflow_run_id,
+        )
     return summary

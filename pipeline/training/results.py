@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from danet.inference import Protocol
 from danet.model import Segmenter
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file, save_model_file
 from pipeline.config import MlflowParams
@@ -170,7 +171,8 @@ def log_outputs(
                 job.dataset,
                 best[VAL_MIOU],
             )
-        mlflow.set_tags({VAL_MIOU: f"{best[VAL_MIOU]:.4f}", "eval_protocol": "whole"})
+        # in-training validation = the whole-image protocol (argmax of the logits)
+        mlflow.set_tags({VAL_MIOU: f"{best[VAL_MIOU]:.4f}", "eval_protocol": Protocol().name})
 
 
 def summary_dict(summary: RunSummary) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.cluster import connect_ray, storage_uri
 from pipeline.config import (
     ConfigError,
     DataParams,
@@ -36,7 +37,8 @@ from pipeline.config import (
 )
 from pipeline.errors import first_line
 from pipeline.outputs import atomic_write_text
-from pipeline.training.driver import connect_ray, finalize, fit, storage_uri
+from pipeline.training.checkpoint import delete_run
+from pipeline.training.driver import finalize, fit
 from pipeline.training.job import TrainJob, default_run_name, flat_params, prepare_job
 from pipeline.training.records import VAL_MIOU
 
@@ -118,8 +120,14 @@ def prepare_search(
     train: TrainParams,
     tracking: MlflowParams,
     tune: TuneParams,
+    restart: bool = False,
 ) -> SearchJob:
-    """Check the job with the largest crop, connect, open the search's MLflow run."""
+    """Check the job with the largest crop, connect, open the search's MLflow run.
+
+    ``restart`` deletes the search's results and its trials' runs first (and renames its MLflow
+    run out of the way), so it starts anew; otherwise a started search resumes and a finished
+    one is reused: Tuner.restore gives its results without training.
+    """
     from pipeline.artifacts import tracking as mlt
 
     try:
@@ -133,10 +141,15 @@ def prepare_search(
     connect_ray(train.ray_address)
     name = tune.name or search_name(job, tune)
     experiment = tracking.experiment or job.dataset
+    storage = storage_uri(train.storage_path)
+    if restart:
+        log.info("[tune] --restart: deleting search %s and running it anew", name)
+        for folder in (f"{storage}/{name}", f"{storage}/{name}-trials"):
+            delete_run(folder)
+        mlt.retire_run(uri, experiment, name)
     space_params = {f"tune.{k}": str(v) for k, v in asdict(tune).items()}
     tags = {"dataset": job.dataset, "danet.kind": "tune"}
     parent = mlt.start_or_resume_run(uri, experiment, name, space_params, tags)
-    storage = storage_uri(train.storage_path)
     return SearchJob(
         job=dataclasses.replace(job, tracking_uri=uri),
         search_name=name,
@@ -195,11 +208,12 @@ def run_search(
     train: TrainParams,
     tracking: MlflowParams,
     tune: TuneParams,
+    restart: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) the search; write the best trial's outputs; return the search summary."""
+    """Run, resume or reuse the search; write the best trial's outputs; return its summary."""
     from pipeline.artifacts import tracking as mlt
 
-    search = prepare_search(model, data, train, tracking, tune)
+    search = prepare_search(model, data, train, tracking, tune, restart)
     evaluations = math.ceil(tune.epochs / train.eval_every_epochs)
     tuner = make_tuner(search, tune, storage_uri(train.storage_path), evaluations)
     try:

@@ -33,6 +33,7 @@ from danet.metrics import summarize
 from danet.model import SegmentationModel
 from pipeline import logs
 from pipeline.data.loader import EvalStream, TrainStream, eval_loader, train_loader
+from pipeline.errors import first_line
 from pipeline.training.checkpoint import TrainState, load_latest, save_checkpoint
 from pipeline.training.job import TrainJob
 from pipeline.training.loop import (
@@ -50,14 +51,25 @@ log = logging.getLogger(__name__)
 
 
 class Tracker:
-    """Rank 0's progress lines and MLflow metrics: per logged step, per evaluation."""
+    """Rank 0's progress lines and MLflow metrics: per logged step, per evaluation.
+
+    MLflow going down does not stop training: the metrics wait in a buffer, a warning says so,
+    and they are sent when the server answers again (tried at most every ``RETRY_S`` seconds).
+    """
+
+    RETRY_S = 30.0
 
     def __init__(self, job: TrainJob, history: History) -> None:
         self.job, self.history = job, history
-        self.client = None
+        self.client: Any = None
+        self.buffer: list[Any] = []
+        self.down_since: float | None = None
         if job.tracking_uri and job.mlflow_run_id:
             from mlflow.tracking import MlflowClient
 
+            # a server that stops answering must not stall the step for minutes of retries
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             self.client = MlflowClient(job.tracking_uri)
 
     def _log(self, step: int, values: dict[str, float]) -> None:
@@ -66,8 +78,25 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
-        self.client.log_batch(self.job.mlflow_run_id, metrics=metrics)
+        self.buffer += [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
+        if self.down_since is not None and time.monotonic() - self.down_since < self.RETRY_S:
+            return
+        try:
+            for start in range(0, len(self.buffer), 1000):
+                self.client.log_batch(
+                    self.job.mlflow_run_id, metrics=self.buffer[start : start + 1000]
+                )
+        except Exception as err:  # the server, its database or the network: keep training
+            if self.down_since is None:
+                log.warning(
+                    "[train] MLflow unreachable (%s): metrics are kept and sent when it answers",
+                    first_line(err),
+                )
+            self.down_since = time.monotonic()
+            return
+        if self.down_since is not None:
+            log.info("[train] MLflow answers again: %d buffered metrics sent", len(self.buffer))
+        self.buffer, self.down_since = [], None
 
     def step(self, record: StepRecord) -> None:
         self.history.steps.append(record)
@@ -189,7 +218,7 @@ def setup(job: TrainJob) -> Run:
     optimizer = build_optimizer(core, t.lr, t.momentum, t.weight_decay, t.head_lr_mult)
     stream = TrainStream(
         job.train_shards,
-        batch_size=t.batch_size,
+        batch_size=t.worker_batch,
         batches_per_epoch=t.iters_per_epoch,
         augment=job.augment(),
         mean=job.mean,
@@ -273,7 +302,7 @@ def report(run: Run, metrics: dict[str, float]) -> None:
         best_confusion=run.best[2] if run.best else None,
     )
     with tempfile.TemporaryDirectory() as directory:
-        save_checkpoint(Path(directory), state, run.history)
+        save_checkpoint(Path(directory), state, run.history, run.job.train.max_iters)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

@@ -9,7 +9,7 @@ from pipeline.data.readers.ade20k import ADE20KReader
 from pipeline.data.readers.base import DatasetInfo, Item, Reader, Sample
 from pipeline.data.readers.camvid import CamVidReader
 from pipeline.data.readers.cityscapes import CityscapesReader
-from pipeline.data.readers.cocostuff import CocoStuffReader
+from pipeline.data.readers.cocostuff import CocoStuff10kReader, CocoStuffReader
 from pipeline.data.readers.context import PascalContextReader
 from pipeline.data.readers.folder import FolderReader
 from pipeline.data.readers.synthetic import SyntheticReader
@@ -21,6 +21,7 @@ READERS: dict[str, type[Reader]] = {
     "voc": VOCReader,
     "pascal_context": PascalContextReader,
     "cocostuff": CocoStuffReader,
+    "cocostuff10k": CocoStuff10kReader,
     "ade20k": ADE20KReader,
     "camvid": CamVidReader,
     "folder": FolderReader,

@@ -78,7 +78,7 @@ class Reader(ABC):
         image_bytes, fmt, size = read_image(item.image)
         if item.label is None:
             raise DataError(item.image, "image has no label file")
-        label = self.convert_label(load_label_array(item.label), item.label)
+        label = self.convert_label(self.load_label(item.label), item.label)
         if label.shape != (size[1], size[0]):
             raise DataError(
                 item.label,
@@ -86,6 +86,10 @@ class Reader(ABC):
             )
         check_label_values(label, self.info.num_classes, item.label)
         return Sample(item.key, image_bytes, fmt, label, item.image)
+
+    def load_label(self, path: str) -> np.ndarray:
+        """The label file's raw values (a single-channel PNG by default)."""
+        return load_label_array(path)
 
     def convert_label(self, raw: np.ndarray, path: str) -> np.ndarray:
         """Raw label values -> train ids (255 = ignore). Identity by default."""

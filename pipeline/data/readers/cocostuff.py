@@ -1,8 +1,14 @@
-"""COCO-Stuff 164k: images/{train2017,val2017}/*.jpg + stuffthingmaps/{split}/*.png.
+"""COCO-Stuff: the 164k release and the 10k one the DANet paper reports on (171 classes).
 
-The stuffthingmaps PNGs (stuffthingmaps_trainval2017.zip) store COCO category id - 1: things
-0..89 (80 used, 11 ids unused), stuff 91..181 (91 classes), 255 unlabelled. The 171 used ids map
-to contiguous train ids 0..170 (as mmsegmentation's coco_stuff.py); unused ids -> 255.
+- ``cocostuff`` (164k): images/{train2017,val2017}/*.jpg + stuffthingmaps/{split}/*.png. The
+  stuffthingmaps PNGs (stuffthingmaps_trainval2017.zip) store COCO category id - 1: things 0..89
+  (80 used, 11 ids unused), stuff 91..181 (91 classes), 255 unlabelled.
+- ``cocostuff10k`` (cocostuff-10k-v1.1.zip, as published): images/*.jpg, annotations/*.mat
+  (MATLAB files whose ``S`` holds the COCO category id, 0 = unlabelled) and
+  imageLists/{train,test}.txt (9,000 and 1,000 images).
+
+Both map the 171 used ids to contiguous train ids 0..170 (as mmsegmentation's coco_stuff.py and
+its coco_stuff10k converter); unused ids and unlabelled -> 255.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from pipeline.data.readers.base import (
     non_empty,
     pair_by_stem,
     require_dir,
+    safe_key,
 )
+from pipeline.data.readers.voc import read_split_list
 
 THINGS = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -75,3 +83,51 @@ class CocoStuffReader(Reader):
         if raw.max() > 181 and raw.max() != 255:
             raise DataError(path, f"label value {int(raw.max())} is not a COCO-Stuff id (0..181)")
         return VALUE_TO_TRAIN_ID[raw]
+
+
+ID_TO_TRAIN_ID = lookup_table(
+    {v + 1: i for i, v in enumerate(USED_VALUES)}
+)  # 10k: 1-based, 0 = none
+
+
+@dataclass
+class CocoStuff10kReader(Reader):
+    def __post_init__(self) -> None:
+        self.info = DatasetInfo(
+            "cocostuff10k",
+            THINGS + STUFF,
+            bitwise_palette(171),
+            "0 (unlabelled) and unused ids -> 255",
+        )
+
+    def items(self, split: str) -> list[Item]:
+        root = Path(self.root)
+        images = require_dir(root / "images", "COCO-Stuff-10k images")
+        labels = require_dir(root / "annotations", "COCO-Stuff-10k annotations")
+        names = read_split_list(root / "imageLists" / f"{split}.txt")
+        items = []
+        for name in sorted(set(names)):
+            label = labels / f"{name}.mat"
+            items.append(
+                Item(
+                    safe_key(name),
+                    str(images / f"{name}.jpg"),
+                    str(label) if label.exists() else None,
+                )
+            )
+        return non_empty(items, root, split)
+
+    def load_label(self, path: str) -> np.ndarray:
+        from scipy.io import loadmat
+
+        try:
+            return np.asarray(loadmat(path)["S"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(
+                path, f"not a COCO-Stuff-10k annotation (.mat with S) ({err})"
+            ) from None
+
+    def convert_label(self, raw: np.ndarray, path: str) -> np.ndarray:
+        if raw.min() < 0 or raw.max() > 182:
+            raise DataError(path, f"label value {int(raw.max())} is not a COCO-Stuff id (0..182)")
+        return ID_TO_TRAIN_ID[raw.astype(np.int64)]

@@ -1,8 +1,11 @@
 """PASCAL VOC 2012: JPEGImages/ + SegmentationClass/ palette PNGs (21 classes, 255 = border).
 
-``split`` is a list file of ImageSets/Segmentation/ (train, val, trainval), or ``train_aug`` /
-``trainaug``: the SBD-augmented set in SegmentationClassAug/ (grayscale PNGs of class ids) with
-ImageSets/Segmentation/{split}.txt, as mmsegmentation lays it out.
+``split`` names a list file of ImageSets/Segmentation/: VOC's own train, val and trainval, or
+``trainaug``, the 10,582 images of the SBD-augmented train set that mmsegmentation's converter
+(tools/dataset_converters/voc_aug.py) writes, with SegmentationClassAug/ (grayscale PNGs of class
+ids). An image's label comes from SegmentationClass/ when VOC has one (the 1,464 train images,
+with their 255 borders) and from SegmentationClassAug/ otherwise: the same union mmsegmentation
+trains on (SegmentationClass + train.txt and SegmentationClassAug + aug.txt).
 """
 
 from __future__ import annotations
@@ -43,13 +46,16 @@ class VOCReader(Reader):
     def items(self, split: str) -> list[Item]:
         root = require_dir(Path(self.root), "VOC2012")
         images = require_dir(root / "JPEGImages", "VOC JPEGImages")
-        label_dir = root / ("SegmentationClassAug" if "aug" in split else "SegmentationClass")
-        require_dir(label_dir, f"VOC {label_dir.name}")
+        label_dirs = [require_dir(root / "SegmentationClass", "VOC SegmentationClass")]
+        if split == "trainaug":
+            label_dirs.append(
+                require_dir(root / "SegmentationClassAug", "VOC SegmentationClassAug")
+            )
         ids = read_split_list(root / "ImageSets" / "Segmentation" / f"{split}.txt")
         items = []
         for name in sorted(set(ids)):
-            label = label_dir / f"{name}.png"
-            items.append(
-                Item(name, str(images / f"{name}.jpg"), str(label) if label.exists() else None)
+            label = next(
+                (d / f"{name}.png" for d in label_dirs if (d / f"{name}.png").exists()), None
             )
+            items.append(Item(name, str(images / f"{name}.jpg"), str(label) if label else None))
         return non_empty(items, root, split)

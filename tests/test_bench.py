@@ -1,0 +1,60 @@
+"""The benchmarks run: bench/time_to_accuracy.py on the synthetic shards with a tiny budget, and
+on CamVid when ../shared/data/camvid is there (one JSON line each)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CAMVID, ROOT
+
+
+def time_to_accuracy(shards: Path, *args: str) -> dict:
+    command = [sys.executable, str(ROOT / "bench" / "time_to_accuracy.py"), "--shards", str(shards)]
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_on_synthetic_shards(tiny_shards: Path) -> None:
+    """A 12-second budget: calibration, a fitted schedule, evaluation of two splits."""
+    common = ["--set", "data.crop_size=32", "--set", "train.batch_size=2", "--calibrate", "6"]
+    line = time_to_accuracy(
+        tiny_shards, "--budget", "12", "--splits", "train,val", "--step-steps", "2", *common
+    )
+    assert (
+        line["iterations"] >= 6 and line["images_per_s_wall"] > 0 and line["images_per_s_step"] > 0
+    )
+    assert line["step_tflop"] > 0 and line["mfu"] is None  # no GPU: no peak to compare with
+    for split in ("train", "val"):
+        assert 0 <= line[split]["miou"] <= 1 and set(line[split]["iou_per_class"]) >= {
+            "Road",
+            "Sky",
+        }
+    assert line["protocol"] == "official-whole-flip"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid not present")
+def test_time_to_accuracy_on_camvid(tmp_path: Path) -> None:
+    from pipeline.data.readers import make_reader
+    from pipeline.data.shard import shard_dataset
+
+    shard_dataset(make_reader("camvid", CAMVID), ("val",), tmp_path / "camvid", workers=2)
+    args = ["--iters", "3", "--step-steps", "1", "--splits", "val", "--set", "data.train_split=val"]
+    args += [
+        "--set",
+        "data.crop_size=64",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "evaluate.base_size=120",
+    ]
+    line = time_to_accuracy(tmp_path / "camvid", *args)
+    assert line["iterations"] == 3 and 0 <= line["val"]["miou"] <= 1
+    assert line["protocol"] == "official-base120-whole-flip"
