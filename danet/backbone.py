@@ -71,6 +71,17 @@ class DilatedResNet(nn.Module):
         if multi_grid is not None:
             set_stage_dilations(self.body.get_submodule("layer4"), multi_grid)
 
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a timm/torchvision ResNet state dict (its ``fc`` is ignored); every weight the
+        body has must be there with its shape."""
+        body = self.body.state_dict()
+        missing = [k for k in body if k not in state or state[k].shape != body[k].shape]
+        if missing:
+            raise ValueError(
+                f"the weights do not fit this backbone: {missing[0]} and {len(missing) - 1} more"
+            )
+        self.body.load_state_dict({k: state[k] for k in body})
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c3, c4 = self.body(x)
         return c3, c4

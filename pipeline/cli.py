@@ -11,6 +11,8 @@ option's value) are one line too.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +32,8 @@ class DanetGroup(TyperGroup):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminated)
         try:
             code = super().main(*args, **kwargs)
         except typer.Abort:
@@ -39,6 +43,12 @@ class DanetGroup(TyperGroup):
             typer.echo(f"error: {err.format_message()}", err=True)
             raise SystemExit(getattr(err, "exit_code", 2)) from None
         raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, ``ray job stop``) unwinds like Ctrl-C: no half-written outputs."""
+    typer.echo("terminated", err=True)
+    raise SystemExit(128 + signum)
 
 
 app = typer.Typer(

@@ -7,22 +7,61 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from pipeline.errors import ConfigError, ServiceError, first_line
 from pipeline.outputs import project_path
+
+
+def ray_address(address: str) -> str:
+    """The cluster to use: ``train.ray_address``, else RAY_ADDRESS, else "" (a local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS", "")
+
+
+def is_remote(address: str) -> bool:
+    """A cluster that may span other machines: an explicit address of another host (``auto``
+    and ``127.0.0.1``/``localhost`` are this machine's own ``ray start``)."""
+    if not address or address in ("auto", "local"):
+        return False
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    return host not in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def check_tracking_for(address: str, tracking_uri: str) -> None:
+    """On a cluster, rank 0 may run on another node: a SQLite file or a folder there is not the
+    driver's, and SQLite's locking is unsafe on a network file system. A server is needed."""
+    if is_remote(ray_address(address)) and not tracking_uri.startswith(
+        ("http://", "https://", "databricks")
+    ):
+        raise ConfigError(
+            f"mlflow.tracking_uri {tracking_uri}: a local store cannot serve a Ray cluster "
+            f"({ray_address(address)}); run `mlflow server` and point mlflow.tracking_uri at it"
+        )
+
+
+def shipped_code() -> dict[str, list[str]]:
+    """A runtime_env that ships danet/ and pipeline/ to the cluster's nodes (they need only the
+    dependencies installed), unless this driver already runs as a Ray job with its working_dir."""
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return {}
+    root = Path(__file__).resolve().parents[1]
+    return {"py_modules": [str(root / "danet"), str(root / "pipeline")]}
 
 
 def connect_ray(address: str, num_cpus: int | None = None) -> None:
     """Join ``address`` (or RAY_ADDRESS); otherwise start a local Ray sized to this machine."""
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    if address and address != "auto":
+    address = ray_address(address)
+    explicit = address not in ("", "auto", "local")
+    if explicit:
         _probe(address)
     if ray.is_initialized():
         return
     try:
-        if address:
+        if explicit:
+            ray.init(address=address, log_to_driver=True, runtime_env=shipped_code())
+        elif address:
             ray.init(address=address, log_to_driver=True)
         else:
             # The dashboard serves Ray's state API, which Train's placement-group cleanup and Tune's

@@ -167,6 +167,9 @@ class TrainParams(Section):
     num_workers: int = param(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: int = param(2, ge=1)
+    placement_strategy: str = param(
+        "PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+    )
     max_failures: int = param(2, ge=0)
     checkpoints_to_keep: int = param(1, ge=1)
     checkpoint_every: int = param(0, ge=0)  # iterations; 0 = at evaluations only
@@ -200,7 +203,9 @@ class MlflowParams(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = ""
     log_model: bool = True
-    num_prediction_images: int = param(4, ge=0)
+    num_prediction_images: int = param(4, ge=0)  # overlays logged at every evaluation
+    # seconds between samples of the training node's CPU, memory and GPU, logged to the run; 0 = off
+    system_metrics_every: float = param(10.0, ge=0)
 
 
 @dataclass(frozen=True)

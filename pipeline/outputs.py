@@ -78,6 +78,19 @@ def project_path(path: str | Path) -> Path:
     return (Path(os.environ.get("DVC_ROOT") or Path.cwd()) / path).resolve()
 
 
+def check_output(out: str | Path, name: str) -> None:
+    """Refuse, before any work, an output folder that cannot be one: a file in its place, or a
+    parent folder that cannot be written (``name`` is the param that names it)."""
+    if "://" in str(out):
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name} {out}: exists and is not a folder")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ServiceError(f"{name} {out}: cannot write here ({parent} is not a writable folder)")
+
+
 def check_outside(out: str | Path, inputs: Mapping[str, str | Path]) -> None:
     """Refuse an output equal to, inside or containing one of the stage's inputs.
 

@@ -1,8 +1,14 @@
-"""Shared fixtures: no test sees the user's MLflow or Ray settings, or leaks its own; one local Ray
-for the whole session; tiny synthetic shards; model files as training writes them."""
+"""Shared fixtures: no test sees the user's MLflow or Ray settings, or leaks its own; a local Ray
+(2 CPUs, dashboard on 127.0.0.1); an S3-compatible server (moto) and an MLflow tracking server,
+both on 127.0.0.1; tiny synthetic shards; model files as training writes them."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +25,24 @@ ROOT = Path(__file__).resolve().parents[1]
 CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# The S3 server's address and credentials, set before any Ray starts so that its workers (which
+# inherit this environment) reach the bucket too. Read by boto3, s3fs and pyarrow alike.
+S3_PORT = free_port()
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS"):
@@ -30,13 +54,70 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """One local Ray for every test that needs it (2 CPUs, dashboard on 127.0.0.1)."""
+def _ray_session() -> Iterator[None]:
+    yield
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(_ray_session: None) -> None:
+    """A local Ray for the tests that need one (2 CPUs, dashboard on 127.0.0.1); started once and
+    again after a module that ran its own cluster (tests/test_cluster.py)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False
+        )
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    """An S3-compatible server (moto's) on 127.0.0.1 with a bucket; yields ``s3://bucket``."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    boto3.client("s3").create_bucket(Bucket="danet")
+    yield "s3://danet"
+    server.stop()
+
+
+def wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float = 120) -> None:
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer in {seconds} s"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 (SQLite backend, local artifacts); yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    command += ["--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    with open(root / "server.log", "w") as log:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(f"http://127.0.0.1:{port}/health", process, root / "server.log")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 def synthetic_shards(out: Path, train: int, val: int, max_count: int, **reader: int) -> Path:

@@ -40,7 +40,7 @@ LAYERS = (
     ("pipeline.training",),
     ("pipeline.evaluation",),
     ("pipeline.registry",),
-    ("pipeline.cli",),
+    ("pipeline.cli", "pipeline.__main__"),
 )
 # Keys that do not change any stage's outputs: where a stage runs or writes, how often it logs,
 # where MLflow lives, how runs are named; output paths are outs, input paths deps.
@@ -56,6 +56,7 @@ NOT_OUTPUT_KEYS = {
     "train.max_failures",
     "train.checkpoints_to_keep",
     "train.cpus_per_worker",
+    "train.placement_strategy",
     "train.checkpoint_every",  # a resumed run equals an uninterrupted one
     "mlflow.tracking_uri",
     "mlflow.experiment",

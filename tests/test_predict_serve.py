@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import socket
@@ -62,66 +64,118 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_a_request(tiny_shards: Path, tmp_path: Path) -> None:
-    """Log and register a DANet as training does, serve the champion, post an image tensor."""
+def log_and_register(tmp_path: Path, shards: Path) -> tuple[str, Path]:
+    """A DANet logged as training logs it and registered as the champion; (tracking URI, model.pt)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.artifacts.modelfile import load_model_file
-    from pipeline.artifacts.tracking import log_segmenter, tracking_uri
+    from pipeline.artifacts.modelfile import read_model_info
+    from pipeline.artifacts.tracking import log_model, tracking_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    segmenter, model_info = load_model_file(write_model_file(tmp_path / "model.pt", tiny_shards))
+    model_file = write_model_file(tmp_path / "model.pt", shards)
     with tracking_uri(uri):
         mlflow.set_experiment("synthetic")
         with mlflow.start_run():
-            info = log_segmenter(
-                segmenter,
-                list(model_info.classes),
-                [list(c) for c in model_info.palette],
-                "synthetic",
-                0.1,
-            )
+            info = log_model(model_file, read_model_info(model_file), 0.1)
         version = mlflow.register_model(info.model_uri, "danet-serve")
     MlflowClient(uri).set_registered_model_alias("danet-serve", "champion", version.version)
+    return uri, model_file
 
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def expected_labels(model_file: Path, image: np.ndarray) -> np.ndarray:
+    from danet.inference import to_input
+    from pipeline.artifacts.modelfile import load_model_file
+
+    segmenter, _ = load_model_file(model_file)
+    with torch.no_grad():
+        return segmenter(to_input(image)).argmax(1)[0].numpy().astype(np.uint8)
+
+
+def test_logged_model_takes_images_and_returns_label_maps(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    """The pyfunc in Python: PNG bytes in, a single-channel PNG of train ids out; the signature,
+    input example, classes and the raw model.pt travel with it."""
+    import mlflow
+    import pandas as pd
+
+    from pipeline.artifacts.tracking import tracking_uri
+
+    uri, model_file = log_and_register(tmp_path, tiny_shards)
+    image = np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    with tracking_uri(uri):
+        model = mlflow.pyfunc.load_model("models:/danet-serve@champion")
+        info = mlflow.models.get_model_info("models:/danet-serve@champion")
+        out = model.predict(pd.DataFrame({"image": [png(image)]}), params={"flip": False})
+    labels = np.array(Image.open(io.BytesIO(base64.b64decode(out["labels"][0]))))
+    assert labels.shape == (40, 56) and labels.dtype == np.uint8 and labels.max() < 11
+    assert np.array_equal(labels, expected_labels(model_file, image))
+    assert (out["height"][0], out["width"][0]) == (40, 56)
+    assert info.signature.inputs.input_names() == ["image"]
+    assert {p.name for p in info.signature.params.params} == {"mode", "crop", "flip", "slide_above"}
+    assert info.metadata["classes"][0] == "Sky" and len(info.metadata["palette"]) == 11
+    assert info.saved_input_example_info is not None
+    loaded = load_model("models:/danet-serve@champion", uri)  # the raw torch module for Python
+    assert loaded.classes[3] == "Road" and isinstance(loaded.module, torch.nn.Module)
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_a_label_map(tiny_shards: Path, tmp_path: Path) -> None:
+    """Serve the registered champion on 127.0.0.1, post a PNG as MLflow's JSON protocol wants it
+    (base64 in a column named image), get the label map back."""
+    uri, model_file = log_and_register(tmp_path, tiny_shards)
     port = _free_port()
     bin_dir = Path(sys.executable).parent  # mlflow runs `uvicorn` from PATH, as in an active venv
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    mlflow_cli = str(bin_dir / "mlflow")
-    server = subprocess.Popen(
-        [mlflow_cli, "models", "serve", "-m", "models:/danet-serve@champion", "--env-manager",
-         "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", "models:/danet-serve@champion"]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 -- closed in finally
+    server = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
         import requests
 
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
-            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
             try:
                 if requests.get(f"{base}/ping", timeout=2).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
-            assert time.monotonic() < deadline, "the model server did not come up in 120 s"
+            assert time.monotonic() < deadline, "the model server did not come up in 180 s"
             time.sleep(1)
-        image = torch.rand(1, 3, 40, 56)
-        response = requests.post(
-            f"{base}/invocations", json={"inputs": image.numpy().tolist()}, timeout=60
-        )
+        image = np.random.default_rng(2).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+        body = {
+            "dataframe_split": {
+                "columns": ["image"],
+                "data": [[base64.b64encode(png(image)).decode()]],
+            },
+            "params": {"mode": "whole"},
+        }
+        response = requests.post(f"{base}/invocations", json=body, timeout=120)
         assert response.status_code == 200, response.text[-3000:]
-        logits = np.array(json.loads(response.text)["predictions"], dtype=np.float32)
-        assert logits.shape == (1, 11, 40, 56)
-        with torch.no_grad():
-            expected = segmenter(image).numpy()
-        np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+        answer = json.loads(response.text)["predictions"][0]
+        labels = np.array(Image.open(io.BytesIO(base64.b64decode(answer["labels"]))))
+        assert (answer["height"], answer["width"]) == labels.shape == (40, 56)
+        assert np.array_equal(labels, expected_labels(model_file, image))
+        refused = requests.post(
+            f"{base}/invocations",
+            json={"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}},
+            timeout=60,
+        )
+        assert refused.status_code >= 400 and "not a PNG or JPEG" in refused.text
     finally:
         server.terminate()
         try:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+        log.close()

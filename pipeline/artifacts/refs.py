@@ -53,7 +53,11 @@ def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
             elif not ref.startswith(("models:/", "runs:/")):
                 raise ModelError(ref, "not a model file, MLflow run id, runs:/ or models:/ URI")
             logged = mlflow.models.get_model_info(uri)
-            module = mlflow.pytorch.load_model(uri, map_location="cpu").eval()
+            if "pytorch" in logged.flavors:  # a torch module logged as such
+                module = mlflow.pytorch.load_model(uri, map_location="cpu").eval()
+            else:  # the served pyfunc: its model.pt is the raw model
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+                module, _ = load_model_file(local / "artifacts" / "model.pt")
     except MlflowException as err:
         raise ModelError(ref, f"cannot load the model ({first_line(err)})") from None
     meta: dict[str, Any] = logged.metadata or {}

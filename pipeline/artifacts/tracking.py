@@ -1,21 +1,23 @@
 """MLflow: the tracking URI, runs found by name, and the model as MLflow logs and finds it.
 
 One experiment per dataset, one MLflow run per training run (found again by its name when a run
-resumes). The model is logged with ``mlflow.pytorch`` in pickle format, with a signature that
-takes any batch and image size.
+resumes). The model is logged as the served pyfunc of pipeline/artifacts/serving.py.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from pipeline.artifacts.modelfile import ModelInfo
 from pipeline.errors import ServiceError
 from pipeline.outputs import project_path
 
@@ -26,8 +28,14 @@ def resolve_tracking_uri(uri: str) -> str:
     """MLFLOW_TRACKING_URI wins over the param; relative sqlite paths become absolute; a server
     must answer its health check (one line error otherwise)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(project_path(uri[len("sqlite:///") :]))
+    if uri.startswith("sqlite:///"):
+        database = project_path(uri[len("sqlite:///") :])
+        folder = database.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise ServiceError(
+                f"mlflow.tracking_uri {uri}: {folder} is not a writable folder for the database"
+            )
+        uri = f"sqlite:///{database}"
     elif uri.startswith(("http://", "https://")):
         import requests
 
@@ -63,6 +71,15 @@ def tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: a SQLite store's beside its database file
+    (MLflow's default, ``./mlruns``, depends on the working directory of whoever asks first);
+    a server's or a folder store's where they say."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
+
+
 def start_or_resume_run(
     uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]
 ) -> str:
@@ -75,7 +92,11 @@ def start_or_resume_run(
 
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = (
+        found.experiment_id
+        if found
+        else client.create_experiment(experiment, artifact_location=artifact_root(uri))
+    )
     runs = client.search_runs(
         [experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
     )
@@ -117,6 +138,48 @@ def retire_run(uri: str, experiment: str, run_name: str) -> None:
         client.set_terminated(found[0], "KILLED")
 
 
+def git_state() -> tuple[str, bool]:
+    """The project's git commit and whether its working tree differs from it ("unknown", False
+    outside a repository)."""
+    import subprocess
+
+    root = os.environ.get("DVC_ROOT") or os.getcwd()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+    return commit.stdout.strip(), bool(status.stdout.strip())
+
+
+def log_lineage(uri: str, run_id: str, source: str, name: str, digest: str, code: str) -> None:
+    """What a run was made from: the git commit (and a dirty flag), the code's digest, and the
+    shards as an MLflow dataset input (their location and manifest digest)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag, RunTag
+    from mlflow.tracking import MlflowClient
+
+    commit, dirty = git_state()
+    tags = {
+        "mlflow.source.git.commit": commit,
+        "danet.git_dirty": str(dirty).lower(),
+        "danet.code_sha256": code,
+        "danet.manifest_sha256": digest,
+    }
+    # the client, not mlflow.start_run: leaving that block would mark the run FINISHED while it
+    # trains (and MLflow's system-metrics monitor stops logging into a run that is not RUNNING)
+    client = MlflowClient(uri)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest[:16])  # type: ignore[abstract]
+    context = InputTag("mlflow.data.context", "training")
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [context])])
+
+
 def end_run(uri: str, run_id: str, status: str) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -144,34 +207,71 @@ def logged_model_uri(run_id: str) -> str | None:
     return models[0].model_uri if models else None
 
 
-def log_segmenter(
-    segmenter: torch.nn.Module,
-    classes: list[str],
-    palette: list[list[int]],
-    dataset: str,
-    val_miou: float,
-) -> Any:
-    """Log a ``Segmenter`` into the active run as an MLflow pytorch model that serves as is.
-
-    Pickle format with an explicit signature of -1 dims: any batch and image size (the default
-    "pt2" format would fix the shapes of an input example). The metadata carries the classes and
-    palette, so prediction from a registry URI needs nothing else.
-    """
+def model_run(ref: str) -> tuple[str, str] | None:
+    """(run id, logged model id) of a model reference (a model.pt names its run), or None."""
     import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.exceptions import MlflowException
 
-    # Unnamed tensors: a named input reaches the pytorch flavour as a dict, which it refuses.
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),  # RGB in [0, 1]
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes), -1, -1))]),  # logits
-    )
-    return mlflow.pytorch.log_model(
-        segmenter,
-        name="model",
-        signature=signature,
-        serialization_format="pickle",
-        code_paths=[str(Path(__file__).resolve().parents[2] / "danet")],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "numpy"],
-        metadata={"classes": classes, "palette": palette, "dataset": dataset, "val_miou": val_miou},
-    )
+    from pipeline.artifacts.modelfile import read_model_info
+
+    try:
+        if ref.startswith(("models:/", "runs:/")):
+            info = mlflow.models.get_model_info(ref)
+            return (info.run_id, info.model_id) if info.run_id else None
+        run_id = str(read_model_info(ref).meta.get("mlflow_run_id", ""))
+        uri = logged_model_uri(run_id) if run_id else None
+    except MlflowException:
+        return None
+    return (run_id, uri.removeprefix("models:/")) if uri else None
+
+
+def log_scores(uri: str, ref: str, metrics: dict[str, float]) -> bool:
+    """Log an evaluation's scores into the model's run, linked to the logged model (MLflow 3
+    shows them on the model's page); False when the model has no MLflow run."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    with tracking_uri(uri):
+        found = model_run(ref)
+    if found is None:
+        return False
+    run_id, model_id = found
+    now = int(time.time() * 1000)
+    entries = [Metric(k, v, now, 0, model_id=model_id, run_id=run_id) for k, v in metrics.items()]
+    client = MlflowClient(uri)  # the run keeps its status (mlflow.start_run would end it anew)
+    for i in range(0, len(entries), 1000):
+        client.log_batch(run_id, metrics=entries[i : i + 1000])
+    return True
+
+
+def log_model(model_file: Path, info: ModelInfo, val_miou: float) -> Any:
+    """Log ``model_file`` into the active run as the served model (pipeline/artifacts/serving.py):
+    a pyfunc that takes encoded images and returns label maps, with a signature and an input
+    example, the weights (``model.pt``) for Python users, and the classes and palette as metadata."""
+    import mlflow
+
+    from pipeline.artifacts.serving import LabelMapModel, signature_and_example
+
+    signature, example = signature_and_example(info)
+    root = Path(__file__).resolve().parents[2]
+    classes = {"classes": list(info.classes), "palette": [list(c) for c in info.palette]}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "classes.json").write_text(json.dumps(classes, indent=2))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=LabelMapModel(),
+            artifacts={"model": str(model_file), "classes": str(Path(tmp) / "classes.json")},
+            signature=signature,
+            input_example=example,
+            code_paths=[str(root / "danet"), str(root / "pipeline")],
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                "torchvision",
+                "timm",
+                "numpy",
+                "pillow",
+                "pandas",
+                "pyyaml",
+            ],
+            metadata={**classes, "dataset": info.dataset, "val_miou": val_miou},
+        )

@@ -20,8 +20,10 @@ import json
 import logging
 import os
 import tarfile
+import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +34,9 @@ from tqdm import tqdm
 
 from pipeline.data.manifest import MANIFEST_VERSION, Manifest, ShardInfo, Skipped, SplitInfo
 from pipeline.data.readers import Item, Reader, Sample
+from pipeline.data.storage import is_url, publish
 from pipeline.errors import DataError
-from pipeline.outputs import atomic_dir, check_outside
+from pipeline.outputs import atomic_dir, check_output, check_outside
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +220,7 @@ def write_split(
 def shard_dataset(
     reader: Reader,
     splits: Sequence[str],
-    out: Path,
+    out: Path | str,
     max_count: int = 100,
     max_size_mb: float = 256.0,
     image_format: str = "original",
@@ -225,16 +228,18 @@ def shard_dataset(
     workers: int = 1,
     on_error: str = "fail",
 ) -> Manifest:
-    """Write shards and manifest for ``splits`` of ``reader`` into ``out`` (replaced atomically).
+    """Write shards and manifest for ``splits`` of ``reader`` into ``out``: a folder, replaced
+    atomically, or a URL prefix (s3://, gs://, ...), published with the manifest last.
 
     Raises:
         DataError: the first bad sample when ``on_error == "fail"``; nothing is written then.
     """
+    check_output(out, "shard.out")
     check_outside(out, {"shard.root": reader.root} if str(reader.root) != "." else {})
     items_by_split = {split: reader.items(split) for split in splits}  # fail fast on layout errors
     job = EncodeJob(reader, image_format, jpeg_quality)
     max_bytes = int(max_size_mb * 2**20)
-    with atomic_dir(Path(out)) as tmp:
+    with staging(out) as tmp:
         writers, infos = {}, {}
         for split, items in items_by_split.items():
             writers[split] = SplitWriter(
@@ -246,8 +251,22 @@ def shard_dataset(
             )
             infos[split] = write_split(items, job, writers[split], workers, on_error)
         manifest = build_manifest(reader, writers, infos, image_format, str(out))
+        if is_url(out):
+            return publish(tmp, manifest, str(out))
         (tmp / "manifest.json").write_text(manifest.to_json())
     return manifest
+
+
+@contextmanager
+def staging(out: Path | str) -> Iterator[Path]:
+    """Where the shards are written first: the atomic sibling of a local ``out``, a local
+    temporary folder for a URL."""
+    if not is_url(out):
+        with atomic_dir(Path(out)) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(prefix="danet-shards-") as tmp:
+        yield Path(tmp)
 
 
 def build_manifest(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pipeline.errors import DataError
 
@@ -21,6 +21,38 @@ def is_url(location: str | Path) -> bool:
 def join(location: str | Path, name: str) -> str:
     """``location/name`` for a folder path or a URL prefix."""
     return f"{str(location).rstrip('/')}/{name}" if is_url(location) else str(Path(location) / name)
+
+
+def publish(local: Path, manifest: Any, out: str) -> Any:
+    """Upload the shards of ``local`` to the URL prefix ``out`` for readers that may be reading it.
+
+    There is no atomic rename in object storage, so each shard goes up under a content-addressed
+    name (``train-000000-<sha256[:12]>.tar``: the bytes are the local shard's), then the manifest
+    naming them, last, in one PUT; then the shards no manifest names any more are removed. A
+    reader sees the old set or the new one, never half of one.
+    """
+    import dataclasses
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out)
+    renamed = {}
+    for split, info in manifest.splits.items():
+        shards = []
+        for shard in info.shards:
+            name = f"{shard.name.removesuffix('.tar')}-{shard.sha256[:12]}.tar"
+            if not fs.exists(f"{root}/{name}"):  # content-addressed: the same bytes are there
+                fs.put_file(str(local / shard.name), f"{root}/{name}")
+            shards.append(dataclasses.replace(shard, name=name))
+        renamed[split] = dataclasses.replace(info, shards=tuple(shards))
+    published = dataclasses.replace(manifest, splits=renamed, location=out)
+    with fs.open(f"{root}/manifest.json", "wb") as f:
+        f.write(published.to_json().encode())
+    keep = {s.name for info in renamed.values() for s in info.shards}
+    for path in fs.glob(f"{root}/*.tar"):
+        if path.rsplit("/", 1)[-1] not in keep:
+            fs.rm_file(path)
+    return published
 
 
 @contextmanager

@@ -12,6 +12,7 @@ model under bf16 autocast on CUDA (the attention's energies stay fp32).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,11 +28,13 @@ from pipeline.artifacts.refs import LoadedModel, load_model
 from pipeline.config import ConfigError, EvaluateParams
 from pipeline.data.loader import read_shard
 from pipeline.data.manifest import ShardRef, load_manifest, shard_refs
+from pipeline.errors import first_line
 from pipeline.evaluation.record import Evaluation
-from pipeline.outputs import atomic_dir, check_outside
+from pipeline.outputs import atomic_dir, check_output, check_outside
 from pipeline.pictures import plot_confusion_matrix, prediction_grid, save_png, write_per_class_iou
 
 CANDIDATES = ("outputs/train/model.pt", "outputs/tune/model.pt")
+log = logging.getLogger(__name__)
 Rows = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
@@ -166,6 +169,7 @@ def run_evaluation(
     ``candidates`` are the model files ``evaluate.model: auto`` chooses from (train.out, tune.out).
     """
     ref = pick_model(params.model, candidates)
+    check_output(params.out, "evaluate.out")
     check_outside(params.out, {"evaluate.shards": params.shards, "evaluate.model": ref})
     manifest = load_manifest(params.shards)
     shards = shard_refs(manifest, params.split)
@@ -206,7 +210,28 @@ def run_evaluation(
         images=manifest.split(params.split).samples,
     )
     write_report(Path(params.out), evaluation, matrix, rows, model)
+    if tracking_uri:
+        log_to_model(evaluation, model.uri, tracking_uri)
     return evaluation
+
+
+def log_to_model(evaluation: Evaluation, ref: str, tracking_uri: str) -> None:
+    """The scores on the evaluated model's MLflow run and logged model, named by split and
+    protocol (``val_miou/official-whole-flip``, ``val_iou/official-whole-flip/Road``)."""
+    from pipeline.artifacts.tracking import log_scores
+
+    key = f"{evaluation.split}_%s/{evaluation.protocol}"
+    metrics = {key % "miou": evaluation.miou, key % "pixel_acc": evaluation.pixel_acc}
+    metrics |= {
+        f"{key % 'iou'}/{name}": v
+        for name, v in evaluation.iou_per_class.items()
+        if not np.isnan(v)
+    }
+    try:
+        if not log_scores(tracking_uri, ref, metrics):
+            log.info("%s has no MLflow run: the scores are in metrics.json only", ref)
+    except Exception as err:  # MLflow down: the report is written all the same
+        log.warning("MLflow unreachable (%s): the scores are in metrics.json only", first_line(err))
 
 
 def write_report(

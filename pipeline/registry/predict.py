@@ -10,6 +10,7 @@ are still processed.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from tqdm import tqdm
 
 from danet.inference import Protocol, infer, to_input
 from pipeline.artifacts.refs import LoadedModel
-from pipeline.outputs import atomic_file
+from pipeline.errors import ServiceError, first_line
+from pipeline.outputs import atomic_file, check_output, check_outside
 from pipeline.pictures import colorize, overlay
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -50,10 +52,14 @@ def read_image(path: Path) -> np.ndarray:
     if not path.is_file():
         raise ValueError("file does not exist")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a limit, not a warning
+            with Image.open(path) as im:
+                im.load()
+                return np.array(im.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"too large to decode safely ({first_line(err)})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"not a readable image ({type(err).__name__})") from None
 
 
@@ -88,9 +94,16 @@ def predict_files(
     progress: bool = True,
 ) -> PredictReport:
     """Predict every image of ``inputs`` into ``out``; bad files are collected, not raised."""
+    check_output(out, "--out")
+    check_outside(out, {f"folder {i + 1}": p for i, p in enumerate(inputs) if Path(p).is_dir()})
     device = device or torch.device("cpu")
     model.module.to(device).eval()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ServiceError(
+            f"--out {out}: cannot create the folder ({err.strerror or err})"
+        ) from None
     report = PredictReport()
     files = list(expand_inputs(inputs))
     used: set[str] = set()

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts.modelfile import read_model_info
-from pipeline.artifacts.tracking import logged_model_uri
+from pipeline.artifacts.tracking import git_state, logged_model_uri
 from pipeline.config import ConfigError, RegisterParams
 from pipeline.errors import DataError, ModelError, first_line
 from pipeline.evaluation.record import Evaluation
@@ -45,16 +44,6 @@ class Registration:
     champion_version: str
     champion_val_miou: float
     champion_uri: str
-
-
-def git_commit() -> str:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return done.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def mlflow_model_uri(model_uri: str) -> tuple[str, str]:
@@ -82,7 +71,7 @@ def version_tags(evaluation: Evaluation, run_id: str) -> dict[str, str]:
         "data_sha256": evaluation.split_sha256,
         "eval_protocol": evaluation.protocol,
         "val_miou": f"{evaluation.miou:.6f}",
-        "git_commit": git_commit(),
+        "git_commit": git_state()[0],
         "source_run_id": run_id,
     }
 

@@ -109,18 +109,31 @@ def delete_run(run_dir: str) -> None:
         fs.delete_dir(path)
 
 
+def prune_untracked(run_dir: str, kept: list[str]) -> None:
+    """Delete the run's checkpoint folders other than ``kept`` (by folder name): those a driver
+    killed before Ray registered them, which Ray's ``num_to_keep`` never deletes."""
+    fs, _ = _fs(run_dir)
+    names = {k.rstrip("/").split("/")[-1] for k in kept}
+    for stale in checkpoint_dirs(run_dir):
+        if stale.rstrip("/").split("/")[-1] not in names:
+            fs.delete_dir(_fs(stale)[1])
+
+
 def load_latest(
     latest: Any, run_dir: str, device: torch.device
 ) -> tuple[TrainState, History] | None:
-    """The newest checkpoint that loads: Ray's latest, else older ones of the run (with a warning)."""
+    """The newest checkpoint of the run that loads, with a warning for each broken one skipped.
+
+    Ray's latest (``latest``, or None) and the run's folders, which include those a killed
+    driver wrote but never registered with Ray."""
     from ray.train import Checkpoint
 
-    candidates = [latest] + [
-        Checkpoint(d)
-        for d in reversed(checkpoint_dirs(run_dir))
-        if d.rstrip("/").split("/")[-1] != Path(latest.path).name
-    ]
-    for checkpoint in candidates:
+    found = {Path(d).name: Checkpoint(d) for d in checkpoint_dirs(run_dir)}
+    if latest is not None:
+        found[Path(latest.path).name] = latest
+    # newest first (the names are timestamps): a folder written after Ray's latest, before the
+    # driver stopped, holds later progress
+    for _, checkpoint in sorted(found.items(), reverse=True):
         try:
             with checkpoint.as_directory() as directory:
                 return load_checkpoint(Path(directory), device)

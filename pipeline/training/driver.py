@@ -17,11 +17,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster import connect_ray, storage_uri
-from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams
+from pipeline.cluster import check_tracking_for, connect_ray, storage_uri
+from pipeline.config import ConfigError, DataParams, MlflowParams, ModelParams, TrainParams
+from pipeline.data.storage import is_url
 from pipeline.errors import PipelineError, TrainingError, first_line
-from pipeline.training.checkpoint import delete_run, finished_checkpoint, load_checkpoint
-from pipeline.training.job import TrainJob, default_run_name, flat_params, prepare_job
+from pipeline.outputs import check_output, check_outside
+from pipeline.training.checkpoint import (
+    delete_run,
+    finished_checkpoint,
+    load_checkpoint,
+    prune_untracked,
+)
+from pipeline.training.job import TrainJob, code_digest, default_run_name, flat_params, prepare_job
 from pipeline.training.results import RunSummary, log_outputs, write_outputs
 from pipeline.training.worker import train_worker
 
@@ -69,8 +76,31 @@ def _chain(err: BaseException) -> list[BaseException]:
     return seen
 
 
-def fit(job: TrainJob, run_name: str, callbacks: list[Any] | None = None) -> Any:
-    """One Ray Train run of ``job`` (resumed when ``run_name`` has checkpoints): its Result."""
+def backbone_weights(model: ModelParams) -> dict[str, Any] | None:
+    """ImageNet weights for the backbone, fetched once here (``pretrained``: through timm, which
+    needs the network or its cache; ``pretrained_path``: a local file) and shipped to the workers
+    through Ray's object store: nodes need no network and no copy of the file."""
+    import timm
+    import torch
+
+    try:
+        if model.pretrained_path:
+            return dict(torch.load(model.pretrained_path, map_location="cpu", weights_only=True))
+        if model.pretrained:
+            return dict(timm.create_model(model.backbone, pretrained=True).state_dict())
+    except (OSError, RuntimeError, ValueError) as err:
+        name = "model.pretrained_path" if model.pretrained_path else "model.pretrained"
+        raise ConfigError(
+            f"{name}: the backbone's ImageNet weights cannot be loaded ({first_line(err)})"
+        ) from None
+    return None
+
+
+def fit(
+    job: TrainJob, run_name: str, callbacks: list[Any] | None = None, weights: Any = None
+) -> Any:
+    """One Ray Train run of ``job`` (resumed when ``run_name`` has checkpoints): its Result.
+    ``weights``: the backbone's pretrained weights in Ray's object store, or None."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -78,11 +108,12 @@ def fit(job: TrainJob, run_name: str, callbacks: list[Any] | None = None) -> Any
     storage = storage_uri(train.storage_path)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": job, "run_dir": f"{storage}/{run_name}"},
+        train_loop_config={"job": job, "run_dir": f"{storage}/{run_name}", "weights": weights},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
             resources_per_worker={"CPU": train.cpus_per_worker},
+            placement_strategy=train.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,
@@ -119,7 +150,10 @@ def run_training(
     from pipeline.artifacts import tracking as mlt
 
     job = prepare_job(model, data, train)
+    check_output(train.out, "train.out")
+    check_outside(train.out, {"data.shards": data.shards})
     uri = mlt.resolve_tracking_uri(tracking.tracking_uri)
+    check_tracking_for(train.ray_address, uri)
     run_name = train.run_name or default_run_name(job)
     run_dir = f"{storage_uri(train.storage_path)}/{run_name}"
     experiment = tracking.experiment or job.dataset
@@ -133,16 +167,36 @@ def run_training(
     run_id = mlt.start_or_resume_run(
         uri, experiment, run_name, flat_params(job), {"dataset": job.dataset}
     )
-    job = dataclasses.replace(job, tracking_uri=uri, mlflow_run_id=run_id, fault=fault)
+    source = data.shards if is_url(data.shards) else str(Path(data.shards).resolve())
+    mlt.log_lineage(
+        uri, run_id, source, f"{job.dataset}-shards", job.manifest_sha256, code_digest()
+    )
+    job = dataclasses.replace(
+        job,
+        tracking_uri=uri,
+        mlflow_run_id=run_id,
+        fault=fault,
+        system_metrics_every=tracking.system_metrics_every,
+        prediction_images=tracking.num_prediction_images,
+    )
+    weights = backbone_weights(model)
     try:
-        result = fit(job, run_name)
+        result = fit(job, run_name, weights=ray_put(weights))
     except BaseException:
         mlt.end_run(uri, run_id, "FAILED")
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} reported no checkpoint")
+    kept = [result.checkpoint.path] + [c.path for c, _ in result.best_checkpoints or []]
+    prune_untracked(run_dir, kept)
     with result.checkpoint.as_directory() as latest:  # local or remote
         return finalize(Path(latest), job, run_name, Path(train.out), tracking)
+
+
+def ray_put(value: Any) -> Any:
+    import ray
+
+    return None if value is None else ray.put(value)
 
 
 def reuse(
@@ -176,13 +230,11 @@ def finalize(
 ) -> RunSummary:
     """A run's newest checkpoint (it holds the best weights) -> DVC outputs, MLflow's."""
     state, history = load_checkpoint(latest)
-    summary, segmenter = write_outputs(
-        out, job, run_name, history, state, tracking.num_prediction_images
-    )
+    summary = write_outputs(out, job, run_name, history, state, tracking.num_prediction_images)
     if not (log_to_mlflow and job.mlflow_run_id):
         return summary
     try:
-        log_outputs(job, out, segmenter, summary, tracking)
+        log_outputs(job, out, summary, tracking)
     except Exception as err:  # MLflow down at the end: the run's outputs are written all the same
         log.warning(
             "[train] MLflow unreachable (%s): the outputs are in %s; the MLflow run %s lacks its "

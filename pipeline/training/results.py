@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from danet.inference import Protocol
-from danet.model import Segmenter
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file, save_model_file
 from pipeline.config import MlflowParams
 from pipeline.data.loader import read_shard
@@ -59,7 +58,7 @@ def _scores(e: EvalRecord) -> dict[str, float]:
 
 
 def prediction_rows(
-    segmenter: torch.nn.Module, job: TrainJob, count: int
+    segmenter: torch.nn.Module, job: TrainJob, count: int, device: torch.device | None = None
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(image, ground truth, prediction) for the first ``count`` val images."""
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -68,8 +67,11 @@ def prediction_rows(
             for _, image, label in read_shard(ref):
                 if len(rows) >= count:
                     return rows
-                x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-                rows.append((image, label, segmenter(x).argmax(1)[0].numpy().astype(np.uint8)))
+                x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255).to(
+                    device or "cpu"
+                )
+                pred = segmenter(x).argmax(1)[0].cpu().numpy().astype(np.uint8)
+                rows.append((image, label, pred))
     return rows
 
 
@@ -120,9 +122,9 @@ def write_outputs(
     history: History,
     state: TrainState,
     num_images: int,
-) -> tuple[RunSummary, Segmenter]:
+) -> RunSummary:
     """model.pt (best weights), metrics.json, curves CSVs and pictures; the folder is replaced
-    atomically. Returns metrics.json's content and the inference module loaded from model.pt."""
+    atomically. Returns metrics.json's content."""
     best, final = history.best(), history.evals[-1]
     if state.best_model is None:
         raise RuntimeError(f"run {run_name}: the checkpoint holds no evaluated weights")
@@ -146,16 +148,15 @@ def write_outputs(
             plot_confusion_matrix(
                 state.best_confusion.numpy(), job.classes, tmp / "confusion_matrix.png", title
             )
-    return summary, segmenter
+    return summary
 
 
-def log_outputs(
-    job: TrainJob, out: Path, segmenter: Segmenter, summary: RunSummary, tracking: MlflowParams
-) -> None:
+def log_outputs(job: TrainJob, out: Path, summary: RunSummary, tracking: MlflowParams) -> None:
     """The artifacts of ``out``, the model and the summary metrics into the run; marks it FINISHED."""
     import mlflow
 
-    from pipeline.artifacts.tracking import log_segmenter, tracking_uri
+    from pipeline.artifacts.modelfile import read_model_info
+    from pipeline.artifacts.tracking import log_model, tracking_uri
 
     best = summary.best
     with tracking_uri(job.tracking_uri), mlflow.start_run(run_id=job.mlflow_run_id):
@@ -164,13 +165,7 @@ def log_outputs(
             if (out / name).exists():
                 mlflow.log_artifact(str(out / name))
         if tracking.log_model:
-            log_segmenter(
-                segmenter,
-                list(job.classes),
-                [list(c) for c in job.palette],
-                job.dataset,
-                best[VAL_MIOU],
-            )
+            log_model(out / "model.pt", read_model_info(out / "model.pt"), best[VAL_MIOU])
         # in-training validation = the whole-image protocol (argmax of the logits)
         mlflow.set_tags({VAL_MIOU: f"{best[VAL_MIOU]:.4f}", "eval_protocol": Protocol().name})
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.cluster import connect_ray, storage_uri
+from pipeline.cluster import check_tracking_for, connect_ray, storage_uri
 from pipeline.config import (
     ConfigError,
     DataParams,
@@ -36,9 +36,9 @@ from pipeline.config import (
     TuneParams,
 )
 from pipeline.errors import first_line
-from pipeline.outputs import atomic_write_text
+from pipeline.outputs import atomic_write_text, check_output, check_outside
 from pipeline.training.checkpoint import delete_run
-from pipeline.training.driver import finalize, fit
+from pipeline.training.driver import backbone_weights, finalize, fit, ray_put
 from pipeline.training.job import TrainJob, default_run_name, flat_params, prepare_job
 from pipeline.training.records import VAL_MIOU
 
@@ -57,6 +57,7 @@ class SearchJob:
     experiment: str
     parent_run_id: str
     params: dict[str, str]
+    weights: Any = None  # the backbone's pretrained weights in Ray's object store
 
 
 @dataclass
@@ -103,7 +104,12 @@ def tune_trial(config: dict[str, Any], search: SearchJob) -> None:
     tags = {"mlflow.parentRunId": search.parent_run_id, TRIAL_TAG: run_name}
     run_id = mlt.start_or_resume_run(uri, search.experiment, run_name, params, tags)
     log.info("[tune] trial %s: lr %.4g, crop %d", run_name, lr, crop)
-    fit(trial_job(search, lr, crop, run_id), run_name, callbacks=[TuneReportCallback()])
+    fit(
+        trial_job(search, lr, crop, run_id),
+        run_name,
+        callbacks=[TuneReportCallback()],
+        weights=search.weights,
+    )
     mlt.end_run(uri, run_id, "FINISHED")
 
 
@@ -137,7 +143,10 @@ def prepare_search(
         if str(err).startswith("data.crop_size"):
             raise ConfigError(f"tune.crop_sizes: {err}") from None
         raise
+    check_output(tune.out, "tune.out")
+    check_outside(tune.out, {"data.shards": data.shards})
     uri = mlt.resolve_tracking_uri(tracking.tracking_uri)
+    check_tracking_for(train.ray_address, uri)
     connect_ray(train.ray_address)
     name = tune.name or search_name(job, tune)
     experiment = tracking.experiment or job.dataset
@@ -157,6 +166,7 @@ def prepare_search(
         experiment=experiment,
         parent_run_id=parent,
         params=flat_params(job),
+        weights=ray_put(backbone_weights(model)),
     )
 
 
@@ -316,7 +326,8 @@ def _close_trial_run(client: Any, search: SearchJob, trial: Trial) -> None:
     if not run_id:
         return
     client.set_tag(run_id, "tune.stopped_early", str(trial.stopped_early).lower())
-    client.set_tag(run_id, "tune.best_val_miou", f"{trial.best_val_miou:.4f}")
+    if not math.isnan(trial.best_val_miou):  # a metric: the UI's trial comparison plots it
+        client.log_metric(run_id, "best_val_miou", trial.best_val_miou)
     if trial.error:
         client.set_terminated(run_id, "FAILED")
     elif client.get_run(run_id).info.status == "RUNNING":

@@ -15,13 +15,11 @@ import itertools
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -33,7 +31,6 @@ from danet.metrics import summarize
 from danet.model import SegmentationModel
 from pipeline import logs
 from pipeline.data.loader import EvalStream, TrainStream, eval_loader, train_loader
-from pipeline.errors import first_line
 from pipeline.training.checkpoint import TrainState, load_latest, save_checkpoint
 from pipeline.training.job import TrainJob
 from pipeline.training.loop import (
@@ -45,84 +42,10 @@ from pipeline.training.loop import (
     train_steps,
     validate,
 )
-from pipeline.training.records import EvalRecord, History, StepRecord
+from pipeline.training.records import EvalRecord, History
+from pipeline.training.tracker import Tracker, system_metrics
 
 log = logging.getLogger(__name__)
-
-
-class Tracker:
-    """Rank 0's progress lines and MLflow metrics: per logged step, per evaluation.
-
-    MLflow going down does not stop training: the metrics wait in a buffer, a warning says so,
-    and they are sent when the server answers again (tried at most every ``RETRY_S`` seconds).
-    """
-
-    RETRY_S = 30.0
-
-    def __init__(self, job: TrainJob, history: History) -> None:
-        self.job, self.history = job, history
-        self.client: Any = None
-        self.buffer: list[Any] = []
-        self.down_since: float | None = None
-        if job.tracking_uri and job.mlflow_run_id:
-            from mlflow.tracking import MlflowClient
-
-            # a server that stops answering must not stall the step for minutes of retries
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-            self.client = MlflowClient(job.tracking_uri)
-
-    def _log(self, step: int, values: dict[str, float]) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.buffer += [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
-        if self.down_since is not None and time.monotonic() - self.down_since < self.RETRY_S:
-            return
-        try:
-            for start in range(0, len(self.buffer), 1000):
-                self.client.log_batch(
-                    self.job.mlflow_run_id, metrics=self.buffer[start : start + 1000]
-                )
-        except Exception as err:  # the server, its database or the network: keep training
-            if self.down_since is None:
-                log.warning(
-                    "[train] MLflow unreachable (%s): metrics are kept and sent when it answers",
-                    first_line(err),
-                )
-            self.down_since = time.monotonic()
-            return
-        if self.down_since is not None:
-            log.info("[train] MLflow answers again: %d buffered metrics sent", len(self.buffer))
-        self.buffer, self.down_since = [], None
-
-    def step(self, record: StepRecord) -> None:
-        self.history.steps.append(record)
-        self._log(record.iteration, record.metrics())
-        total = self.job.train.max_iters
-        log.info(
-            "[train] iter %d/%d (%.0f%%) loss %.4f head lr %.4g %.1f img/s",
-            record.iteration,
-            total,
-            100 * record.iteration / total,
-            record.loss,
-            record.lr,
-            record.images_per_s,
-        )
-
-    def evaluation(self, record: EvalRecord) -> None:
-        names = self.job.classes
-        per_class = {f"val_iou/{n}": v for n, v in zip(names, record.iou_per_class, strict=True)}
-        metrics = {k: v for k, v in record.metrics().items() if k.startswith("val_")}
-        self._log(record.iteration, metrics | per_class)
-        log.info(
-            "[train] iter %d: val mIoU %.4f pixel acc %.4f",
-            record.iteration,
-            record.val_miou,
-            record.val_pixel_acc,
-        )
 
 
 @dataclass
@@ -184,14 +107,21 @@ def build_loss(job: TrainJob, device: torch.device) -> LossFn:
 
 
 def build_model(
-    job: TrainJob, world: int, device: torch.device
+    job: TrainJob, world: int, device: torch.device, weights: Any = None
 ) -> tuple[nn.Module, SegmentationModel]:
-    """The model as Ray prepares it (device, DDP; SyncBN and channels_last when asked)."""
+    """The model as Ray prepares it (device, DDP; SyncBN and channels_last when asked), with the
+    backbone weights the driver shipped (``weights``: an object ref) instead of a download."""
+    import dataclasses
+
+    import ray
     import ray.train.torch
 
     from pipeline.training.finetune import init_from
 
-    model = build_danet(job.model.to_danet_config(job.num_classes))
+    config = job.model.to_danet_config(job.num_classes)
+    model = build_danet(dataclasses.replace(config, pretrained=False, pretrained_path=None))
+    if weights is not None:
+        model.backbone.load_weights(ray.get(weights))
     if job.model.init_from:
         init_from(model, job.model.init_from, job.tracking_uri)
     if world > 1 and device.type == "cuda":
@@ -203,7 +133,7 @@ def build_model(
     return wrapped, core
 
 
-def setup(job: TrainJob) -> Run:
+def setup(job: TrainJob, weights: Any = None) -> Run:
     import ray.train
     import ray.train.torch
 
@@ -213,7 +143,7 @@ def setup(job: TrainJob) -> Run:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(job.train.seed * 1000 + rank)
-    wrapped, core = build_model(job, world, device)
+    wrapped, core = build_model(job, world, device, weights)
     t = job.train
     optimizer = build_optimizer(core, t.lr, t.momentum, t.weight_decay, t.head_lr_mult)
     stream = TrainStream(
@@ -258,7 +188,7 @@ def resume(run: Run, run_dir: str) -> None:
     import ray.train
 
     latest = ray.train.get_checkpoint()
-    loaded = load_latest(latest, run_dir, run.device) if latest is not None else None
+    loaded = load_latest(latest, run_dir, run.device)
     if loaded is None:
         return
     state, run.history = loaded
@@ -359,10 +289,19 @@ def stretches(run: Run, tracker: Tracker | None) -> Iterator[float]:
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: build, resume if a checkpoint exists, train, evaluate, report."""
     logs.show()
-    run = setup(config["job"])
+    run = setup(config["job"], config.get("weights"))
     resume(run, config["run_dir"])
-    t = run.job.train
     tracker = Tracker(run.job, run.history) if run.rank == 0 else None
+    monitor = system_metrics(run.job) if run.rank == 0 else None
+    try:
+        train_epochs(run, tracker)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def train_epochs(run: Run, tracker: Tracker | None) -> None:
+    t = run.job.train
     while run.epoch < t.epochs:
         _maybe_crash(run.job, run.epoch, run.rank)
         for loss in stretches(run, tracker):
@@ -372,6 +311,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 record = evaluate(run, loss)
                 if tracker:
                     tracker.evaluation(record)
+                    tracker.overlays(run.core, run.device, record.iteration)
                 run.epoch, run.batch = run.epoch + 1, 0
                 report(run, record.metrics())
             elif t.checkpoint_every and run.iteration % t.checkpoint_every == 0:

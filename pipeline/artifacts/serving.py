@@ -1,0 +1,125 @@
+"""The served model: encoded images in, label maps out (an MLflow ``pyfunc``).
+
+A request is a table with a column ``image`` holding PNG or JPEG bytes -- base64 strings in
+MLflow's JSON scoring protocol -- and optional ``params``: ``mode`` (whole | slide), ``crop``,
+``flip``, ``slide_above`` (whole image up to that long side, sliding window beyond). The answer
+has, per image, ``labels`` (a single-channel PNG of train ids, base64), ``height`` and
+``width``; the class names and palette are the model's metadata (and ``classes.json``). The
+logged model also carries ``model.pt``, the raw weights, for Python users
+(pipeline/artifacts/modelfile.py reads it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+
+import numpy as np
+import torch
+
+from danet.inference import Protocol, infer, to_input
+from pipeline.artifacts.modelfile import ModelInfo, load_model_file
+
+try:  # the serving environment has mlflow; the model library does not need it
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # pragma: no cover
+    PythonModel = object  # type: ignore[assignment,misc]
+
+DEFAULT_PARAMS: dict[str, Any] = {"mode": "auto", "crop": 512, "flip": False, "slide_above": 1024}
+
+
+def decode(value: Any) -> np.ndarray:
+    """An image cell (bytes, or base64 text) -> (H, W, 3) uint8."""
+    from PIL import Image
+
+    data = (
+        value
+        if isinstance(value, bytes | bytearray)
+        else base64.b64decode(str(value), validate=True)
+    )
+    with Image.open(io.BytesIO(data)) as im:
+        return np.array(im.convert("RGB"))
+
+
+def encode_labels(labels: np.ndarray) -> str:
+    """(H, W) train ids -> a single-channel PNG, base64."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(labels.astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def protocol_for(image: np.ndarray, params: dict[str, Any]) -> Protocol:
+    """Whole image up to ``slide_above`` pixels on the long side (mode auto), sliding window beyond."""
+    mode = params["mode"]
+    if mode == "auto":
+        mode = "slide" if max(image.shape[:2]) > int(params["slide_above"]) > 0 else "whole"
+    return Protocol(mode=mode, crop=int(params["crop"]), flip=bool(params["flip"]))
+
+
+class LabelMapModel(PythonModel):
+    """MLflow pyfunc around a ``model.pt``: encoded images -> label maps."""
+
+    def load_context(self, context: Any) -> None:
+        self.segmenter, self.info = load_model_file(context.artifacts["model"])
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.segmenter.to(self.device)
+
+    def label(self, image: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+        with torch.no_grad():
+            scores = infer(
+                self.segmenter, to_input(image).to(self.device), protocol_for(image, params)
+            )
+        return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        import pandas as pd
+
+        options = {**DEFAULT_PARAMS, **(params or {})}
+        rows = []
+        for value in model_input["image"]:
+            try:
+                image = decode(value)
+            except (binascii.Error, ValueError, OSError) as err:
+                raise ValueError(f"image: not a PNG or JPEG ({type(err).__name__})") from None
+            labels = self.label(image, options)
+            rows.append(
+                {
+                    "labels": encode_labels(labels),
+                    "height": labels.shape[0],
+                    "width": labels.shape[1],
+                }
+            )
+        return pd.DataFrame(rows, columns=["labels", "height", "width"])
+
+
+def signature_and_example(info: ModelInfo) -> tuple[Any, Any]:
+    """The signature (image column, protocol params, label maps) and a real input example."""
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from PIL import Image
+
+    params = ParamSchema(
+        [
+            ParamSpec("mode", "string", DEFAULT_PARAMS["mode"]),
+            ParamSpec("crop", "long", DEFAULT_PARAMS["crop"]),
+            ParamSpec("flip", "boolean", DEFAULT_PARAMS["flip"]),
+            ParamSpec("slide_above", "long", DEFAULT_PARAMS["slide_above"]),
+        ]
+    )
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema(
+            [ColSpec("string", "labels"), ColSpec("long", "height"), ColSpec("long", "width")]
+        ),
+        params=params,
+    )
+    rgb = np.zeros((24, 32, 3), dtype=np.uint8)
+    rgb[:, :16] = info.palette[0]
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return signature, pd.DataFrame({"image": [buffer.getvalue()]})

@@ -1,0 +1,127 @@
+"""Rank 0's reporting during training: progress lines, MLflow metrics that survive the server
+going down, prediction overlays per evaluation, and MLflow's system-metrics monitor."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from danet.model import SegmentationModel, Segmenter
+from pipeline.errors import first_line
+from pipeline.training.job import TrainJob
+from pipeline.training.records import EvalRecord, History, StepRecord
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """Rank 0's progress lines and MLflow metrics: per logged step, per evaluation.
+
+    MLflow going down does not stop training: the metrics wait in a buffer, a warning says so,
+    and they are sent when the server answers again (tried at most every ``RETRY_S`` seconds).
+    """
+
+    RETRY_S = 30.0
+
+    def __init__(self, job: TrainJob, history: History) -> None:
+        self.job, self.history = job, history
+        self.client: Any = None
+        self.buffer: list[Any] = []
+        self.down_since: float | None = None
+        if job.tracking_uri and job.mlflow_run_id:
+            from mlflow.tracking import MlflowClient
+
+            # a server that stops answering must not stall the step for minutes of retries
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            self.client = MlflowClient(job.tracking_uri)
+
+    def _log(self, step: int, values: dict[str, float]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.buffer += [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
+        if self.down_since is not None and time.monotonic() - self.down_since < self.RETRY_S:
+            return
+        try:
+            for start in range(0, len(self.buffer), 1000):
+                self.client.log_batch(
+                    self.job.mlflow_run_id, metrics=self.buffer[start : start + 1000]
+                )
+        except Exception as err:  # the server, its database or the network: keep training
+            if self.down_since is None:
+                log.warning(
+                    "[train] MLflow unreachable (%s): metrics are kept and sent when it answers",
+                    first_line(err),
+                )
+            self.down_since = time.monotonic()
+            return
+        if self.down_since is not None:
+            log.info("[train] MLflow answers again: %d buffered metrics sent", len(self.buffer))
+        self.buffer, self.down_since = [], None
+
+    def step(self, record: StepRecord) -> None:
+        self.history.steps.append(record)
+        self._log(record.iteration, record.metrics())
+        total = self.job.train.max_iters
+        log.info(
+            "[train] iter %d/%d (%.0f%%) loss %.4f head lr %.4g %.1f img/s",
+            record.iteration,
+            total,
+            100 * record.iteration / total,
+            record.loss,
+            record.lr,
+            record.images_per_s,
+        )
+
+    def overlays(self, core: SegmentationModel, device: torch.device, iteration: int) -> None:
+        """image | truth | prediction rows of the first val images, as a picture at this step."""
+        if self.client is None or not self.job.prediction_images or self.down_since is not None:
+            return
+        from pipeline.pictures import prediction_grid
+        from pipeline.training.results import prediction_rows
+
+        segmenter = Segmenter(core, self.job.mean, self.job.std).to(device).eval()
+        rows = prediction_rows(segmenter, self.job, self.job.prediction_images, device)
+        try:
+            grid = prediction_grid(rows, self.job.palette)
+            self.client.log_image(
+                self.job.mlflow_run_id, grid, key="val_predictions", step=iteration
+            )
+        except Exception as err:  # MLflow down: the pictures are not worth stopping for
+            log.warning("[train] MLflow: overlays not logged (%s)", first_line(err))
+
+    def evaluation(self, record: EvalRecord) -> None:
+        names = self.job.classes
+        per_class = {f"val_iou/{n}": v for n, v in zip(names, record.iou_per_class, strict=True)}
+        metrics = {k: v for k, v in record.metrics().items() if k.startswith("val_")}
+        self._log(record.iteration, metrics | per_class)
+        log.info(
+            "[train] iter %d: val mIoU %.4f pixel acc %.4f",
+            record.iteration,
+            record.val_miou,
+            record.val_pixel_acc,
+        )
+
+
+def system_metrics(job: TrainJob) -> Any:
+    """MLflow's monitor of this node's CPU, memory and GPU, logging into the run (rank 0)."""
+    if not (job.system_metrics_every and job.tracking_uri and job.mlflow_run_id):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        job.mlflow_run_id,
+        sampling_interval=job.system_metrics_every,
+        resume_logging=True,
+        tracking_uri=job.tracking_uri,
+    )
+    monitor.start()
+    return monitor

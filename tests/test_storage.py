@@ -1,0 +1,111 @@
+"""Shards in object storage: an S3-compatible server (moto) on 127.0.0.1; shard to it, byte for
+byte as a local shard, published with the manifest last; train and evaluate from it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from pipeline.config import DataParams, EvaluateParams, MlflowParams, ModelParams, TrainParams
+from pipeline.data.loader import read_shard
+from pipeline.data.manifest import load_manifest, shard_refs
+from pipeline.data.readers.synthetic import SyntheticReader
+from pipeline.data.shard import shard_dataset
+from pipeline.errors import DataError
+
+
+def reader(seed: int = 0) -> SyntheticReader:
+    return SyntheticReader(num_samples={"train": 6, "val": 3}, width=64, height=48, seed=seed)
+
+
+def test_shard_to_s3_equals_a_local_shard_and_publishes_the_manifest_last(
+    s3_bucket: str, tmp_path: Path
+) -> None:
+    local = shard_dataset(reader(), ("train", "val"), tmp_path / "local", max_count=4)
+    url = f"{s3_bucket}/shards"
+    remote = shard_dataset(reader(), ("train", "val"), url, max_count=4)
+    fs, root = fsspec.core.url_to_fs(url)
+    for split in ("train", "val"):
+        for mine, theirs in zip(
+            local.splits[split].shards, remote.splits[split].shards, strict=True
+        ):
+            assert theirs.name == f"{mine.name[:-4]}-{mine.sha256[:12]}.tar"  # content-addressed
+            data = fs.cat_file(f"{root}/{theirs.name}")
+            assert hashlib.sha256(data).hexdigest() == mine.sha256 == theirs.sha256  # same bytes
+    opened = load_manifest(url)
+    assert opened == remote and opened.location == url
+    refs = shard_refs(opened, "val")
+    assert [key for key, _, _ in read_shard(refs[0])] == [
+        "synthetic_val_000000",
+        "synthetic_val_000001",
+        "synthetic_val_000002",
+    ]
+
+    # Sharded again from other data: the new set replaces the old one, whose files are removed.
+    shard_dataset(reader(seed=1), ("train", "val"), url, max_count=4)
+    names = {p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/*.tar")}
+    assert names == {s.name for info in load_manifest(url).splits.values() for s in info.shards}
+    assert not names & {s.name for info in remote.splits.values() for s in info.shards}
+
+
+def test_a_tampered_remote_shard_is_named(s3_bucket: str) -> None:
+    url = f"{s3_bucket}/tampered"
+    manifest = shard_dataset(reader(), ("val",), url, max_count=4)
+    fs, root = fsspec.core.url_to_fs(url)
+    name = manifest.splits["val"].shards[0].name
+    data = bytearray(fs.cat_file(f"{root}/{name}"))
+    data[700] ^= 0xFF  # a flipped byte inside a member: same size, other content
+    fs.pipe_file(f"{root}/{name}", bytes(data))
+    (ref,) = shard_refs(load_manifest(url), "val")
+    with pytest.raises(
+        DataError, match=rf"{name}: shard content differs from the manifest's sha256"
+    ):
+        list(read_shard(ref))
+    fs.rm_file(f"{root}/{name}")
+    with pytest.raises(DataError, match=rf"{name}: shard is missing"):
+        shard_refs(load_manifest(url), "val")
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_from_s3(s3_bucket: str, tmp_path: Path, ray_cluster: None) -> None:
+    """Shards and Ray's checkpoints in the bucket; training and evaluation read them there."""
+    from pipeline.evaluation.evaluate import run_evaluation
+    from pipeline.training.checkpoint import checkpoint_dirs
+    from pipeline.training.driver import run_training
+
+    url = f"{s3_bucket}/train-shards"
+    shard_dataset(reader(), ("train", "val"), url, max_count=4)
+    train = TrainParams(
+        batch_size=2,
+        epochs=2,
+        iters_per_epoch=2,
+        eval_every_epochs=1,
+        log_every=2,
+        num_workers=1,
+        cpus_per_worker=1,
+        max_failures=0,
+        storage_path=f"{s3_bucket}/ray",
+        out=str(tmp_path / "out"),
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run_training(
+        ModelParams(backbone="resnet18d"),
+        DataParams(shards=url, crop_size=32, shuffle_buffer=4),
+        train,
+        MlflowParams(tracking_uri=uri, num_prediction_images=1),
+    )
+    assert summary.final["iteration"] == 4
+    assert checkpoint_dirs(
+        f"{s3_bucket}/ray/{summary.run_name}"
+    )  # the checkpoints are in the bucket
+    evaluation = run_evaluation(
+        EvaluateParams(
+            model=str(tmp_path / "out" / "model.pt"), shards=url, out=str(tmp_path / "eval")
+        ),
+        uri,
+    )
+    assert evaluation.images == 3 and 0 <= evaluation.miou <= 1
+    assert evaluation.split_sha256 == load_manifest(url).split_digest("val")

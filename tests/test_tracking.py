@@ -1,0 +1,102 @@
+"""MLflow as users meet it: a tracking server on 127.0.0.1; train -> evaluate -> register against
+it; lineage, the dataset input, system metrics, overlays per evaluation, scores on the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import (
+    DataParams,
+    EvaluateParams,
+    MlflowParams,
+    ModelParams,
+    RegisterParams,
+    TrainParams,
+)
+from tests.conftest import synthetic_shards
+
+
+@pytest.mark.slow
+def test_train_evaluate_register_against_a_tracking_server(
+    mlflow_server: str, tmp_path: Path, ray_cluster: None
+) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.evaluation.evaluate import run_evaluation
+    from pipeline.registry.register import register
+    from pipeline.training.driver import run_training
+
+    shards = synthetic_shards(tmp_path / "shards", 6, 2, max_count=3)
+    train = TrainParams(
+        batch_size=2,
+        epochs=2,
+        iters_per_epoch=3,
+        eval_every_epochs=1,
+        log_every=3,
+        num_workers=1,
+        cpus_per_worker=1,
+        max_failures=0,
+        storage_path=str(tmp_path / "ray"),
+        out=str(tmp_path / "out"),
+    )
+    tracking = MlflowParams(
+        tracking_uri=mlflow_server,
+        experiment="server-test",
+        num_prediction_images=2,
+        system_metrics_every=1,
+    )
+    summary = run_training(
+        ModelParams(backbone="resnet18d"),
+        DataParams(shards=str(shards), crop_size=32),
+        train,
+        tracking,
+    )
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(summary.mlflow_run_id)
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert len(tags["mlflow.source.git.commit"]) in (40, 7) and tags["danet.git_dirty"] in (
+        "true",
+        "false",
+    )
+    assert len(tags["danet.manifest_sha256"]) == 64 and len(tags["danet.code_sha256"]) == 64
+    (dataset,) = run.inputs.dataset_inputs
+    assert (
+        dataset.dataset.name == "synthetic-shards"
+        and dataset.dataset.digest == tags["danet.manifest_sha256"][:16]
+    )
+    assert run.data.params["train.lr"] == "0.01"
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert len(images) >= 2, images  # val overlays at each of the two evaluations
+
+    uri_model = str(tmp_path / "out" / "model.pt")
+    evaluation = run_evaluation(
+        EvaluateParams(model=uri_model, shards=str(shards), out=str(tmp_path / "eval")),
+        mlflow_server,
+    )
+    scored = client.get_run(summary.mlflow_run_id).data.metrics
+    assert scored["val_miou/official-whole-flip"] == pytest.approx(evaluation.miou)
+    assert "val_iou/official-whole-flip/Road" in scored
+    mlflow.set_tracking_uri(mlflow_server)
+    (logged,) = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list"
+    )
+    assert {m.key for m in logged.metrics} >= {
+        "val_miou/official-whole-flip"
+    }  # on the model's page
+
+    (tmp_path / "eval.json").write_text(evaluation.to_json())
+    result = register(
+        RegisterParams(eval_metrics=str(tmp_path / "eval.json"), out=str(tmp_path / "reg.json")),
+        mlflow_server,
+    )
+    version = client.get_model_version(result.name, result.version)
+    assert (
+        result.alias == "champion" and version.run_id == summary.mlflow_run_id
+    )  # linked to its run
+    assert version.tags["data_sha256"] == evaluation.split_sha256
