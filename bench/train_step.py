@@ -2,7 +2,7 @@
 
     python bench/train_step.py                                  # CPU: models, then 1 vs 2 Ray workers
     python bench/train_step.py --device cuda --backbone resnet50d resnet101d --crop 768 --batch 8 \
-        --matrix                                                # GPU: bf16/fp32, attention, channels_last, compile
+        --matrix                                                # GPU: precision, layout, attention, compile, MFU
 
 The step is the real one (pipeline/loop.py: train_steps with the three DANet losses) on random
 batches, timed after warm-up steps. The Ray part runs the same step inside a TorchTrainer with 1
@@ -12,7 +12,6 @@ and 2 CPU workers sharing this machine's cores (global images/s = workers x batc
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import tempfile
 import time
@@ -24,12 +23,24 @@ from danet import DANetConfig, build_danet
 from danet.losses import segmentation_loss
 from pipeline.training.loop import build_optimizer, poly_schedule, train_steps
 
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, FLOP/s
+# the GPU rows: (bf16, attention, channels_last, compile), each against the row before it
+MATRIX = [
+    (False, "auto", False, False),
+    (True, "auto", False, False),
+    (True, "auto", True, False),
+    (True, "dense", True, False),
+    (True, "auto", True, True),
+]
+
 
 def step_rate(
     backbone: str, head: str, crop: int, batch: int, steps: int, device: str,
-    bf16: bool = False, attention: str = "auto", channels_last: bool = False, compile_model: bool = False,
+    bf16: bool = False, attention: str = "auto", channels_last: bool = False,
+    compile_model: bool = False, flops: list[float] | None = None,
 ) -> float:  # fmt: skip
-    """Images/s of ``steps`` timed training steps in this process (median of per-step rates)."""
+    """Images/s of ``steps`` timed training steps in this process (median of per-step rates);
+    ``flops`` receives the FLOPs of one step (torch.utils.flop_counter) when given."""
     torch.manual_seed(0)
     config = DANetConfig(num_classes=19, backbone=backbone, head=head, attention_impl=attention)  # type: ignore[arg-type]
     model = build_danet(config).to(device)
@@ -42,20 +53,24 @@ def step_rate(
     y = torch.randint(0, 19, (batch, crop, crop))
     dev = torch.device(device)
     times = []
+
+    def step() -> None:
+        train_steps(runner, [(x, y)], optimizer, scheduler, segmentation_loss, dev, bf16=bf16,
+                    channels_last=channels_last)  # fmt: skip
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     for i in range(steps + 2):  # 2 warm-up steps (and compilation)
         start = time.perf_counter()
-        train_steps(
-            runner,
-            [(x, y)],
-            optimizer,
-            scheduler,
-            segmentation_loss,
-            dev,
-            bf16=bf16,
-            channels_last=channels_last,
-        )
+        step()
         if i >= 2:
             times.append(time.perf_counter() - start)
+    if flops is not None and not compile_model:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops.append(float(counter.get_total_flops()))
     return batch / statistics.median(times)
 
 
@@ -127,7 +142,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
-        "--matrix", action="store_true", help="GPU: bf16/fp32 x attention x channels_last x compile"
+        "--matrix",
+        action="store_true",
+        help="DANet rows: fp32, bf16, +channels_last, dense, +compile; MFU",
     )
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args()
@@ -147,23 +164,19 @@ def main() -> None:
             )
         print(f"{'':>11} FCN / DANet speed: {rates['fcn'] / rates['danet']:.2f}")
         if args.matrix:
-            for bf16, attention, cl, comp in itertools.product(
-                (False, True), ("dense", "efficient"), (False, True), (False, True)
-            ):
-                r = step_rate(
-                    backbone,
-                    "danet",
-                    args.crop,
-                    args.batch,
-                    args.steps,
-                    args.device,
-                    bf16,
-                    attention,
-                    cl,
-                    comp,
-                )
+            flops: list[float] = []
+            name = torch.cuda.get_device_name() if args.device == "cuda" else ""
+            peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+            for bf16, attention, cl, comp in MATRIX:
+                r = step_rate(backbone, "danet", args.crop, args.batch, args.steps, args.device,
+                              bf16, attention, cl, comp, flops)  # fmt: skip
+                mfu = f"{flops[0] * r / args.batch / peak:7.1%}" if peak and bf16 else ""
                 print(f"{backbone:>11} {'danet':>6} {'yes' if bf16 else 'no':>5} {attention:>9} "
-                      f"{'yes' if cl else 'no':>7} {'yes' if comp else 'no':>7} | {r:7.2f}", flush=True)  # fmt: skip
+                      f"{'yes' if cl else 'no':>7} {'yes' if comp else 'no':>7} | {r:7.2f} {mfu}",
+                      flush=True)  # fmt: skip
+            print(
+                f"{'':>11} one step: {flops[0] / 1e12:.2f} TFLOP; MFU against the dense bf16 peak"
+            )
 
     if args.device == "cpu" and not args.no_ray:
         import ray

@@ -58,3 +58,29 @@ def test_time_to_accuracy_on_camvid(tmp_path: Path) -> None:
     line = time_to_accuracy(tmp_path / "camvid", *args)
     assert line["iterations"] == 3 and 0 <= line["val"]["miou"] <= 1
     assert line["protocol"] == "official-base120-whole-flip"
+
+
+def run_bench(script: str, *args: str) -> str:
+    command = [sys.executable, str(ROOT / "bench" / script), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_speed_benchmarks_run_at_tiny_sizes() -> None:
+    """The GPU commands of BENCHMARKS.md, on the CPU at tiny sizes: each prints its figures."""
+    table = run_bench(
+        "attention.py", "--sizes", "8x8", "--dtypes", "fp32", "bf16", "--repeats", "1"
+    )
+    rows = [line.split() for line in table.splitlines() if line.strip().startswith("8x8")]
+    assert [(r[1], r[2]) for r in rows] == [
+        ("fp32", "fwd"), ("fp32", "fwd+bwd"), ("bf16", "fwd"), ("bf16", "fwd+bwd"),
+    ]  # fmt: skip
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)  # dense s, efficient s
+    lines = run_bench("inference.py", "--size", "32x64", "--repeats", "1").splitlines()
+    measured = [json.loads(line) for line in lines]
+    assert [m["attention"] for m in measured] == ["efficient", "dense"]
+    assert all(m["images_per_s"] > 0 and m["size"] == "32x64" for m in measured)
+    step = run_bench("train_step.py", "--no-ray", "--crop", "32", "--batch", "2", "--steps", "1")
+    assert "FCN / DANet speed" in step

@@ -75,3 +75,66 @@ def test_prune_keeps_what_ray_tracks_and_finished_reads_progress(tmp_path: Path)
     assert finished_checkpoint(str(tmp_path)) == str(kept[-1])  # iteration 10 of 10
     (kept[-1] / "progress.json").write_text(json.dumps({"iteration": 9, "max_iters": 10}))
     assert finished_checkpoint(str(tmp_path)) is None
+
+
+def _train(device: torch.device, iterations: range, state: TrainState | None) -> TrainState:
+    """DANet-R18d (dropout on) for ``iterations`` of seeded random batches, from ``state``."""
+    from danet import DANetConfig, build_danet
+    from danet.losses import segmentation_loss
+    from pipeline.training.loop import build_optimizer, poly_schedule, train_steps
+
+    torch.manual_seed(0)
+    model = build_danet(DANetConfig(num_classes=5, backbone="resnet18d")).to(device)
+    optimizer = build_optimizer(model, 0.01, 0.9, 1e-4, 10.0)
+    scheduler = poly_schedule(optimizer, 6, 0.9)
+    if state is not None:
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        torch.set_rng_state(state.rng[0])
+        if state.cuda_rng:
+            torch.cuda.set_rng_state(state.cuda_rng[0], device)
+    for i in iterations:  # the data of iteration i does not depend on where training started
+        g = torch.Generator().manual_seed(i)
+        batch = (
+            torch.randn(2, 3, 32, 32, generator=g),
+            torch.randint(0, 5, (2, 32, 32), generator=g),
+        )
+        train_steps(model, [batch], optimizer, scheduler, segmentation_loss, device)
+    cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+    return TrainState(model.state_dict(), optimizer.state_dict(), scheduler.state_dict(), 0, 0,
+                      iterations.stop, [torch.get_rng_state()], cuda)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+def test_resumed_training_equals_uninterrupted_bitwise(tmp_path: Path, device: str) -> None:
+    """3 iterations, a checkpoint through the files, 3 more == 6 in one go: weights, optimizer
+    momentum, schedule, and the dropout RNG (CPU and CUDA). On CUDA with cuDNN deterministic."""
+    dev = torch.device(device)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    straight = _train(dev, range(6), None)
+    half = _train(dev, range(3), None)
+    folder = tmp_path / "checkpoint_000"
+    folder.mkdir()
+    save_checkpoint(folder, half, History(), 6)
+    found = load_latest(None, str(tmp_path), dev)
+    assert found is not None
+    loaded = found[0]
+    loaded.rng = [r.cpu() for r in loaded.rng]
+    loaded.cuda_rng = [r.cpu() for r in loaded.cuda_rng]
+    resumed = _train(dev, range(3, 6), loaded)
+    for key, value in straight.model.items():
+        assert torch.equal(value, resumed.model[key]), key
+    assert resumed.scheduler["last_epoch"] == straight.scheduler["last_epoch"] == 6

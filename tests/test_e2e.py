@@ -118,3 +118,17 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     assert '"lr": 0.005' in experiments.replace(
         "'", '"'
     )  # the README's `dvc exp run -S train.lr=0.005`
+
+    # An experiment in a temporary copy of the workspace registers into the project's own
+    # mlflow.db (DVC_ROOT), not into one left behind in .dvc/tmp.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    before = len(client.search_model_versions("name='danet-synthetic'"))
+    temp = run("dvc exp run --temp -S evaluate.flip=false", repo)
+    assert "Running stage 'register'" in temp and "Running stage 'train'" not in temp, temp[-3000:]
+    versions = client.search_model_versions("name='danet-synthetic'")
+    assert len(versions) == before + 1
+    newest = max(versions, key=lambda v: int(v.version))
+    assert newest.tags["eval_protocol"] == "official-whole"  # another protocol: not comparable
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))

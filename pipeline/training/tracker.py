@@ -51,10 +51,9 @@ class Tracker:
         if self.down_since is not None and time.monotonic() - self.down_since < self.RETRY_S:
             return
         try:
-            for start in range(0, len(self.buffer), 1000):
-                self.client.log_batch(
-                    self.job.mlflow_run_id, metrics=self.buffer[start : start + 1000]
-                )
+            while self.buffer:  # what was sent leaves the buffer: a retry sends only the rest
+                self.client.log_batch(self.job.mlflow_run_id, metrics=self.buffer[:1000])
+                del self.buffer[:1000]
         except Exception as err:  # the server, its database or the network: keep training
             if self.down_since is None:
                 log.warning(
@@ -64,8 +63,8 @@ class Tracker:
             self.down_since = time.monotonic()
             return
         if self.down_since is not None:
-            log.info("[train] MLflow answers again: %d buffered metrics sent", len(self.buffer))
-        self.buffer, self.down_since = [], None
+            log.info("[train] MLflow answers again: the buffered metrics are sent")
+        self.down_since = None
 
     def step(self, record: StepRecord) -> None:
         self.history.steps.append(record)

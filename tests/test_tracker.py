@@ -1,0 +1,55 @@
+"""Rank 0's MLflow reporting without a server: a fake client that goes down and comes back."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pipeline.training.records import History, StepRecord
+from pipeline.training.tracker import Tracker
+
+
+class FlakyClient:
+    def __init__(self) -> None:
+        self.down = False
+        self.sent: list[tuple[str, int]] = []
+
+    def log_batch(self, run_id: str, metrics: list[Any]) -> None:
+        assert run_id == "run-1"
+        if self.down:
+            raise ConnectionError("Connection refused")
+        self.sent += [(m.key, m.step) for m in metrics]
+
+
+def test_metrics_survive_mlflow_going_down(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    job: Any = SimpleNamespace(
+        tracking_uri="", mlflow_run_id="run-1", train=SimpleNamespace(max_iters=10)
+    )
+    tracker = Tracker(job, History())
+    tracker.client = client = FlakyClient()
+    clock = [100.0]
+    monkeypatch.setattr("pipeline.training.tracker.time.monotonic", lambda: clock[0])
+
+    def step(i: int) -> None:
+        tracker.step(StepRecord(iteration=i, loss=1.0 / i, lr=0.01, images_per_s=5.0))
+
+    step(1)
+    assert ("loss", 1) in client.sent and not tracker.buffer
+    client.down = True
+    with caplog.at_level(logging.WARNING):
+        step(2)
+        clock[0] += 1
+        step(3)  # within RETRY_S of the failure: buffered, not tried
+    warnings = [r for r in caplog.records if "MLflow unreachable" in r.getMessage()]
+    assert len(warnings) == 1 and len(tracker.buffer) == 6  # loss, lr, images_per_s for 2 and 3
+    client.down = False
+    clock[0] += Tracker.RETRY_S
+    step(4)
+    assert not tracker.buffer and tracker.down_since is None
+    assert [s for k, s in client.sent if k == "loss"] == [1, 2, 3, 4]  # none lost, none twice
+    assert [r.iteration for r in tracker.history.steps] == [1, 2, 3, 4]
