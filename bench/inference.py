@@ -25,8 +25,9 @@ from danet import DANetConfig, build_danet
 from danet.model import Segmenter
 
 
-def measure(backbone: str, height: int, width: int, impl: str, device: str, bf16: bool,
-            repeats: int) -> dict[str, float | None]:  # fmt: skip
+def measure(
+    backbone: str, height: int, width: int, impl: str, device: str, bf16: bool, repeats: int
+) -> dict[str, float | None]:
     torch.manual_seed(0)
     config = DANetConfig(num_classes=19, backbone=backbone, attention_impl=impl)  # type: ignore[arg-type]
     model = Segmenter(build_danet(config), (0.5,) * 3, (0.25,) * 3).to(device).eval()
@@ -70,11 +71,21 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     for impl in args.impls:
         row = measure(args.backbone, h, w, impl, args.device, args.bf16, args.repeats)
-        print(json.dumps({
-            "bench": "inference", "device": name, "torch": torch.__version__,
-            "backbone": args.backbone, "size": args.size, "bf16": args.bf16, "attention": impl,
-            **row,
-        }), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "bench": "inference",
+                    "device": name,
+                    "torch": torch.__version__,
+                    "backbone": args.backbone,
+                    "size": args.size,
+                    "bf16": args.bf16,
+                    "attention": impl,
+                    **row,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,16 @@ def step_rate(
     times = []
 
     def step() -> None:
-        train_steps(runner, [(x, y)], optimizer, scheduler, segmentation_loss, dev, bf16=bf16,
-                    channels_last=channels_last)  # fmt: skip
+        train_steps(
+            runner,
+            [(x, y)],
+            optimizer,
+            scheduler,
+            segmentation_loss,
+            dev,
+            bf16=bf16,
+            channels_last=channels_last,
+        )
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
@@ -168,12 +176,25 @@ def main() -> None:
             name = torch.cuda.get_device_name() if args.device == "cuda" else ""
             peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
             for bf16, attention, cl, comp in MATRIX:
-                r = step_rate(backbone, "danet", args.crop, args.batch, args.steps, args.device,
-                              bf16, attention, cl, comp, flops)  # fmt: skip
+                r = step_rate(
+                    backbone,
+                    "danet",
+                    args.crop,
+                    args.batch,
+                    args.steps,
+                    args.device,
+                    bf16,
+                    attention,
+                    cl,
+                    comp,
+                    flops,
+                )
                 mfu = f"{flops[0] * r / args.batch / peak:7.1%}" if peak and bf16 else ""
-                print(f"{backbone:>11} {'danet':>6} {'yes' if bf16 else 'no':>5} {attention:>9} "
-                      f"{'yes' if cl else 'no':>7} {'yes' if comp else 'no':>7} | {r:7.2f} {mfu}",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{backbone:>11} {'danet':>6} {'yes' if bf16 else 'no':>5} {attention:>9} "
+                    f"{'yes' if cl else 'no':>7} {'yes' if comp else 'no':>7} | {r:7.2f} {mfu}",
+                    flush=True,
+                )
             print(
                 f"{'':>11} one step: {flops[0] / 1e12:.2f} TFLOP; MFU against the dense bf16 peak"
             )

@@ -6,7 +6,9 @@ A shared leaf: training, the search and distributed evaluation connect through i
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from pipeline.errors import ConfigError, ServiceError, first_line
@@ -58,6 +60,10 @@ def connect_ray(address: str, num_cpus: int | None = None) -> None:
         _probe(address)
     if ray.is_initialized():
         return
+    # ray.init puts its own SIGTERM handler in place (it aborts the process); keep ours, which
+    # unwinds like Ctrl-C so that no half-written output stays behind (pipeline/cli.py)
+    on_main = threading.current_thread() is threading.main_thread()
+    ours = signal.getsignal(signal.SIGTERM) if on_main else None
     try:
         if explicit:
             ray.init(address=address, log_to_driver=True, runtime_env=shipped_code())
@@ -76,6 +82,8 @@ def connect_ray(address: str, num_cpus: int | None = None) -> None:
         raise ServiceError(
             f"train.ray_address {address!r}: cannot connect to Ray ({first_line(err)})"
         ) from None
+    if callable(ours):
+        signal.signal(signal.SIGTERM, ours)
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:

@@ -23,6 +23,17 @@ from pipeline.data.shard import shard_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CAMVID = ROOT.parent / "shared" / "data" / "camvid"
+# parametrize a test over the CPU and, marked gpu and skipped without one, a CUDA device
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
 
 
 def free_port() -> int:

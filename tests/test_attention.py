@@ -11,6 +11,7 @@ from danet.attention import (
     dense_position_attention,
     efficient_position_attention,
 )
+from tests.conftest import DEVICES
 
 
 def _randomize_gamma(module: PositionAttention | ChannelAttention, value: float = 0.7) -> None:
@@ -129,17 +130,6 @@ def test_auto_picks_by_size_on_cpu() -> None:
 
 
 # --- numerics under autocast: energies and softmaxes in fp32 --------------------------------
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
 
 
 def relative_error(module: torch.nn.Module, x: torch.Tensor, part: str = "") -> float:

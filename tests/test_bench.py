@@ -75,8 +75,11 @@ def test_speed_benchmarks_run_at_tiny_sizes() -> None:
     )
     rows = [line.split() for line in table.splitlines() if line.strip().startswith("8x8")]
     assert [(r[1], r[2]) for r in rows] == [
-        ("fp32", "fwd"), ("fp32", "fwd+bwd"), ("bf16", "fwd"), ("bf16", "fwd+bwd"),
-    ]  # fmt: skip
+        ("fp32", "fwd"),
+        ("fp32", "fwd+bwd"),
+        ("bf16", "fwd"),
+        ("bf16", "fwd+bwd"),
+    ]
     assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)  # dense s, efficient s
     lines = run_bench("inference.py", "--size", "32x64", "--repeats", "1").splitlines()
     measured = [json.loads(line) for line in lines]

@@ -18,6 +18,7 @@ from pipeline.training.checkpoint import (
     save_checkpoint,
 )
 from pipeline.training.records import History
+from tests.conftest import DEVICES
 
 
 def write(run_dir: Path, stamp: str, iteration: int, max_iters: int = 10) -> Path:
@@ -102,23 +103,19 @@ def _train(device: torch.device, iterations: range, state: TrainState | None) ->
         )
         train_steps(model, [batch], optimizer, scheduler, segmentation_loss, device)
     cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
-    return TrainState(model.state_dict(), optimizer.state_dict(), scheduler.state_dict(), 0, 0,
-                      iterations.stop, [torch.get_rng_state()], cuda)  # fmt: skip
+    return TrainState(
+        model.state_dict(),
+        optimizer.state_dict(),
+        scheduler.state_dict(),
+        0,
+        0,
+        iterations.stop,
+        [torch.get_rng_state()],
+        cuda,
+    )
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.gpu,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", DEVICES)
 def test_resumed_training_equals_uninterrupted_bitwise(tmp_path: Path, device: str) -> None:
     """3 iterations, a checkpoint through the files, 3 more == 6 in one go: weights, optimizer
     momentum, schedule, and the dropout RNG (CPU and CUDA). On CUDA with cuDNN deterministic."""

@@ -109,6 +109,8 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     summary = run("danet summary", repo)
     assert "champion: models:/danet-synthetic@champion" in summary and "mlflow ui" in summary
 
+    from mlflow import MlflowClient
+
     for block, reason in readme_blocks((ROOT / "README.md").read_text()):
         if reason is None:
             run(block, repo)
@@ -117,18 +119,13 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     experiments = run("dvc exp show --json", repo)
     assert '"lr": 0.005' in experiments.replace(
         "'", '"'
-    )  # the README's `dvc exp run -S train.lr=0.005`
-
-    # An experiment in a temporary copy of the workspace registers into the project's own
-    # mlflow.db (DVC_ROOT), not into one left behind in .dvc/tmp.
-    from mlflow import MlflowClient
-
+    )  # the README's `dvc exp run --temp -S train.lr=0.005`
+    # That experiment ran in a temporary copy of the project (.dvc/tmp/exps) and still trained
+    # and checkpointed into the project's own stores (DVC_ROOT), not into the copy's.
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    before = len(client.search_model_versions("name='danet-synthetic'"))
-    temp = run("dvc exp run --temp -S evaluate.flip=false", repo)
-    assert "Running stage 'register'" in temp and "Running stage 'train'" not in temp, temp[-3000:]
-    versions = client.search_model_versions("name='danet-synthetic'")
-    assert len(versions) == before + 1
-    newest = max(versions, key=lambda v: int(v.version))
-    assert newest.tags["eval_protocol"] == "official-whole"  # another protocol: not comparable
+    experiment = client.get_experiment_by_name("synthetic")
+    assert experiment is not None
+    found = client.search_runs([experiment.experiment_id], "params.`train.lr` = '0.005'")
+    assert [r.info.status for r in found] == ["FINISHED"]
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+    assert len(list((repo / "outputs" / "ray_results").glob("danet-*"))) == 2  # both trainings

@@ -100,3 +100,22 @@ def test_train_evaluate_register_against_a_tracking_server(
         result.alias == "champion" and version.run_id == summary.mlflow_run_id
     )  # linked to its run
     assert version.tags["data_sha256"] == evaluation.split_sha256
+
+
+def test_an_active_experiment_left_by_the_caller_does_not_block_resuming_a_run(
+    tmp_path: Path,
+) -> None:
+    """mlflow.set_experiment in the caller's process (a notebook, another test) must not make
+    the pipeline's start_run(run_id=...) refuse its own run of another experiment."""
+    import mlflow
+
+    from pipeline.artifacts.tracking import tracking_uri
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking_uri(uri):
+        ours = mlflow.MlflowClient(uri).create_experiment("ours")
+        run_id = mlflow.MlflowClient(uri).create_run(ours).info.run_id
+        mlflow.set_experiment("someone-elses")  # left active by the caller
+    with tracking_uri(uri), mlflow.start_run(run_id=run_id):
+        mlflow.log_metric("x", 1.0)
+    assert mlflow.MlflowClient(uri).get_run(run_id).data.metrics == {"x": 1.0}

@@ -56,19 +56,25 @@ def tracking_uri(uri: str) -> Iterator[None]:
 
     ``mlflow.set_tracking_uri`` also sets the MLFLOW_TRACKING_URI environment variable (for
     subprocesses), which would then override every later ``mlflow.tracking_uri`` param of the same
-    process; this keeps the change local.
+    process; this keeps the change local. The active experiment (``mlflow.set_experiment``) is
+    scoped too: one left from another store would make ``mlflow.start_run(run_id=...)`` refuse
+    a run of another experiment.
     """
     import mlflow
+    from mlflow.tracking import fluent
     from mlflow.tracking._tracking_service import utils
 
     saved_env, saved_uri = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    saved_experiment = getattr(fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(uri)
+    fluent._active_experiment_id = None
     try:
         yield
     finally:
         mlflow.set_tracking_uri(saved_uri)  # type: ignore[arg-type]  # None unsets the variable ...
         if saved_env is not None:  # ... that the user may have set
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
+        fluent._active_experiment_id = saved_experiment
 
 
 def artifact_root(uri: str) -> str | None:
