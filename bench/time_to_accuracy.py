@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
+from bench.peak import peak_bf16
 from danet import build_danet
 from danet.metrics import summarize
 from danet.model import SegmentationModel, Segmenter
@@ -45,8 +46,6 @@ from pipeline.training.loop import (
     train_steps,
 )
 from pipeline.training.worker import build_loss
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, FLOP/s
 
 
 def parse() -> argparse.Namespace:
@@ -206,14 +205,7 @@ def train(job: TrainJob, args: argparse.Namespace, device: torch.device) -> dict
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = next(
-        (
-            v
-            for k, v in PEAK_BF16.items()
-            if device.type == "cuda" and k in torch.cuda.get_device_name()
-        ),
-        None,
-    )
+    peak = peak_bf16(device)
     return {
         "model": core,
         "iterations": total,

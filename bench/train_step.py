@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
+
+from bench.peak import peak_bf16
 from danet import DANetConfig, build_danet
 from danet.losses import segmentation_loss
 from pipeline.training.loop import build_optimizer, poly_schedule, train_steps
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, FLOP/s
 # the GPU rows: (bf16, attention, channels_last, compile), each against the row before it
 MATRIX = [
     (False, "auto", False, False),
@@ -173,8 +177,7 @@ def main() -> None:
         print(f"{'':>11} FCN / DANet speed: {rates['fcn'] / rates['danet']:.2f}")
         if args.matrix:
             flops: list[float] = []
-            name = torch.cuda.get_device_name() if args.device == "cuda" else ""
-            peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+            peak = peak_bf16(args.device)
             for bf16, attention, cl, comp in MATRIX:
                 r = step_rate(
                     backbone,

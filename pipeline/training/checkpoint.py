@@ -113,9 +113,9 @@ def prune_untracked(run_dir: str, kept: list[str]) -> None:
     """Delete the run's checkpoint folders other than ``kept`` (by folder name): those a driver
     killed before Ray registered them, which Ray's ``num_to_keep`` never deletes."""
     fs, _ = _fs(run_dir)
-    names = {k.rstrip("/").split("/")[-1] for k in kept}
+    names = {Path(k).name for k in kept}
     for stale in checkpoint_dirs(run_dir):
-        if stale.rstrip("/").split("/")[-1] not in names:
+        if Path(stale).name not in names:
             fs.delete_dir(_fs(stale)[1])
 
 
@@ -137,9 +137,8 @@ def load_latest(
         try:
             with checkpoint.as_directory() as directory:
                 return load_checkpoint(Path(directory), device)
-        except (
-            Exception
-        ) as err:  # a half-written or corrupt checkpoint: fall back to the one before
+        # a half-written or corrupt checkpoint (any reader's error): fall back to the one before
+        except Exception as err:
             log.warning(
                 "checkpoint %s does not load (%s): trying the one before",
                 checkpoint.path,
