@@ -219,6 +219,8 @@ class TuneParams(Section):
     num_samples: int = param(3, ge=1)
     max_concurrent: int = param(1, ge=1)
     epochs: int = param(6, ge=1)  # per trial; replaces train.epochs
+    eval_every_epochs: int = param(0, ge=0)  # ASHA's rungs; 0 = train.eval_every_epochs
+    cpus_per_trial: int = param(0, ge=0)  # each trial's Train worker; 0 = train.cpus_per_worker
     grace_period: int = param(1, ge=1)  # evaluations before ASHA may stop a trial
     reduction_factor: float = param(2.0, gt=1)
     seed: int = 0

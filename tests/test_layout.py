@@ -63,6 +63,7 @@ NOT_OUTPUT_KEYS = {
     "mlflow.log_model",
     "mlflow.num_prediction_images",
     "tune.name",
+    "tune.cpus_per_trial",  # where a trial runs, as train.cpus_per_worker
     "tune.out",
     "evaluate.shards",
     "evaluate.window_batch",  # speed only: the same scores

@@ -86,6 +86,16 @@ def trial_job(search: SearchJob, lr: float, crop_size: int, run_id: str = "") ->
     return dataclasses.replace(job, data=data, train=train, mlflow_run_id=run_id)
 
 
+def trial_train(train: TrainParams, tune: TuneParams) -> TrainParams:
+    """The train section a trial runs with: the search's epochs, evaluation cadence and CPUs."""
+    return dataclasses.replace(
+        train,
+        epochs=tune.epochs,
+        eval_every_epochs=tune.eval_every_epochs or train.eval_every_epochs,
+        cpus_per_worker=tune.cpus_per_trial or train.cpus_per_worker,
+    )
+
+
 def trial_run_name(search_name: str, trial_id: str) -> str:
     return f"{search_name}-{trial_id}"
 
@@ -138,7 +148,7 @@ def prepare_search(
 
     try:
         data = dataclasses.replace(data, crop_size=max(tune.crop_sizes))
-        job = prepare_job(model, data, dataclasses.replace(train, epochs=tune.epochs))
+        job = prepare_job(model, data, trial_train(train, tune))
     except ConfigError as err:
         if str(err).startswith("data.crop_size"):
             raise ConfigError(f"tune.crop_sizes: {err}") from None
@@ -224,7 +234,7 @@ def run_search(
     from pipeline.artifacts import tracking as mlt
 
     search = prepare_search(model, data, train, tracking, tune, restart)
-    evaluations = math.ceil(tune.epochs / train.eval_every_epochs)
+    evaluations = math.ceil(tune.epochs / search.job.train.eval_every_epochs)
     tuner = make_tuner(search, tune, storage_uri(train.storage_path), evaluations)
     try:
         grid = tuner.fit()
