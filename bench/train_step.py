@@ -3,6 +3,7 @@
     python bench/train_step.py                                  # CPU: models, then 1 vs 2 Ray workers
     python bench/train_step.py --device cuda --backbone resnet50d resnet101d --crop 768 --batch 8 \
         --matrix                                                # GPU: precision, layout, attention, compile, MFU
+    python bench/train_step.py --matrix --no-compile --no-ray   # CPU: bf16 autocast (native bf16 CPUs)
 
 The step is the real one (pipeline/loop.py: train_steps with the three DANet losses) on random
 batches, timed after warm-up steps. The Ray part runs the same step inside a TorchTrainer with 1
@@ -158,6 +159,9 @@ def main() -> None:
         action="store_true",
         help="DANet rows: fp32, bf16, +channels_last, dense, +compile; MFU",
     )
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the compile row (minutes on a CPU)"
+    )
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; "
@@ -179,6 +183,8 @@ def main() -> None:
             flops: list[float] = []
             peak = peak_bf16(args.device)
             for bf16, attention, cl, comp in MATRIX:
+                if comp and args.no_compile:
+                    continue
                 r = step_rate(
                     backbone,
                     "danet",

@@ -148,9 +148,9 @@ class TrainParams(Section):
     head_lr_mult: float = param(10.0, gt=0)
     poly_power: float = param(0.9, ge=0)
     batch_size: int = param(8, ge=1)  # global: split over train.num_workers
-    epochs: int = param(20, ge=1)
+    epochs: int = param(15, ge=1)
     iters_per_epoch: int = param(25, ge=1)
-    eval_every_epochs: int = param(2, ge=1)
+    eval_every_epochs: int = param(5, ge=1)
     log_every: int = param(10, ge=1)
     loss_weights: dict[str, float] = param(
         {"out": 1.0, "pam": 1.0, "cam": 1.0, "aux": 0.4}, keys=LOSS_OUTPUTS, ge=0
@@ -159,8 +159,8 @@ class TrainParams(Section):
     ohem_thresh: float = param(0.7, gt=0, le=1)
     ohem_min_kept: int = param(100_000, ge=0)  # per image
     class_weights: str = param("none", choices=("none", "median_frequency", "enet"))
-    bf16: bool = True  # autocast, GPU only
-    channels_last: bool = False
+    bf16: bool = True  # autocast on GPUs and on CPUs with native bf16
+    channels_last: bool = True
     compile: bool = False  # torch.compile the model
     grad_clip: float = param(0.0, ge=0)  # max gradient norm; 0 = off
     seed: int = 0
@@ -216,11 +216,11 @@ class TuneParams(Section):
     lr_min: float = param(0.005, gt=0)
     lr_max: float = param(0.02, gt=0)
     crop_sizes: tuple[int, ...] = param((80, 96), ge=16)
-    num_samples: int = param(3, ge=1)
-    max_concurrent: int = param(1, ge=1)
-    epochs: int = param(6, ge=1)  # per trial; replaces train.epochs
-    eval_every_epochs: int = param(0, ge=0)  # ASHA's rungs; 0 = train.eval_every_epochs
-    cpus_per_trial: int = param(0, ge=0)  # each trial's Train worker; 0 = train.cpus_per_worker
+    num_samples: int = param(2, ge=1)
+    max_concurrent: int = param(2, ge=1)
+    epochs: int = param(2, ge=1)  # per trial; replaces train.epochs
+    eval_every_epochs: int = param(1, ge=0)  # ASHA's rungs; 0 = train.eval_every_epochs
+    cpus_per_trial: int = param(1, ge=0)  # each trial's Train worker; 0 = train.cpus_per_worker
     grace_period: int = param(1, ge=1)  # evaluations before ASHA may stop a trial
     reduction_factor: float = param(2.0, gt=1)
     seed: int = 0

@@ -104,3 +104,13 @@ def test_bad_search_params_are_one_line(tmp_path: Path) -> None:
         ConfigError, match=r"tune.crop_sizes: data.crop_size 512 is larger than any crop"
     ):
         run_search(model, data, train, tracking, dataclasses.replace(tune, crop_sizes=(32, 512)))
+
+
+def test_trials_take_the_search_cadence_and_cpus() -> None:
+    from pipeline.training.search import trial_train
+
+    train = TrainParams(epochs=20, eval_every_epochs=5, cpus_per_worker=2)
+    given = trial_train(train, TuneParams(epochs=4, eval_every_epochs=2, cpus_per_trial=1))
+    assert (given.epochs, given.eval_every_epochs, given.cpus_per_worker) == (4, 2, 1)
+    default = trial_train(train, TuneParams(epochs=4, eval_every_epochs=0, cpus_per_trial=0))
+    assert (default.epochs, default.eval_every_epochs, default.cpus_per_worker) == (4, 5, 2)
