@@ -15,16 +15,16 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # constraints.txt pins the torch build on this machine's disk: no install may pull another one.
-# --no-compile: pip would byte-compile all ~23,000 .py files of the dependencies (about a minute on
+#: pip would byte-compile all ~23,000 .py files of the dependencies (about a minute on
 # 2 cores); Python compiles the few thousand that the pipeline imports on first use instead.
 # The demo needs the runtime dependencies only; the tests and linters add the dev extra.
 $(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PIP) install -q --no-compile -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q --no-compile -c constraints.txt -e .
+	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -c constraints.txt -e .
 	touch $@
 
 $(DEV_STAMP): $(STAMP)
-	$(PIP) install -q --no-compile -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(DEV_STAMP)
