@@ -15,8 +15,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # constraints.txt pins the torch build on this machine's disk: no install may pull another one.
-#: pip would byte-compile all ~23,000 .py files of the dependencies (about a minute on
-# 2 cores); Python compiles the few thousand that the pipeline imports on first use instead.
+# pip byte-compiles what it installs: keep it, since with PYTHONDONTWRITEBYTECODE (set on some
+# machines) Python would otherwise compile every module again in every Ray worker process.
 # The demo needs the runtime dependencies only; the tests and linters add the dev extra.
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
