@@ -10,46 +10,21 @@ option's value) are one line too.
 
 from __future__ import annotations
 
-import json
-import signal
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
 
 from pipeline import logs
-from pipeline.errors import PipelineError
-
-
-class DanetGroup(TyperGroup):
-    """Usage errors (an unknown option, a value out of range) as one ``error:`` line and exit 2,
-    like every other bad input, instead of click's usage block."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["standalone_mode"] = False
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _terminated)
-        try:
-            code = super().main(*args, **kwargs)
-        except typer.Abort:
-            typer.echo("aborted", err=True)
-            raise SystemExit(130) from None
-        except typer.TyperException as err:  # click's usage errors
-            typer.echo(f"error: {err.format_message()}", err=True)
-            raise SystemExit(getattr(err, "exit_code", 2)) from None
-        raise SystemExit(code if isinstance(code, int) else 0)
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    """SIGTERM (``kill``, ``ray job stop``) unwinds like Ctrl-C: no half-written outputs."""
-    typer.echo("terminated", err=True)
-    raise SystemExit(128 + signum)
-
+from pipeline.command import (
+    DanetGroup,
+    load,
+    one_line_errors,
+    parse_scales,
+    split_list,
+    tracking_uri,
+)
 
 app = typer.Typer(
     name="danet",
@@ -84,41 +59,6 @@ def main(
     logs.show()
 
 
-@contextmanager
-def one_line_errors() -> Iterator[None]:
-    """A PipelineError -> ``error: <file or param>: <problem>`` on stderr and its exit code."""
-    try:
-        yield
-    except PipelineError as err:
-        typer.echo(f"error: {err.message}", err=True)
-        raise typer.Exit(err.exit_code) from None
-
-
-def load(ctx: typer.Context, params: Path, sets: Sequence[str] | None, **flags: Any) -> Any:
-    """The command's params: file or preset, ``--set`` overrides, then its own options.
-
-    ``flags`` maps dotted keys (``shard.root``) to option values; None = not given.
-    """
-    from pipeline.config import ConfigError, load_params
-
-    preset = ctx.obj.get("preset") if ctx.obj else None
-    if preset and params != Path("params.yaml"):
-        raise ConfigError("--preset and --params name two params files: give one")
-    overrides = list(sets or [])
-    overrides += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
-    return load_params(params, overrides, preset)
-
-
-def _tracking_uri(p: Any) -> str:
-    from pipeline.artifacts.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(p.mlflow.tracking_uri)
-
-
-def _split_list(value: str | None) -> list[str] | None:
-    return None if value is None else [s for s in value.split(",") if s]
-
-
 @app.command()
 def shard(
     ctx: typer.Context,
@@ -148,11 +88,12 @@ def shard(
             ctx,
             params,
             sets,
+            ("shard.out",),
             **{
                 "shard.dataset": dataset,
                 "shard.root": root,
                 "shard.out": out,
-                "shard.splits": _split_list(splits),
+                "shard.splits": split_list(splits),
                 "shard.on_error": on_error,
                 "shard.workers": workers,
             },
@@ -194,11 +135,13 @@ def synthetic(
     import dataclasses
 
     from pipeline.data.readers.synthetic import SyntheticReader, write_folder_dataset
+    from pipeline.stores import check_outputs
 
     with one_line_errors():
         p = load(ctx, params, sets)
+        check_outputs(p, {"--out": str(out)})
         reader = SyntheticReader(**dataclasses.asdict(p.synthetic))
-        images = write_folder_dataset(reader, out, tuple(_split_list(splits) or ()), count)
+        images = write_folder_dataset(reader, out, tuple(split_list(splits) or ()), count)
     typer.echo(f"{len(images)} scenes -> {out}/images/, masks in {out}/masks/, {out}/classes.txt")
 
 
@@ -222,7 +165,13 @@ def train(
     from pipeline.training.driver import run_training
 
     with one_line_errors():
-        p = load(ctx, params, sets, **{"train.ray_address": address, "train.run_name": run_name})
+        p = load(
+            ctx,
+            params,
+            sets,
+            ("train.out", "train.storage_path"),
+            **{"train.ray_address": address, "train.run_name": run_name},
+        )
         summary = run_training(p.model, p.data, p.train, p.mlflow, restart=restart)
     best, final = summary.best, summary.final
     typer.echo(
@@ -244,7 +193,7 @@ def tune(
     from pipeline.training.search import format_trials, run_search
 
     with one_line_errors():
-        p = load(ctx, params, sets)
+        p = load(ctx, params, sets, ("tune.out", "train.storage_path"))
         summary = run_search(p.model, p.data, p.train, p.mlflow, p.tune, restart=restart)
     typer.echo(format_trials(summary))
     best = summary["best"]
@@ -252,17 +201,6 @@ def tune(
         f"search {summary['search']}: best lr {best['lr']:.4g}, crop {best['crop_size']}, "
         f"val mIoU {best['best_val_miou']:.4f} -> {p.tune.out}/best_params.yaml"
     )
-
-
-def _scales(value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(",") if v]
-    except ValueError:
-        raise typer.BadParameter(
-            f"must be numbers separated by commas, got {value!r}", param_hint="--scales"
-        ) from None
 
 
 @app.command()
@@ -295,17 +233,18 @@ def evaluate(
             ctx,
             params,
             sets,
+            ("evaluate.out",),
             **{
                 "evaluate.model": model,
                 "evaluate.split": split,
                 "evaluate.mode": mode,
-                "evaluate.scales": _scales(scales),
+                "evaluate.scales": parse_scales(scales),
                 "evaluate.flip": flip,
                 "evaluate.out": out,
             },
         )
         candidates = [str(Path(p.train.out) / "model.pt"), str(Path(p.tune.out) / "model.pt")]
-        result = run_evaluation(p.evaluate, _tracking_uri(p), candidates)
+        result = run_evaluation(p.evaluate, tracking_uri(p), candidates)
     typer.echo(format_table(result))
     typer.echo(
         f"{result.model} on {result.dataset} {result.split} ({result.protocol}): "
@@ -330,9 +269,13 @@ def register(
 
     with one_line_errors():
         p = load(
-            ctx, params, sets, **{"register.eval_metrics": eval_metrics, "register.name": name}
+            ctx,
+            params,
+            sets,
+            ("register.out",),
+            **{"register.eval_metrics": eval_metrics, "register.name": name},
         )
-        result = do_register(p.register, _tracking_uri(p))
+        result = do_register(p.register, tracking_uri(p))
     typer.echo(f"{result.name} version {result.version} -> @{result.alias}: {result.reason}")
     typer.echo(
         f"champion: {result.champion_uri} (version {result.champion_version}, "
@@ -365,10 +308,12 @@ def predict(
 
     from pipeline.artifacts.refs import load_model
     from pipeline.registry.predict import predict_files
+    from pipeline.stores import check_outputs
 
     with one_line_errors():
         p = load(ctx, params, sets)
-        loaded = load_model(model, _tracking_uri(p))
+        check_outputs(p, {"--out": str(out)}, {"--model": model} if Path(model).exists() else {})
+        loaded = load_model(model, tracking_uri(p))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         report = predict_files(loaded, inputs, out, slide_above, crop, flip, device)
     for path, problem in report.failed:
@@ -388,7 +333,7 @@ def summary(
     with one_line_errors():
         p = load(ctx, params, sets)
         result = read_registration(Path(p.register.out))
-        uri = _tracking_uri(p)
+        uri = tracking_uri(p)
     ev = Path(p.evaluate.out)
     typer.echo(f"champion: {result.champion_uri} = {result.name} version {result.champion_version}")
     typer.echo(f"  val mIoU {result.champion_val_miou:.4f} ({result.eval_protocol})")

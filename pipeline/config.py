@@ -173,7 +173,7 @@ class TrainParams(Section):
     max_failures: int = param(2, ge=0)
     checkpoints_to_keep: int = param(1, ge=1)
     checkpoint_every: int = param(0, ge=0)  # iterations; 0 = at evaluations only
-    run_name: str = ""  # "" = derived from the config: the same config resumes
+    run_name: str = param("", name=True)  # "" = derived from the config: the same config resumes
     storage_path: str = "outputs/ray_results"
     out: str = "outputs/train"
     ray_address: str = ""  # "" = RAY_ADDRESS or a local Ray
@@ -224,7 +224,7 @@ class TuneParams(Section):
     grace_period: int = param(1, ge=1)  # evaluations before ASHA may stop a trial
     reduction_factor: float = param(2.0, gt=1)
     seed: int = 0
-    name: str = ""  # "" = derived from the config: the same config resumes the search
+    name: str = param("", name=True)  # "" = derived from the config: the same config resumes
     out: str = "outputs/tune"
 
     def check(self) -> None:
@@ -271,7 +271,7 @@ class RegisterParams(Section):
     """``danet register``: the MLflow registered model and what it is registered from."""
 
     NAME = "register"
-    name: str = ""  # "" = danet-<dataset>
+    name: str = param("", name=True)  # "" = danet-<dataset>
     eval_metrics: str = "outputs/eval/metrics.json"
     out: str = "outputs/register/registered.json"
 

@@ -9,6 +9,7 @@ code, coerces YAML values to the annotated types and checks every rule, naming t
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -18,9 +19,21 @@ from typing import Any, ClassVar
 
 from pipeline.errors import ConfigError
 
+# One plain path segment: what runs, searches and registered models may be called.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(value: str, key: str) -> None:
+    """``value`` is one safe path segment (letters, digits, ``.``, ``_``, ``-``; no ``..``)."""
+    if not SAFE_NAME.match(value) or ".." in value:
+        raise ConfigError(
+            f"{key} {value!r}: must be one plain name (letters, digits, '.', '_', '-'), not a path"
+        )
+
 
 def param(default: Any, **rules: Any) -> Any:
-    """A field with its default and rules: ge, gt, le, lt (numbers), choices, keys (mapping keys)."""
+    """A field with its default and rules: ge, gt, le, lt (numbers), choices, keys (mapping keys),
+    name (a non-empty value must be one plain path segment, ``check_name``)."""
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=rules)
     return field(default=default, metadata=rules)
@@ -81,6 +94,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 def _check_rules(value: Any, rules: Mapping[str, Any], key: str) -> None:
     if value is None:
         return
+    if rules.get("name") and value:
+        check_name(value, key)
     if "keys" in rules and (unknown := sorted(set(value) - set(rules["keys"]))):
         raise ConfigError(f"{key}.{unknown[0]} is not known; use {', '.join(rules['keys'])}")
     if isinstance(value, dict):

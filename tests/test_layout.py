@@ -34,13 +34,15 @@ LAYERS = (
         "pipeline.outputs",
         "pipeline.pictures",
         "pipeline.cluster",
+        "pipeline.faults",
+        "pipeline.stores",
     ),
     ("pipeline.data",),
     ("pipeline.artifacts",),
     ("pipeline.training",),
     ("pipeline.evaluation",),
     ("pipeline.registry",),
-    ("pipeline.cli", "pipeline.__main__"),
+    ("pipeline.command", "pipeline.cli", "pipeline.__main__"),
 )
 # Keys that do not change any stage's outputs: where a stage runs or writes, how often it logs,
 # where MLflow lives, how runs are named; output paths are outs, input paths deps.

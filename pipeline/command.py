@@ -1,0 +1,109 @@
+"""What every ``danet`` command shares: loading its params, one-line errors, signals.
+
+Every command reads its params the same way (pipeline/config.py): ``--params FILE`` (default
+params.yaml) or ``danet --preset NAME`` (configs/<name>.yaml), then ``--set section.key=value``
+overrides, then the command's own options, which are shorthands for ``--set``; the params it
+writes are checked against every store before anything runs (pipeline/stores.py).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from pipeline.errors import PipelineError
+
+
+class DanetGroup(TyperGroup):
+    """Usage errors (an unknown option, a value out of range) as one ``error:`` line and exit 2,
+    like every other bad input, instead of click's usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, terminated)
+        try:
+            code = super().main(*args, **kwargs)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            raise SystemExit(130) from None
+        except typer.TyperException as err:  # click's usage errors
+            typer.echo(f"error: {err.format_message()}", err=True)
+            raise SystemExit(getattr(err, "exit_code", 2)) from None
+        raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, ``ray job stop``) unwinds like Ctrl-C: no half-written outputs."""
+    typer.echo("terminated", err=True)
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A PipelineError, or a fault of the environment (a full disk, a locked MLflow database),
+    -> ``error: <file or param>: <problem>`` on stderr and its exit code; a bug keeps its traceback."""
+    from pipeline.faults import environment_fault
+
+    try:
+        yield
+    except Exception as err:
+        found = err if isinstance(err, PipelineError) else environment_fault(err)
+        if found is None:
+            raise
+        typer.echo(f"error: {found.message}", err=True)
+        raise typer.Exit(found.exit_code) from None
+
+
+def load(
+    ctx: typer.Context,
+    params: Path,
+    sets: Sequence[str] | None,
+    writes: Sequence[str] = (),
+    **flags: Any,
+) -> Any:
+    """The command's params: file or preset, ``--set`` overrides, then its own options; the
+    params it ``writes`` (``evaluate.out``) are checked to overlap no store (pipeline/stores.py).
+
+    ``flags`` maps dotted keys (``shard.root``) to option values; None = not given.
+    """
+    from pipeline.config import ConfigError, load_params
+    from pipeline.stores import check_outputs
+
+    preset = ctx.obj.get("preset") if ctx.obj else None
+    if preset and params != Path("params.yaml"):
+        raise ConfigError("--preset and --params name two params files: give one")
+    overrides = list(sets or [])
+    overrides += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    p = load_params(params, overrides, preset)
+    check_outputs(p, {k: getattr(getattr(p, k.split(".")[0]), k.split(".")[1]) for k in writes})
+    return p
+
+
+def tracking_uri(p: Any) -> str:
+    from pipeline.artifacts.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(p.mlflow.tracking_uri)
+
+
+def split_list(value: str | None) -> list[str] | None:
+    return None if value is None else [s for s in value.split(",") if s]
+
+
+def parse_scales(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v]
+    except ValueError:
+        raise typer.BadParameter(
+            f"must be numbers separated by commas, got {value!r}", param_hint="--scales"
+        ) from None

@@ -1,0 +1,58 @@
+"""Faults of the environment, told apart from bugs by their type, never by their text.
+
+A full disk, a read-only or forbidden folder, a corrupted or locked MLflow database: none is a
+bug in the pipeline, so each becomes a ``ServiceError`` (one line, exit 2) wherever it surfaces.
+Any other exception keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from pipeline.errors import ServiceError, first_line
+
+# errno values that describe the machine, not the code
+ENVIRONMENT = {
+    errno.ENOSPC: "no space left on the device: free some and run again",
+    errno.EDQUOT: "disk quota exceeded: free some space and run again",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "input/output error on the device",
+    errno.EMFILE: "too many open files (raise ulimit -n)",
+}
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _database_error(err: BaseException) -> bool:
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:  # pragma: no cover - mlflow brings it
+        return False
+    return isinstance(err, SQLAlchemyError)
+
+
+def environment_fault(err: BaseException) -> ServiceError | None:
+    """The ``ServiceError`` an environment fault stands for (searching its causes), else None."""
+    for cause in _chain(err):
+        if isinstance(cause, OSError) and cause.errno in ENVIRONMENT:
+            where = cause.filename or "a file"
+            return ServiceError(f"{where}: {ENVIRONMENT[cause.errno]} ({os.strerror(cause.errno)})")
+        if _database_error(cause):
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or "mlflow.tracking_uri"
+            orig = getattr(cause, "orig", None) or cause
+            return ServiceError(
+                f"{uri}: the MLflow database cannot be used ({type(orig).__name__}: "
+                f"{first_line(orig)}); if it is locked, wait for the other process; if it is "
+                "corrupt, restore it from a backup"
+            )
+    return None
