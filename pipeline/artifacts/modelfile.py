@@ -9,6 +9,7 @@ shards' and code's digests). Loaded with ``weights_only=True``: a model file can
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,17 @@ class ModelInfo:
         return float(self.meta.get("val_miou", 0.0))
 
 
+def save_bytes(obj: Any, path: Path) -> None:
+    """``torch.save`` through Python's file I/O, so a full disk is an ``OSError`` (ENOSPC) that
+    names the file, not torch's ``PytorchStreamWriter`` RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
 def save_model_file(path: Path, state: dict[str, torch.Tensor], info: ModelInfo) -> None:
-    torch.save(
+    save_bytes(
         {
             "model": state,
             "model_config": dataclasses.asdict(info.config),
@@ -92,8 +102,23 @@ def read_model_info(path: str | Path) -> ModelInfo:
 
 
 def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelInfo]:
-    """The state dict and metadata of a model file."""
-    return _read(Path(path))["model"], read_model_info(path)
+    """The state dict and metadata of a model file: every weight finite, one class per output
+    channel and a colour per class."""
+    state, info = _read(Path(path))["model"], read_model_info(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(path, "not a valid DANet model file (its weights are not tensors)")
+    bad = next(
+        (k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()), None
+    )
+    if bad is not None:
+        raise ModelError(path, f"weight {bad} holds NaN or infinite values: a diverged model")
+    if len(info.classes) != info.config.num_classes or len(info.palette) != len(info.classes):
+        raise ModelError(
+            path,
+            f"{len(info.classes)} class names and {len(info.palette)} colours for a model of "
+            f"{info.config.num_classes} classes",
+        )
+    return state, info
 
 
 def load_model_file(path: str | Path) -> tuple[Segmenter, ModelInfo]:

@@ -52,22 +52,23 @@ def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
                 uri = found
             elif not ref.startswith(("models:/", "runs:/")):
                 raise ModelError(ref, "not a model file, MLflow run id, runs:/ or models:/ URI")
-            logged = mlflow.models.get_model_info(uri)
-            if "pytorch" in logged.flavors:  # a torch module logged as such
-                module = mlflow.pytorch.load_model(uri, map_location="cpu").eval()
-            else:  # the served pyfunc: its model.pt is the raw model
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-                module, _ = load_model_file(local / "artifacts" / "model.pt")
+            logged = mlflow.models.get_model_info(uri)  # the MLmodel file: YAML, no code
+            meta: dict[str, Any] = logged.metadata or {}
+            flavors = set(logged.flavors)
+            if "classes" not in meta or flavors != {"python_function"}:
+                raise ModelError(ref, "not a model logged by danet train: refused (no code is run)")
+            # the served pyfunc carries model.pt, read with weights_only: nothing is unpickled
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except MlflowException as err:
         raise ModelError(ref, f"cannot load the model ({first_line(err)})") from None
-    meta: dict[str, Any] = logged.metadata or {}
-    if "classes" not in meta:
-        raise ModelError(ref, "the logged model has no class metadata (not logged by danet train)")
+    weights = local / "artifacts" / "model.pt"
+    if not weights.is_file():
+        raise ModelError(
+            ref, "the logged model has no artifacts/model.pt (not logged by danet train)"
+        )
+    module, info = load_model_file(weights)
+    if list(info.classes) != list(meta["classes"]):
+        raise ModelError(ref, "the logged model's class metadata differs from its model.pt")
     return LoadedModel(
-        module,
-        tuple(meta["classes"]),
-        palette_of(meta["palette"]),
-        meta.get("dataset", ""),
-        ref,
-        uri,
+        module, info.classes, palette_of(meta["palette"]), meta.get("dataset", ""), ref, uri
     )

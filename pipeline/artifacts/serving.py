@@ -18,29 +18,66 @@ from typing import Any
 
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
 
 from danet.inference import Protocol, infer, to_input
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file
 
-try:  # the serving environment has mlflow; the model library does not need it
-    from mlflow.pyfunc import PythonModel
-except ImportError:  # pragma: no cover
-    PythonModel = object  # type: ignore[assignment,misc]
-
 DEFAULT_PARAMS: dict[str, Any] = {"mode": "auto", "crop": 512, "flip": False, "slide_above": 1024}
+MAX_PIXELS = 50_000_000  # per image, checked from the header before anything is decoded
 
 
-def decode(value: Any) -> np.ndarray:
-    """An image cell (bytes, or base64 text) -> (H, W, 3) uint8."""
+class RequestError(MlflowException):
+    """A bad request: HTTP 400 with one line and no stack trace. MLflow's scoring server prefixes
+    a prediction error's message with the request's repr (many lines); this keeps the first."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
+
+
+def decode(value: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An image cell (bytes, or base64 text) -> (H, W, 3) uint8; ``ValueError`` for anything
+    that is not a PNG or JPEG, or has more than ``max_pixels`` (read from its header)."""
     from PIL import Image
 
-    data = (
-        value
-        if isinstance(value, bytes | bytearray)
-        else base64.b64decode(str(value), validate=True)
-    )
-    with Image.open(io.BytesIO(data)) as im:
-        return np.array(im.convert("RGB"))
+    try:
+        data = (
+            value
+            if isinstance(value, bytes | bytearray)
+            else base64.b64decode(str(value), validate=True)
+        )
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in ("PNG", "JPEG"):
+                raise ValueError(f"a {im.format} image, not a PNG or JPEG")
+            if im.width * im.height > max_pixels:
+                raise ValueError(
+                    f"{im.width}x{im.height} is over the {max_pixels:,} pixel limit: send it smaller"
+                )
+            return np.array(im.convert("RGB"))
+    except (binascii.Error, OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"not a PNG or JPEG ({type(err).__name__})") from None
+
+
+def check_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The request's params over the defaults, each checked (one line naming it)."""
+    options = {**DEFAULT_PARAMS, **(params or {})}
+    if options["mode"] not in ("auto", "whole", "slide"):
+        raise RequestError(f"params.mode must be auto, whole or slide, got {options['mode']!r}")
+    for key, low in (("crop", 16), ("slide_above", 0)):
+        if not isinstance(options[key], int) or options[key] < low:
+            raise RequestError(f"params.{key} must be an integer >= {low}, got {options[key]!r}")
+    return options
 
 
 def encode_labels(labels: np.ndarray) -> str:
@@ -78,13 +115,15 @@ class LabelMapModel(PythonModel):
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         import pandas as pd
 
-        options = {**DEFAULT_PARAMS, **(params or {})}
+        options = check_params(params or {})
+        if "image" not in getattr(model_input, "columns", ()):
+            raise RequestError("the request has no column 'image' (PNG or JPEG bytes, base64)")
         rows = []
-        for value in model_input["image"]:
+        for i, value in enumerate(model_input["image"]):
             try:
                 image = decode(value)
-            except (binascii.Error, ValueError, OSError) as err:
-                raise ValueError(f"image: not a PNG or JPEG ({type(err).__name__})") from None
+            except ValueError as err:
+                raise RequestError(f"image {i}: {err}") from None
             labels = self.label(image, options)
             rows.append(
                 {

@@ -69,11 +69,14 @@ class _Hashing(io.RawIOBase):
 def iter_raw(shard: ShardRef | str) -> Iterator[RawSample]:
     """The samples of one shard, in order, as bytes; the digest is checked at the end."""
     ref = ShardRef(shard) if isinstance(shard, str) else shard
+    count = 0
     with open_binary(ref.url) as f:
         stream = _Hashing(f)
         try:
             with tarfile.open(fileobj=io.BufferedReader(stream), mode="r|") as tar:
-                yield from _group(tar, ref.url)
+                for sample in _group(tar, ref.url):
+                    count += 1
+                    yield sample
         except (tarfile.TarError, EOFError, OSError) as err:
             raise DataError(ref.url, f"not a readable shard ({err})") from None
         while stream.read(1 << 20):  # the tar's end padding: the digest covers the whole file
@@ -83,6 +86,8 @@ def iter_raw(shard: ShardRef | str) -> Iterator[RawSample]:
             ref.url,
             "shard content differs from the manifest's sha256: replaced or corrupt (re-run danet shard)",
         )
+    if ref.samples >= 0 and count != ref.samples:
+        raise DataError(ref.url, f"shard holds {count} samples, the manifest says {ref.samples}")
 
 
 def _group(tar: tarfile.TarFile, url: str) -> Iterator[RawSample]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 from pipeline.data.storage import is_url, join
@@ -24,10 +25,12 @@ MANIFEST_VERSION = 3
 
 
 class ShardRef(NamedTuple):
-    """A shard to read and the sha256 its content must have ("" = not checked)."""
+    """A shard to read, the sha256 its content must have and the samples it must hold ("" and
+    -1: not checked, for a shard named by hand)."""
 
     url: str
     sha256: str = ""
+    samples: int = -1
 
 
 @dataclass(frozen=True)
@@ -95,10 +98,38 @@ class Manifest:
         return json.dumps(data, indent=2) + "\n"
 
 
-def _split_from(data: dict[str, Any]) -> SplitInfo:
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _shard_from(data: dict[str, Any], where: str) -> ShardInfo:
+    """One shard's entry: a plain file name in the shard folder, a sha256, its counts."""
+    shard = ShardInfo(
+        name=str(data["name"]),
+        samples=int(data["samples"]),
+        sha256=str(data["sha256"]),
+        bytes=int(data["bytes"]),
+    )
+    name = shard.name
+    if PurePosixPath(name).name != name or name in (".", "..") or "\\" in name or not name:
+        raise DataError(where, f"shard name {name!r} is not a plain file name in the shard folder")
+    if not SHA256.match(shard.sha256):
+        raise DataError(where, f"shard {name}: sha256 {shard.sha256!r} is not a sha256 digest")
+    if shard.samples < 1 or shard.bytes < 1:
+        raise DataError(where, f"shard {name}: {shard.samples} samples in {shard.bytes} bytes")
+    return shard
+
+
+def _split_from(data: dict[str, Any], where: str) -> SplitInfo:
+    shards = tuple(_shard_from(s, where) for s in data["shards"])
+    if int(data["samples"]) != sum(s.samples for s in shards):
+        raise DataError(
+            where,
+            f"a split counts {data['samples']} samples but its shards hold "
+            f"{sum(s.samples for s in shards)}",
+        )
     return SplitInfo(
         samples=int(data["samples"]),
-        shards=tuple(ShardInfo(**s) for s in data["shards"]),
+        shards=shards,
         class_pixels=tuple(int(v) for v in data["class_pixels"]),
         ignore_pixels=int(data["ignore_pixels"]),
         min_size=(int(data["min_size"][0]), int(data["min_size"][1])),
@@ -132,7 +163,7 @@ def manifest_from_json(text: str | bytes, where: str, location: str = "") -> Man
             data[key]
         splits = {}
         for key, split in data["splits"].items():
-            splits[key] = _split_from(split)
+            splits[key] = _split_from(split, where)
         key = "palette"
         palette = tuple((int(c[0]), int(c[1]), int(c[2])) for c in data["palette"])
         key = "mean/std"
@@ -182,7 +213,7 @@ def shard_refs(manifest: Manifest, split: str) -> list[ShardRef]:
     """The shards of a split, each checked to exist with the manifest's size (a ``pipe:`` URL
     cannot be sized: its digest is still checked as it is read)."""
     infos = manifest.split(split).shards
-    refs = [ShardRef(join(manifest.location, s.name), s.sha256) for s in infos]
+    refs = [ShardRef(join(manifest.location, s.name), s.sha256, s.samples) for s in infos]
     for ref, shard, size in zip(refs, infos, _sizes([r.url for r in refs]), strict=True):
         if size is None:
             raise DataError(ref.url, "shard is missing")

@@ -13,6 +13,7 @@ model under bf16 autocast on CUDA (the attention's energies stay fp32).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,8 +28,8 @@ from pipeline.artifacts.modelfile import read_model_info
 from pipeline.artifacts.refs import LoadedModel, load_model
 from pipeline.config import ConfigError, EvaluateParams
 from pipeline.data.loader import read_shard
-from pipeline.data.manifest import ShardRef, load_manifest, shard_refs
-from pipeline.errors import first_line
+from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
+from pipeline.errors import DataError, first_line
 from pipeline.evaluation.record import Evaluation
 from pipeline.outputs import atomic_dir, check_output, check_outside
 from pipeline.pictures import plot_confusion_matrix, prediction_grid, save_png, write_per_class_iou
@@ -66,6 +67,7 @@ def pick_model(ref: str, candidates: Sequence[str] = CANDIDATES) -> str:
     if ref != "auto":
         return ref
     scored = [(read_model_info(c).val_miou, c) for c in candidates if Path(c).is_file()]
+    scored = [(score, c) for score, c in scored if math.isfinite(score)]
     if not scored:
         raise ConfigError(
             f"evaluate.model is auto but none of {', '.join(candidates)} exists (run danet train)"
@@ -97,9 +99,12 @@ def evaluate_model(
     bar = tqdm(desc=f"evaluate ({protocol.name})", unit="img", disable=None if progress else True)
     with torch.no_grad(), autocast:
         for ref in shards:
-            for _, image, label in read_shard(ref):
+            for key, image, label in read_shard(ref):
                 pred = infer(module, to_input(image).to(device), protocol).argmax(1)[0]
-                cm.update(pred, torch.from_numpy(label).to(device).long())
+                try:
+                    cm.update(pred, torch.from_numpy(label).to(device).long())
+                except ValueError as err:
+                    raise DataError(ref.url, f"sample {key}: {err}") from None
                 if len(rows) < num_overlays:
                     rows.append((image, label, pred.cpu().numpy().astype(np.uint8)))
                 bar.update()
@@ -195,6 +200,7 @@ def run_evaluation(
             bf16=params.bf16,
             num_overlays=params.num_overlays,
         )
+    check_counted(matrix, manifest, params.split)
     result = summarize(matrix)
     evaluation = Evaluation(
         model=ref,
@@ -213,6 +219,24 @@ def run_evaluation(
     if tracking_uri:
         log_to_model(evaluation, model.uri, tracking_uri)
     return evaluation
+
+
+def check_counted(matrix: torch.Tensor, manifest: Manifest, split: str) -> None:
+    """The labelled pixels evaluated are those the manifest counted when sharding (each shard's
+    images are counted as read, pipeline/data/loader.py): no split is scored on no data."""
+    info = manifest.split(split)
+    where = f"{manifest.location}/manifest.json"
+    if info.samples == 0 or not info.shards:
+        raise DataError(where, f"split {split!r} has no images: nothing to evaluate")
+    counted, expected = int(matrix.sum()), sum(info.class_pixels)
+    if counted != expected:
+        raise DataError(
+            where,
+            f"split {split!r}: {counted} labelled pixels were evaluated, the manifest counts "
+            f"{expected}: the shards do not match it (re-run danet shard)",
+        )
+    if expected == 0:
+        raise DataError(where, f"split {split!r} has no labelled pixel: mIoU is undefined")
 
 
 def log_to_model(evaluation: Evaluation, ref: str, tracking_uri: str) -> None:

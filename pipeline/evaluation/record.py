@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ConfigError, DataError
 
@@ -26,14 +28,34 @@ class Evaluation:
     images: int
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        """Strict JSON: a class absent from truth and prediction has IoU ``null``, never NaN."""
+        data = asdict(self)
+        data["iou_per_class"] = {
+            k: None if math.isnan(v) else v for k, v in self.iou_per_class.items()
+        }
+        return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
     @classmethod
     def read(cls, path: Path) -> Evaluation:
-        """A metrics.json written by ``danet evaluate``; anything else is one DataError."""
+        """A metrics.json written by ``danet evaluate``, its scores numbers; else one DataError."""
         if not path.is_file():
             raise ConfigError(f"{path}: evaluation metrics do not exist (run danet evaluate)")
         try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+            data = json.loads(path.read_text(), parse_constant=_refuse_constant)
+            data["iou_per_class"] = {
+                k: math.nan if v is None else float(v) for k, v in data["iou_per_class"].items()
+            }
+            evaluation = cls(**data)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, KeyError) as err:
             raise DataError(path, f"not metrics written by danet evaluate ({err})") from None
+        for key in ("miou", "pixel_acc", "mean_acc"):
+            value = getattr(evaluation, key)
+            if not (isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1):
+                raise DataError(path, f"{key} is {value!r}, not a score in [0, 1]: not registered")
+        if not (isinstance(evaluation.images, int) and evaluation.images > 0):
+            raise DataError(path, f"evaluates {evaluation.images!r} images: not registered")
+        return evaluation
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")

@@ -50,7 +50,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> Iterator[Path]:
 def read_image(path: Path) -> np.ndarray:
     """(H, W, 3) uint8; ``ValueError`` naming the problem for anything that is not an image."""
     if not path.is_file():
-        raise ValueError("file does not exist")
+        raise ValueError("does not exist or is not a regular file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # a limit, not a warning

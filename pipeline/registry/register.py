@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from pipeline.config import ConfigError, RegisterParams
 from pipeline.errors import DataError, ModelError, first_line
 from pipeline.evaluation.record import Evaluation
 from pipeline.outputs import atomic_file
+from pipeline.schema import check_name
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -80,16 +82,29 @@ def decide(champion_tags: dict[str, str] | None, tags: dict[str, str]) -> tuple[
     """``(alias, reason)`` for a new version with ``tags`` against the champion's tags."""
     if champion_tags is None:
         return CHAMPION, "no champion yet"
+    old = _score(champion_tags.get("val_miou"))
+    if not math.isfinite(old):  # registered before scores were checked: no score to defend
+        return (
+            CHAMPION,
+            f"the champion's val mIoU {champion_tags.get('val_miou')!r} is not a number",
+        )
     for key in COMPARABLE:
         if champion_tags.get(key) != tags[key]:
             return (
                 CHALLENGER,
                 f"not comparable: the champion has {key} {champion_tags.get(key)!r}, this {tags[key]!r}",
             )
-    old, new = float(champion_tags.get("val_miou", "nan")), float(tags["val_miou"])
+    new = float(tags["val_miou"])
     if new > old:
         return CHAMPION, f"val mIoU {new:.4f} beats the champion's {old:.4f}"
     return CHALLENGER, f"val mIoU {new:.4f} does not beat the champion's {old:.4f}"
+
+
+def _score(text: str | None) -> float:
+    try:
+        return float(text) if text is not None else math.nan
+    except ValueError:
+        return math.nan
 
 
 def find_version(client: Any, name: str, tags: dict[str, str]) -> Any:
@@ -156,6 +171,7 @@ def _register(
     import mlflow
 
     name = params.name or f"danet-{evaluation.dataset}"
+    check_name(name, "register.name")
     model_uri, run_id = mlflow_model_uri(evaluation.model_uri)
     tags = version_tags(evaluation, run_id)
     champion = alias_version(client, name, CHAMPION)

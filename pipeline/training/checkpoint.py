@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pipeline.artifacts.modelfile import save_bytes
 from pipeline.errors import first_line
 from pipeline.training.records import History
 
@@ -43,7 +44,7 @@ class TrainState:
 
 
 def save_checkpoint(directory: Path, state: TrainState, history: History, max_iters: int) -> None:
-    torch.save(state.__dict__, directory / STATE_FILE)
+    save_bytes(state.__dict__, directory / STATE_FILE)
     (directory / HISTORY_FILE).write_text(history.to_json())
     progress = {
         "iteration": state.iteration,

@@ -8,6 +8,8 @@ are plain picklable objects so that sharding can fan ``read`` out over processes
 from __future__ import annotations
 
 import io
+import os
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,7 +80,10 @@ class Reader(ABC):
         image_bytes, fmt, size = read_image(item.image)
         if item.label is None:
             raise DataError(item.image, "image has no label file")
-        label = self.convert_label(self.load_label(item.label), item.label)
+        require_regular(item.label)
+        raw = self.load_label(item.label)
+        check_raw_values(raw, item.label)
+        label = self.convert_label(raw, item.label)
         if label.shape != (size[1], size[0]):
             raise DataError(
                 item.label,
@@ -96,9 +101,31 @@ class Reader(ABC):
         return raw.astype(np.uint8)
 
 
+def require_regular(path: str) -> None:
+    """A dataset file must be a regular file: a FIFO, device or socket would block or never end,
+    so it is refused without being opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(path, "file does not exist") from None
+    except OSError as err:
+        raise DataError(path, f"cannot read ({err.strerror or err})") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(path, "not a regular file (a FIFO, device or socket): refused unopened")
+
+
+def check_raw_values(raw: np.ndarray, path: str) -> None:
+    """Stored label values are class ids 0..255 whatever the file's bit depth: a 16-bit value
+    would wrap around to another class when converted to uint8."""
+    if raw.size and (raw.min() < 0 or raw.max() > IGNORE_INDEX):
+        bad = int(raw.max() if raw.max() > IGNORE_INDEX else raw.min())
+        raise DataError(path, f"label value {bad} is outside 0..{IGNORE_INDEX}: not a class id")
+
+
 def read_image(path: str) -> tuple[bytes, str, tuple[int, int]]:
     """The file's bytes, its format ("png"/"jpg"/...) and (width, height); checks it decodes."""
     p = Path(path)
+    require_regular(path)
     try:
         data = p.read_bytes()
     except OSError as err:
