@@ -54,6 +54,20 @@ class TrainingError(PipelineError):
     exit_code = 1
 
 
+class TrainingDiverged(PipelineError):
+    """The loss became NaN or infinite: the recipe cannot learn as it is (exit 2)."""
+
+    def __init__(self, iteration: int, loss: float) -> None:
+        super().__init__(
+            f"training diverged: the loss is {loss} at iteration {iteration}; lower train.lr "
+            "or set train.grad_clip (e.g. 1.0), then train again (--restart)"
+        )
+        self.iteration, self.loss = iteration, loss
+
+    def __reduce__(self) -> tuple[type, tuple[int, float]]:
+        return (type(self), (self.iteration, self.loss))
+
+
 def first_line(err: BaseException) -> str:
     """The first non-empty line of an exception's text, or its type's name."""
     text = str(err).strip()

@@ -34,14 +34,18 @@ def atomic_dir(out: Path) -> Iterator[Path]:
 
 
 def replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; the old ``target`` disappears only once ``new`` is in place."""
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"{target}: exists and is not a folder")
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    """Move ``new`` to ``target``; the old ``target`` disappears only once ``new`` is in place.
+    Two commands finishing the same output at once take turns (a lock): the last one wins, whole."""
+    from pipeline.locks import exclusive
+
+    with exclusive(str(target), str(target), wait=True):
+        if target.exists() and not target.is_dir():
+            raise ConfigError(f"{target}: exists and is not a folder")
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        if target.exists():
+            target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

@@ -35,6 +35,7 @@ LAYERS = (
         "pipeline.pictures",
         "pipeline.cluster",
         "pipeline.faults",
+        "pipeline.locks",
         "pipeline.stores",
     ),
     ("pipeline.data",),

@@ -23,8 +23,9 @@ from typing import Any
 from pipeline.artifacts.modelfile import read_model_info
 from pipeline.artifacts.tracking import git_state, logged_model_uri
 from pipeline.config import ConfigError, RegisterParams
-from pipeline.errors import DataError, ModelError, first_line
+from pipeline.errors import DataError, ModelError, ServiceError, first_line
 from pipeline.evaluation.record import Evaluation
+from pipeline.locks import exclusive
 from pipeline.outputs import atomic_file
 from pipeline.schema import check_name
 
@@ -137,7 +138,12 @@ def register(params: RegisterParams, tracking_uri: str) -> Registration:
     from pipeline.artifacts.tracking import tracking_uri as using
 
     evaluation = Evaluation.read(Path(params.eval_metrics))
-    with atomic_file(Path(params.out)) as tmp, using(tracking_uri):  # the folder is writable first
+    store = tracking_uri.removeprefix("sqlite:///") if "sqlite:" in tracking_uri else tracking_uri
+    with (
+        exclusive(store, f"the registry of {tracking_uri}", wait=True),  # one register at a time
+        atomic_file(Path(params.out)) as tmp,  # the folder is writable first; written in the lock
+        using(tracking_uri),
+    ):
         client = MlflowClient(tracking_uri)
         undo: list[tuple[str, Any]] = []
         try:
@@ -187,6 +193,12 @@ def _register(
     else:
         alias, reason = decide(champion_tags, tags)
         previous = alias_version(client, name, alias)
+        now = alias_version(client, name, CHAMPION)  # compare-and-set, for a tracking server
+        if (now and now.version) != (champion and champion.version):
+            raise ServiceError(
+                f"register: the champion of {name} moved while this registered (another danet "
+                "register): nothing kept, run it again"
+            )
         client.set_registered_model_alias(name, alias, version.version)
         undo.append(("alias", (alias, str(previous.version) if previous else None)))
         client.set_model_version_tag(name, version.version, "reason", reason)

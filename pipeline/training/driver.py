@@ -20,7 +20,8 @@ from typing import Any
 from pipeline.cluster import check_tracking_for, connect_ray, storage_uri
 from pipeline.config import ConfigError, DataParams, MlflowParams, ModelParams, TrainParams
 from pipeline.data.storage import is_url
-from pipeline.errors import PipelineError, TrainingError, first_line
+from pipeline.errors import PipelineError, TrainingDiverged, TrainingError, first_line
+from pipeline.locks import exclusive
 from pipeline.outputs import check_output, check_outside
 from pipeline.training.checkpoint import (
     delete_run,
@@ -29,6 +30,7 @@ from pipeline.training.checkpoint import (
     prune_untracked,
 )
 from pipeline.training.job import TrainJob, code_digest, default_run_name, flat_params, prepare_job
+from pipeline.training.records import DIVERGED_AT, DIVERGED_LOSS
 from pipeline.training.results import RunSummary, log_outputs, write_outputs
 from pipeline.training.worker import train_worker
 
@@ -125,12 +127,16 @@ def fit(
         ),
     )
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except Exception as err:
         unwrapped = unwrap_failure(err)
         if unwrapped is err:
             raise
         raise unwrapped from None
+    metrics = result.metrics or {}
+    if DIVERGED_AT in metrics:
+        raise TrainingDiverged(int(metrics[DIVERGED_AT]), float(metrics[DIVERGED_LOSS]))
+    return result
 
 
 def run_training(
@@ -157,12 +163,30 @@ def run_training(
     run_name = train.run_name or default_run_name(job)
     run_dir = f"{storage_uri(train.storage_path)}/{run_name}"
     experiment = tracking.experiment or job.dataset
-    if restart:
-        log.info("[train] --restart: deleting run %s and training it anew", run_name)
-        delete_run(run_dir)
-        mlt.retire_run(uri, experiment, run_name)
-    elif (finished := finished_checkpoint(run_dir)) is not None:
-        return reuse(finished, job, run_name, uri, experiment, tracking)
+    with exclusive(run_dir, f"train.run_name {run_name}"):  # one driver per run at a time
+        if restart:
+            log.info("[train] --restart: deleting run %s and training it anew", run_name)
+            delete_run(run_dir)
+            mlt.retire_run(uri, experiment, run_name)
+        elif (finished := finished_checkpoint(run_dir)) is not None:
+            return reuse(finished, job, run_name, uri, experiment, tracking)
+        return train_run(job, run_name, data, tracking, uri, fault)
+
+
+def train_run(
+    job: TrainJob,
+    run_name: str,
+    data: DataParams,
+    tracking: MlflowParams,
+    uri: str,
+    fault: tuple[int, int, str] | None,
+) -> RunSummary:
+    """Train (or resume) the run ``run_name`` and write its outputs; the caller holds its lock."""
+    from pipeline.artifacts import tracking as mlt
+
+    train = job.train
+    run_dir = f"{storage_uri(train.storage_path)}/{run_name}"
+    experiment = tracking.experiment or job.dataset
     connect_ray(train.ray_address)
     run_id = mlt.start_or_resume_run(
         uri, experiment, run_name, flat_params(job), {"dataset": job.dataset}
@@ -179,7 +203,7 @@ def run_training(
         system_metrics_every=tracking.system_metrics_every,
         prediction_images=tracking.num_prediction_images,
     )
-    weights = backbone_weights(model)
+    weights = backbone_weights(job.model)
     try:
         result = fit(job, run_name, weights=ray_put(weights))
     except BaseException:

@@ -96,6 +96,10 @@ def prepare_job(model: ModelParams, data: DataParams, train: TrainParams) -> Tra
     """Check every input before any work starts: shards, classes, architecture, crop."""
     manifest = load_manifest(data.shards)
     model.to_danet_config(manifest.num_classes)  # validates backbone, head, classes
+    check_loss_weights(model, train)
+    for split in (data.train_split, data.val_split):
+        if manifest.split(split).samples == 0:
+            raise ConfigError(f"data.shards {data.shards}: split {split!r} has no images")
     train_shards = shard_refs(manifest, data.train_split)
     val_shards = shard_refs(manifest, data.val_split)
     job = TrainJob(
@@ -122,6 +126,20 @@ def prepare_job(model: ModelParams, data: DataParams, train: TrainParams) -> Tra
         )
     mean, std = normalization(model, data, manifest)
     return dataclasses.replace(job, mean=tuple(mean), std=tuple(std))
+
+
+def check_loss_weights(model: ModelParams, train: TrainParams) -> None:
+    """At least one output the model has must carry a weight: all zero would learn nothing."""
+    outputs = [
+        "out",
+        *(["pam", "cam"] if model.head == "danet" else []),
+        *(["aux"] if model.aux else []),
+    ]
+    if not any(train.loss_weights.get(name, 0.0) > 0 for name in outputs):
+        raise ConfigError(
+            f"train.loss_weights: every output this model trains ({', '.join(outputs)}) has "
+            "weight 0: nothing would be learned"
+        )
 
 
 @cache

@@ -17,10 +17,12 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from danet.metrics import ConfusionMatrix
 from danet.model import SegmentationModel
+from pipeline.errors import TrainingDiverged
 from pipeline.training.records import StepRecord
 
 LossFn = Callable[
@@ -114,11 +116,15 @@ def train_steps(
         n = images.shape[0] * world_size
         epoch.add(loss, parts, n)
         window.add(loss, parts, n)
-        if on_log is not None and window.steps >= log_every:
-            on_log(window.record(scheduler, optimizer))
+        if window.steps >= log_every:
+            window.check_finite(int(scheduler.last_epoch))
+            if on_log is not None:
+                on_log(window.record(scheduler, optimizer))
             window = _Window(device)
-    if on_log is not None and window.steps:
-        on_log(window.record(scheduler, optimizer))
+    if window.steps:
+        window.check_finite(int(scheduler.last_epoch))
+        if on_log is not None:
+            on_log(window.record(scheduler, optimizer))
     return epoch.record(scheduler, optimizer)
 
 
@@ -137,6 +143,19 @@ class _Window:
         self.names = list(parts)
         self.steps += 1
         self.images += images
+
+    def check_finite(self, iteration: int) -> None:
+        """Raise ``TrainingDiverged`` on every rank when any rank's loss went NaN or infinite.
+
+        Once per log window, not per step: one host read (and, under DDP, one all-reduce of a
+        flag, so that all ranks stop at the same step)."""
+        if self.sums is None:
+            return
+        finite = torch.isfinite(self.sums).all().to(torch.int32)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            raise TrainingDiverged(iteration, float(self.sums[0] / self.steps))
 
     def record(self, scheduler: Any, optimizer: torch.optim.Optimizer) -> StepRecord:
         means = (self.sums / max(self.steps, 1)).tolist() if self.sums is not None else [0.0]

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from pipeline.config import (
     TuneParams,
 )
 from pipeline.errors import first_line
+from pipeline.locks import exclusive
 from pipeline.outputs import atomic_write_text, check_output, check_outside
 from pipeline.training.checkpoint import delete_run
 from pipeline.training.driver import backbone_weights, finalize, fit, ray_put
@@ -114,12 +116,16 @@ def tune_trial(config: dict[str, Any], search: SearchJob) -> None:
     tags = {"mlflow.parentRunId": search.parent_run_id, TRIAL_TAG: run_name}
     run_id = mlt.start_or_resume_run(uri, search.experiment, run_name, params, tags)
     log.info("[tune] trial %s: lr %.4g, crop %d", run_name, lr, crop)
-    fit(
-        trial_job(search, lr, crop, run_id),
-        run_name,
-        callbacks=[TuneReportCallback()],
-        weights=search.weights,
-    )
+    try:
+        fit(
+            trial_job(search, lr, crop, run_id),
+            run_name,
+            callbacks=[TuneReportCallback()],
+            weights=search.weights,
+        )
+    except BaseException:
+        mlt.end_run(uri, run_id, "FAILED")
+        raise
     mlt.end_run(uri, run_id, "FINISHED")
 
 
@@ -137,8 +143,10 @@ def prepare_search(
     tracking: MlflowParams,
     tune: TuneParams,
     restart: bool = False,
+    hold: ExitStack | None = None,
 ) -> SearchJob:
-    """Check the job with the largest crop, connect, open the search's MLflow run.
+    """Check the job with the largest crop, connect, open the search's MLflow run; ``hold`` gets
+    the search's lock (one process per search at a time) before anything is deleted or started.
 
     ``restart`` deletes the search's results and its trials' runs first (and renames its MLflow
     run out of the way), so it starts anew; otherwise a started search resumes and a finished
@@ -161,6 +169,8 @@ def prepare_search(
     name = tune.name or search_name(job, tune)
     experiment = tracking.experiment or job.dataset
     storage = storage_uri(train.storage_path)
+    if hold is not None:
+        hold.enter_context(exclusive(f"{storage}/{name}", f"tune.name {name}"))
     if restart:
         log.info("[tune] --restart: deleting search %s and running it anew", name)
         for folder in (f"{storage}/{name}", f"{storage}/{name}-trials"):
@@ -233,18 +243,20 @@ def run_search(
     """Run, resume or reuse the search; write the best trial's outputs; return its summary."""
     from pipeline.artifacts import tracking as mlt
 
-    search = prepare_search(model, data, train, tracking, tune, restart)
-    evaluations = math.ceil(tune.epochs / search.job.train.eval_every_epochs)
-    tuner = make_tuner(search, tune, storage_uri(train.storage_path), evaluations)
-    try:
-        grid = tuner.fit()
-    except Exception:
-        mlt.end_run(search.job.tracking_uri, search.parent_run_id, "FAILED")
-        raise
-    trials = [
-        trial_record(r, search, evaluations) for r in sorted(grid, key=lambda r: Path(r.path).name)
-    ]
-    return summarize_search(trials, search, tracking, Path(tune.out))
+    with ExitStack() as hold:
+        search = prepare_search(model, data, train, tracking, tune, restart, hold)
+        evaluations = math.ceil(tune.epochs / search.job.train.eval_every_epochs)
+        tuner = make_tuner(search, tune, storage_uri(train.storage_path), evaluations)
+        try:
+            grid = tuner.fit()
+        except Exception:
+            mlt.end_run(search.job.tracking_uri, search.parent_run_id, "FAILED")
+            raise
+        trials = [
+            trial_record(r, search, evaluations)
+            for r in sorted(grid, key=lambda r: Path(r.path).name)
+        ]
+        return summarize_search(trials, search, tracking, Path(tune.out))
 
 
 def trial_record(result: Any, search: SearchJob, evaluations: int) -> Trial:
