@@ -16,6 +16,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts.modelfile import read_model_info
+from pipeline.artifacts.refs import RUN_ID
 from pipeline.config import ConfigError, DataParams, ModelParams, TrainParams
 from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentParams, largest_side
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
@@ -95,6 +97,7 @@ def normalization(
 def prepare_job(model: ModelParams, data: DataParams, train: TrainParams) -> TrainJob:
     """Check every input before any work starts: shards, classes, architecture, crop."""
     manifest = load_manifest(data.shards)
+    model = resolve_init_from(model)
     model.to_danet_config(manifest.num_classes)  # validates backbone, head, classes
     check_loss_weights(model, train)
     for split in (data.train_split, data.val_split):
@@ -126,6 +129,19 @@ def prepare_job(model: ModelParams, data: DataParams, train: TrainParams) -> Tra
         )
     mean, std = normalization(model, data, manifest)
     return dataclasses.replace(job, mean=tuple(mean), std=tuple(std))
+
+
+def resolve_init_from(model: ModelParams) -> ModelParams:
+    """``model.init_from`` as a model file is checked here, before Ray starts, and made absolute:
+    the workers run in other working directories. MLflow references are resolved by them."""
+    ref = model.init_from
+    if not ref or ref.startswith(("models:/", "runs:/")) or RUN_ID.match(ref):
+        return model
+    path = Path(ref).resolve()
+    if not path.is_file():
+        raise ConfigError(f"model.init_from {ref}: model file does not exist ({path})")
+    read_model_info(path)  # a corrupt or foreign file: one line now, not on every worker
+    return dataclasses.replace(model, init_from=str(path))
 
 
 def check_loss_weights(model: ModelParams, train: TrainParams) -> None:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -243,6 +244,9 @@ def run_search(
     """Run, resume or reuse the search; write the best trial's outputs; return its summary."""
     from pipeline.artifacts import tracking as mlt
 
+    # Ctrl-C stops the search like SIGTERM does (the CLI unwinds, trials keep their checkpoints,
+    # the next run resumes); Tune's own handler would return the unfinished trials as results.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     with ExitStack() as hold:
         search = prepare_search(model, data, train, tracking, tune, restart, hold)
         evaluations = math.ceil(tune.epochs / search.job.train.eval_every_epochs)
