@@ -60,7 +60,7 @@ class TrainingDiverged(PipelineError):
     def __init__(self, iteration: int, loss: float) -> None:
         super().__init__(
             f"training diverged: the loss is {loss} at iteration {iteration}; lower train.lr "
-            "or set train.grad_clip (e.g. 1.0), then train again (--restart)"
+            "or set train.grad_clip (e.g. 1.0) and train again"
         )
         self.iteration, self.loss = iteration, loss
 

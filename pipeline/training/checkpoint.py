@@ -101,6 +101,30 @@ def finished_checkpoint(run_dir: str) -> str | None:
     return dirs[-1] if progress["iteration"] >= progress["max_iters"] else None
 
 
+DIVERGED_FILE = "diverged.json"
+
+
+def mark_diverged(run_dir: str, iteration: int, loss: float) -> None:
+    """Rank 0 leaves where the run diverged in its folder for the driver (Ray Train V2 keeps only
+    metrics reported with a checkpoint, and a raised error would be retried)."""
+    fs, path = _fs(f"{run_dir.rstrip('/')}/{DIVERGED_FILE}")
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps({"iteration": iteration, "loss": str(loss)}).encode())
+
+
+def pop_diverged(run_dir: str) -> tuple[int, float] | None:
+    """Where the run diverged, if it did (the mark is removed: a later run may try again)."""
+    fs, path = _fs(f"{run_dir.rstrip('/')}/{DIVERGED_FILE}")
+    try:
+        with fs.open_input_stream(path) as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    fs.delete_file(path)
+    return int(data["iteration"]), float(data["loss"])
+
+
 def delete_run(run_dir: str) -> None:
     """Every checkpoint and record of a run on its storage (``--restart``)."""
     fs, path = _fs(run_dir)

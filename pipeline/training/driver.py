@@ -27,10 +27,10 @@ from pipeline.training.checkpoint import (
     delete_run,
     finished_checkpoint,
     load_checkpoint,
+    pop_diverged,
     prune_untracked,
 )
 from pipeline.training.job import TrainJob, code_digest, default_run_name, flat_params, prepare_job
-from pipeline.training.records import DIVERGED_AT, DIVERGED_LOSS
 from pipeline.training.results import RunSummary, log_outputs, write_outputs
 from pipeline.training.worker import train_worker
 
@@ -133,9 +133,8 @@ def fit(
         if unwrapped is err:
             raise
         raise unwrapped from None
-    metrics = result.metrics or {}
-    if DIVERGED_AT in metrics:
-        raise TrainingDiverged(int(metrics[DIVERGED_AT]), float(metrics[DIVERGED_LOSS]))
+    if (diverged := pop_diverged(f"{storage}/{run_name}")) is not None:
+        raise TrainingDiverged(*diverged)
     return result
 
 

@@ -17,8 +17,6 @@ IMAGES_PER_S = "images_per_s"
 STEP_IMAGES_PER_S = "step_images_per_s"
 LOSS = "loss"
 LR = "lr"
-DIVERGED_AT = "diverged_at"  # reported instead of a checkpoint when the loss went non-finite
-DIVERGED_LOSS = "diverged_loss"
 
 
 @dataclass

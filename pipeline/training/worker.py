@@ -32,7 +32,7 @@ from danet.model import SegmentationModel
 from pipeline import logs
 from pipeline.data.loader import EvalStream, TrainStream, eval_loader, train_loader
 from pipeline.errors import TrainingDiverged
-from pipeline.training.checkpoint import TrainState, load_latest, save_checkpoint
+from pipeline.training.checkpoint import TrainState, load_latest, mark_diverged, save_checkpoint
 from pipeline.training.job import TrainJob
 from pipeline.training.loop import (
     BatchFn,
@@ -43,7 +43,7 @@ from pipeline.training.loop import (
     train_steps,
     validate,
 )
-from pipeline.training.records import DIVERGED_AT, DIVERGED_LOSS, VAL_MIOU, EvalRecord, History
+from pipeline.training.records import EvalRecord, History
 from pipeline.training.tracker import Tracker, system_metrics
 
 log = logging.getLogger(__name__)
@@ -297,20 +297,14 @@ def train_worker(config: dict[str, Any]) -> None:
     try:
         train_epochs(run, tracker)
     except TrainingDiverged as err:
-        # Reported, not raised: a raised error would make Ray retry a run that diverges again.
+        # Marked, not raised: a raised error would make Ray retry a run that diverges again.
         # Every rank got here at the same step (the flag is all-reduced); the driver refuses it.
         if run.rank == 0:
             log.error("[train] %s", err.message)
-        ray_report({DIVERGED_AT: err.iteration, DIVERGED_LOSS: err.loss, VAL_MIOU: 0.0})
+            mark_diverged(config["run_dir"], err.iteration, err.loss)
     finally:
         if monitor is not None:
             monitor.finish()
-
-
-def ray_report(metrics: dict[str, float]) -> None:
-    import ray.train
-
-    ray.train.report(metrics, checkpoint=None)
 
 
 def train_epochs(run: Run, tracker: Tracker | None) -> None:
