@@ -45,7 +45,7 @@ def environment_fault(err: BaseException) -> ServiceError | None:
     """The ``ServiceError`` an environment fault stands for (searching its causes), else None."""
     for cause in _chain(err):
         if isinstance(cause, OSError) and cause.errno in ENVIRONMENT:
-            where = cause.filename or "a file"
+            where = cause.filename or "an output"
             return ServiceError(f"{where}: {ENVIRONMENT[cause.errno]} ({os.strerror(cause.errno)})")
         if _database_error(cause):
             uri = os.environ.get("MLFLOW_TRACKING_URI") or "mlflow.tracking_uri"

@@ -1,6 +1,6 @@
 """Exclusive locks, so that two commands never write one store at once.
 
-A local location is locked with ``flock`` on a hidden file beside it: the kernel releases it
+A location is locked with ``flock`` on a file in the user's cache named after it: the kernel releases it
 when the holder exits, however it exits (Ctrl-C, SIGKILL, a crash), so a later command just
 proceeds. An object-store location (``s3://``) also gets a lease object beside it, created only
 if absent (S3's conditional ``If-None-Match`` PUT, through fsspec's ``xb`` mode) and removed at
@@ -33,11 +33,10 @@ def _is_url(location: str) -> bool:
 
 
 def lock_file(location: str) -> Path:
-    """The local file whose flock stands for ``location``."""
-    if _is_url(location):
-        return CACHE / (hashlib.sha256(location.encode()).hexdigest()[:24] + ".lock")
-    path = Path(location).resolve()
-    return path.parent / f".{path.name}.lock"
+    """The local file whose flock stands for ``location``: in this user's cache, named by a
+    digest of the location, so that no store gets a file it did not have."""
+    key = location if _is_url(location) else str(Path(location).resolve())
+    return CACHE / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".lock")
 
 
 @contextmanager

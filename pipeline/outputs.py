@@ -29,6 +29,9 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         replace_dir(tmp, out)
+    except OSError as err:
+        name_output(err, out)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -61,9 +64,18 @@ def atomic_file(path: Path) -> Iterator[Path]:
     try:
         yield Path(name)
         os.replace(name, path)
+    except OSError as err:
+        name_output(err, path)
+        raise
     finally:
         if os.path.exists(name):
             os.unlink(name)
+
+
+def name_output(err: OSError, out: Path) -> None:
+    """A write's error without a file name (``write()`` on a full disk) names the output."""
+    if err.filename is None:
+        err.filename = str(out)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,26 +1,30 @@
 """A catalogue of bad inputs and faults across every stage, as a hostile but fair user makes them.
 
-Each case runs a ``danet`` command against a prepared project and must end with exit code 2
-(predict: 1, after the good files) and exactly one ``error:`` line that names the file or param
-and the problem -- no traceback -- with the stage's previous output and its inputs untouched and
-no half-written output left. The families: corrupt, empty, oversized and mislabelled files; bad
-params at every nesting level; tampered and truncated shards and manifests; foreign, corrupt and
-mismatched models; unreachable or unwritable Ray, MLflow and output locations; signals during
-shard and evaluate.
+Each case is a test of its own (``-k`` picks one): a ``danet`` command run against a prepared
+project (a git repository holding a dataset, shards, a model, an MLflow store, Ray's storage and
+an earlier output of every stage) must end with exit code 2 (predict: 1, after the good files)
+and exactly one ``error:`` line that names the file or param and the problem -- no traceback --
+with every store's digest as before (nothing lost), no half-written output, and no code run. The
+families: corrupt, empty, oversized, mislabelled and non-regular files; bad params at every
+level; outputs aimed at a store; tampered and truncated shards and manifests; foreign, corrupt,
+diverged and code-carrying models; scores that are not numbers; unreachable, full, read-only or
+corrupt Ray, MLflow and output locations; signals. Cases that need Ray or subprocesses are
+marked slow.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +39,7 @@ from tests.test_datasets import label_grid, write_image, write_label
 
 runner = CliRunner()
 Setup = Callable[[Path], None]
+PWNED = "pwned"  # a file that code run from a model would create
 
 
 @dataclass
@@ -44,24 +49,27 @@ class Case:
     message: str  # a regex the one error line must match (after "error: ")
     setup: Setup | None = None
     code: int = 2
-    guarded: list[str] = field(
-        default_factory=list
-    )  # paths (under the project) that must not change
+    slow: bool = False  # starts Ray or a subprocess
+    changes: tuple[str, ...] = ()  # stores the setup itself alters (excluded from "nothing lost")
 
 
 def digest(path: Path) -> str:
-    """A digest of a file or a folder's files (names and bytes)."""
-    if not path.exists():
+    """A digest of a file or a folder's files (names and bytes); non-regular files by name."""
+    if not path.exists() and not path.is_symlink():
         return "absent"
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if not p.is_dir()) if path.is_dir() else [path]
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        h.update(f.read_bytes())
+        if f.is_file() and not f.is_symlink():
+            h.update(f.read_bytes())
     return h.hexdigest()
 
 
 # --- the project every case starts from ------------------------------------------------------
+
+# every store of the project: none may change, whatever the case does
+STORES = ["previous", "camvid", "shards", "model.pt", "mlruns", "ray", "notes.md", "params.yaml"]
 
 
 def camvid(root: Path) -> None:
@@ -70,34 +78,35 @@ def camvid(root: Path) -> None:
         write_label(root / f"valannot/img{i}.png", label_grid([1, 2, 11]))
 
 
-def project(tmp: Path, shards: Path) -> None:
+def project(tmp: Path, shards: Path, model: bytes) -> None:
     camvid(tmp / "camvid")
     shutil.copytree(shards, tmp / "shards")
-    write_model_file(tmp / "model.pt", tmp / "shards", val_miou=0.5)
-    (tmp / "previous").mkdir()  # an earlier output of every stage writes here
-    (tmp / "previous" / "marker.txt").write_text("an earlier run's output")
+    (tmp / "model.pt").write_bytes(model)
+    for stage in ("shard", "train", "tune", "eval", "register"):  # an earlier output of each
+        (tmp / "previous" / stage).mkdir(parents=True)
+        (tmp / "previous" / stage / "marker.txt").write_text(f"an earlier {stage} output")
+    for store in ("mlruns", "ray"):
+        (tmp / store).mkdir()
+        (tmp / store / "keep.txt").write_text(f"the {store} store")
+    (tmp / "notes.md").write_text("a tracked file of the user's\n")
     params = {
         "shard": {
             "dataset": "camvid",
-            "root": str(tmp / "camvid"),
-            "out": str(tmp / "previous"),
+            "root": "camvid",
+            "out": "previous/shard",
             "splits": ["val"],
             "workers": 1,
         },
-        "data": {"shards": str(tmp / "shards"), "crop_size": 32},
-        "train": {"out": str(tmp / "previous"), "storage_path": str(tmp / "ray"), "batch_size": 2},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
-        "evaluate": {
-            "model": str(tmp / "model.pt"),
-            "shards": str(tmp / "shards"),
-            "out": str(tmp / "previous"),
-        },
-        "register": {
-            "eval_metrics": str(tmp / "eval.json"),
-            "out": str(tmp / "previous" / "registered.json"),
-        },
+        "data": {"shards": "shards", "crop_size": 32},
+        "train": {"out": "previous/train", "storage_path": "ray", "batch_size": 2},
+        "tune": {"out": "previous/tune"},
+        "mlflow": {"tracking_uri": "sqlite:///mlflow.db"},
+        "evaluate": {"model": "model.pt", "shards": "shards", "out": "previous/eval"},
+        "register": {"eval_metrics": "eval.json", "out": "previous/register/registered.json"},
     }
     (tmp / "params.yaml").write_text(json.dumps(params))
+    subprocess.run(["git", "init", "-q"], cwd=tmp, check=True)
+    subprocess.run(["git", "add", "params.yaml", "notes.md"], cwd=tmp, check=True)
 
 
 def write(path: str, data: bytes | str) -> Setup:
@@ -119,6 +128,10 @@ def edit_manifest(change: Callable[[dict], None]) -> Setup:
     return setup
 
 
+def first_val_shard(data: dict) -> dict:
+    return data["splits"]["val"]["shards"][0]
+
+
 def shard_file(tmp: Path, split: str = "val") -> Path:
     return sorted((tmp / "shards").glob(f"{split}-*.tar"))[0]
 
@@ -135,8 +148,68 @@ def tamper_shard(tmp: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def train_over_val(tmp: Path) -> None:
+    shutil.copyfile(shard_file(tmp, "train"), shard_file(tmp, "val"))
+
+
+def miscount_shard(data: dict) -> None:
+    first_val_shard(data)["samples"] -= 1
+    data["splits"]["val"]["samples"] -= 1
+
+
+def empty_split(data: dict) -> None:
+    data["splits"]["test"] = {
+        "samples": 0, "shards": [], "class_pixels": [0] * 11, "ignore_pixels": 0,
+        "min_size": [0, 0], "max_size": [0, 0],
+    }  # fmt: skip
+
+
 def foreign_model(tmp: Path) -> None:
     torch.save({"weights": torch.zeros(3)}, tmp / "model.pt")
+
+
+class Payload:
+    """A pickle that runs a command when it is loaded."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {PWNED}",))
+
+
+def code_carrying_model(tmp: Path) -> None:
+    payload = torch.load(tmp / "model.pt", weights_only=True)
+    payload["dataset"] = Payload()
+    torch.save(payload, tmp / "model.pt")
+
+
+def edit_model(change: Callable[[dict], None]) -> Setup:
+    def setup(tmp: Path) -> None:
+        payload = torch.load(tmp / "model.pt", weights_only=True)
+        change(payload)
+        torch.save(payload, tmp / "model.pt")
+
+    return setup
+
+
+def nan_weight(payload: dict) -> None:
+    name = next(k for k, v in payload["model"].items() if v.is_floating_point())
+    payload["model"][name].view(-1)[0] = float("nan")
+
+
+def pytorch_flavour_model(tmp: Path) -> None:
+    """A model logged with MLflow's pytorch flavour: a pickled module, registered as m/1."""
+    import mlflow
+
+    from pipeline.artifacts.tracking import tracking_uri
+
+    metadata = {"classes": ["a", "b"], "palette": [[0, 0, 0], [1, 1, 1]], "dataset": "synthetic"}
+    with tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}"):
+        mlflow.set_experiment("synthetic")
+        with mlflow.start_run():
+            info = mlflow.pytorch.log_model(
+                torch.nn.Conv2d(3, 2, 1), name="model", metadata=metadata,
+                serialization_format="pickle", registered_model_name="m",
+            )  # fmt: skip
+    assert info.model_uri
 
 
 def other_classes_model(tmp: Path) -> None:
@@ -156,14 +229,76 @@ def rgb_label(tmp: Path) -> None:
     Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)).save(tmp / "camvid/valannot/img1.png")
 
 
-def evaluation_of(model_uri: str) -> Setup:
+def label16(value: int) -> Setup:
+    def setup(tmp: Path) -> None:
+        values = np.resize(np.array([1, value], dtype=np.uint16), (6, 8))
+        Image.fromarray(values).save(tmp / "camvid/valannot/img0.png")  # a 16-bit PNG
+
+    return setup
+
+
+def fifo(path: str) -> Setup:
+    def setup(tmp: Path) -> None:
+        (tmp / path).unlink()
+        os.mkfifo(tmp / path)
+
+    return setup
+
+
+def device_image(tmp: Path) -> None:
+    (tmp / "camvid/val/img2.png").unlink()
+    os.symlink("/dev/zero", tmp / "camvid/val/img2.png")
+
+
+def evaluation_of(model_uri: str, **change: object) -> Setup:
     def setup(tmp: Path) -> None:
         record = {
             "model": model_uri, "model_uri": model_uri, "dataset": "synthetic", "split": "val",
             "split_sha256": "x", "protocol": "official-whole", "miou": 0.5, "pixel_acc": 0.5,
-            "mean_acc": 0.5, "iou_per_class": {}, "images": 1,
+            "mean_acc": 0.5, "iou_per_class": {"a": 0.5, "b": None}, "images": 1,
         }  # fmt: skip
-        (tmp / "eval.json").write_text(json.dumps(record))
+        text = json.dumps({**record, **change})
+        (tmp / "eval.json").write_text(text.replace('"NAN"', "NaN"))
+
+    return setup
+
+
+def both(*setups: Setup) -> Setup:
+    def setup(tmp: Path) -> None:
+        for s in setups:
+            s(tmp)
+
+    return setup
+
+
+def corrupt_mlflow_db(tmp: Path) -> None:
+    (tmp / "mlflow.db").write_bytes(b"this is not a database " * 200)
+
+
+MOUNTS: list[Path] = []
+
+
+def full_disk(path: str, read_only: bool = False) -> Setup:
+    """``path`` becomes a tiny tmpfs, filled up (ENOSPC) or read-only (EROFS); needs root."""
+
+    def setup(tmp: Path) -> None:
+        target = tmp / path
+        target.mkdir(parents=True, exist_ok=True)
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(target)], capture_output=True
+        )
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        MOUNTS.append(target)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(target)], check=True)
+            return
+        try:
+            with open(target / "filler", "wb", buffering=0) as f:  # every byte of it
+                while True:
+                    f.write(b"\0" * 1024)
+        except OSError:
+            pass
 
     return setup
 
@@ -174,12 +309,21 @@ def params_text(text: str) -> Setup:
 
 SHARD = ["shard", "--params", "params.yaml"]
 TRAIN = ["train", "--params", "params.yaml"]
+TUNE = ["tune", "--params", "params.yaml"]
 EVALUATE = ["evaluate", "--params", "params.yaml"]
 REGISTER = ["register", "--params", "params.yaml"]
-GUARD = ["previous", "camvid", "shards", "model.pt"]
+PREDICT = ["predict", "--model", "model.pt"]
+OVERLAP = r"{name} {out} overlaps \S*{other}\S* .*{where}: choose another location"
+
+
+def overlap(name: str, out: str, other: str, where: str = "") -> str:
+    return OVERLAP.format(
+        name=re.escape(name), out=re.escape(out), other=re.escape(other), where=re.escape(where)
+    )
+
 
 CASES = [
-    # corrupt, empty, oversized and mislabelled files (shard)
+    # corrupt, empty, oversized, mislabelled and non-regular files (shard)
     Case(
         "truncated image",
         SHARD,
@@ -223,20 +367,41 @@ CASES = [
         lambda t: write_label(t / "camvid/valannot/img0.png", label_grid([1, 99])),
     ),
     Case(
+        "16-bit label that would wrap to a class",
+        SHARD,
+        r".*valannot/img0\.png: label value 257 is outside 0\.\.255: not a class id",
+        label16(257),
+    ),
+    Case(
+        "16-bit label far outside",
+        SHARD,
+        r".*valannot/img0\.png: label value 60000 is outside 0\.\.255",
+        label16(60000),
+    ),
+    Case(
+        "16-bit label outside CamVid's classes",
+        SHARD,
+        r".*img0\.png: label value 200 is outside CamVid's 0\.\.11",
+        label16(200),
+    ),
+    Case(
+        "FIFO as a label",
+        SHARD,
+        r".*valannot/img1\.png: not a regular file \(a FIFO",
+        fifo("camvid/valannot/img1.png"),
+    ),
+    Case(
+        "FIFO as an image",
+        SHARD,
+        r".*camvid/val/img0\.png: not a regular file",
+        fifo("camvid/val/img0.png"),
+    ),
+    Case("device as an image", SHARD, r".*camvid/val/img2\.png: not a regular file", device_image),
+    Case(
         "bad sample in a process pool",
         [*SHARD, "--workers", "2"],
         r".*img1\.png: unreadable or truncated image",
         write("camvid/val/img1.png", b"GIF89a"),
-    ),
-    Case(
-        "output equal to the dataset",
-        [*SHARD, "--out", "camvid"],
-        r"the output camvid overlaps the input shard.root",
-    ),
-    Case(
-        "output inside the dataset",
-        [*SHARD, "--out", "camvid/shards"],
-        r"the output camvid/shards overlaps the input shard.root",
     ),
     Case(
         "dataset root missing",
@@ -248,7 +413,6 @@ CASES = [
         "empty split",
         [*SHARD, "--splits", "test"],
         r".*camvid/test: CamVid test directory does not exist",
-        lambda t: None,
     ),
     # bad params at every level
     Case(
@@ -313,6 +477,266 @@ CASES = [
         ["predict", "--model", "model.pt", "--out", "p", "--crop", "8", "camvid"],
         r"Invalid value for '--crop'",
     ),
+    Case(
+        "all loss weights zero",
+        [*TRAIN, "--set", "train.loss_weights={out: 0, pam: 0, cam: 0, aux: 0}"],
+        r"train.loss_weights: every output this model trains \(out, pam, cam\) has weight 0",
+    ),
+    Case(
+        "FCN head with its only loss weighted 0",
+        [*TRAIN, "--set", "model.head=fcn", "--set", "train.loss_weights.out=0"],
+        r"train.loss_weights: every output this model trains \(out\) has weight 0",
+    ),
+    Case(
+        "init_from missing",
+        [*TRAIN, "--set", "model.init_from=nope.pt"],
+        r"model.init_from nope.pt: model file does not exist",
+    ),
+    Case(
+        "init_from not a model",
+        [*TRAIN, "--set", "model.init_from=notes.md"],
+        r".*notes.md: not a valid DANet model file",
+    ),
+    # run, search and model names are one plain segment
+    Case(
+        "run name .. with --restart",
+        [*TRAIN, "--restart", "--set", "train.run_name=.."],
+        r"train.run_name '\.\.': must be one plain name",
+    ),
+    Case(
+        "run name with a slash",
+        [*TRAIN, "--run-name", "a/b"],
+        r"train.run_name 'a/b': must be one plain name",
+    ),
+    Case(
+        "run name climbing out",
+        [*TRAIN, "--set", "train.run_name=../../etc"],
+        r"train.run_name '\.\./\.\./etc': must be one plain name",
+    ),
+    Case(
+        "absolute run name",
+        [*TRAIN, "--set", "train.run_name=/tmp/x"],
+        r"train.run_name '/tmp/x': must be",
+    ),
+    Case(
+        "hidden run name", [*TRAIN, "--set", "train.run_name=.x"], r"train.run_name '\.x': must be"
+    ),
+    Case(
+        "run name with a space",
+        [*TRAIN, "--set", "train.run_name=a b"],
+        r"train.run_name 'a b': must be",
+    ),
+    Case(
+        "search name ..",
+        [*TUNE, "--set", "tune.name=.."],
+        r"tune.name '\.\.': must be one plain name",
+    ),
+    Case(
+        "search name a path",
+        [*TUNE, "--set", "tune.name=x/../../y"],
+        r"tune.name 'x/\.\./\.\./y': must be",
+    ),
+    Case(
+        "model name with a slash",
+        [*REGISTER, "--name", "a/b"],
+        r"register.name 'a/b': must be one plain name",
+    ),
+    Case(
+        "model name with a colon",
+        [*REGISTER, "--name", "danet:x"],
+        r"register.name 'danet:x': must be",
+    ),
+    # outputs never land on a store (pipeline/stores.py)
+    Case(
+        "shard output is the dataset",
+        [*SHARD, "--out", "camvid"],
+        overlap("shard.out", "camvid", "shard.root"),
+    ),
+    Case(
+        "shard output inside the dataset",
+        [*SHARD, "--out", "camvid/shards"],
+        overlap("shard.out", "camvid/shards", "shard.root"),
+    ),
+    Case(
+        "shard output on Ray's storage",
+        [*SHARD, "--out", "ray"],
+        overlap("shard.out", "ray", "train.storage_path"),
+    ),
+    Case(
+        "shard output on MLflow's artifacts",
+        [*SHARD, "--out", "mlruns"],
+        overlap("shard.out", "mlruns", "mlflow.tracking_uri"),
+    ),
+    Case("shard output the repository", [*SHARD, "--out", "."], r"shard.out \. overlaps "),
+    Case(
+        "shard output on the training output",
+        [*SHARD, "--out", "previous/train"],
+        overlap("shard.out", "previous/train", "train.out"),
+    ),
+    Case(
+        "training output equal to its storage",
+        [*TRAIN, "--set", "train.out=ray"],
+        r"train.(out|storage_path) ray overlaps train.(out|storage_path)",
+    ),
+    Case(
+        "training output inside its storage",
+        [*TRAIN, "--set", "train.out=ray/out"],
+        overlap("train.out", "ray/out", "train.storage_path"),
+    ),
+    Case(
+        "storage inside the training output",
+        [*TRAIN, "--set", "train.storage_path=previous/train/ray"],
+        r"train.(out|storage_path) .* overlaps train.(out|storage_path)",
+    ),
+    Case(
+        "storage the repository",
+        [*TRAIN, "--set", "train.storage_path=."],
+        r"train\.(out|storage_path) .*overlaps ",
+    ),
+    Case(
+        "storage the shards",
+        [*TRAIN, "--set", "train.storage_path=shards"],
+        overlap("train.storage_path", "shards", "shard"),
+    ),
+    Case(
+        "training output on MLflow's artifacts",
+        [*TRAIN, "--set", "train.out=mlruns"],
+        overlap("train.out", "mlruns", "mlflow.tracking_uri"),
+    ),
+    Case(
+        "training output on the shards",
+        [*TRAIN, "--set", "train.out=shards/out"],
+        overlap("train.out", "shards/out", "shards"),
+    ),
+    Case(
+        "training output the git folder",
+        [*TRAIN, "--set", "train.out=.git"],
+        overlap("train.out", ".git", "the git repository"),
+    ),
+    Case(
+        "search output on the training output",
+        [*TUNE, "--set", "tune.out=previous/train"],
+        overlap("tune.out", "previous/train", "train.out"),
+    ),
+    Case(
+        "evaluation output on MLflow's artifacts",
+        [*EVALUATE, "--out", "mlruns"],
+        overlap("evaluate.out", "mlruns", "mlflow.tracking_uri"),
+    ),
+    Case(
+        "evaluation output the MLflow database",
+        [*EVALUATE, "--out", "mlflow.db"],
+        overlap("evaluate.out", "mlflow.db", "mlflow.tracking_uri"),
+    ),
+    Case(
+        "evaluation output on the training output",
+        [*EVALUATE, "--model", "models:/m@champion", "--out", "previous/train"],
+        overlap("evaluate.out", "previous/train", "train.out"),
+    ),
+    Case(
+        "evaluation output on the shards",
+        [*EVALUATE, "--out", "shards"],
+        overlap("evaluate.out", "shards", "shards"),
+    ),
+    Case(
+        "evaluation output the repository", [*EVALUATE, "--out", "."], r"evaluate.out \. overlaps "
+    ),
+    Case(
+        "evaluation output DVC's cache",
+        [*EVALUATE, "--out", ".dvc/cache"],
+        overlap("evaluate.out", ".dvc/cache", "DVC's cache"),
+    ),
+    Case(
+        "evaluation output on the dataset",
+        [*EVALUATE, "--out", "camvid"],
+        overlap("evaluate.out", "camvid", "shard.root"),
+    ),
+    Case(
+        "evaluation output on Ray's storage",
+        [*EVALUATE, "--out", "ray/eval"],
+        overlap("evaluate.out", "ray/eval", "train.storage_path"),
+    ),
+    Case(
+        "evaluation output holding the registration",
+        [*EVALUATE, "--out", "previous/register"],
+        overlap("evaluate.out", "previous/register", "register.out"),
+    ),
+    Case(
+        "evaluation output is the model file",
+        [*EVALUATE, "--out", "model.pt"],
+        overlap("evaluate.out", "model.pt", "evaluate.model"),
+    ),
+    Case(
+        "registration onto params.yaml",
+        [*REGISTER, "--set", "register.out=params.yaml"],
+        r"register.out params.yaml: holds files the git repository tracks \(params.yaml\)",
+        evaluation_of("models:/m/1"),
+    ),
+    Case(
+        "registration onto a tracked file",
+        [*REGISTER, "--set", "register.out=notes.md"],
+        r"register.out notes.md: holds files the git repository tracks",
+        evaluation_of("models:/m/1"),
+    ),
+    Case(
+        "registration onto the manifest",
+        [*REGISTER, "--set", "register.out=shards/manifest.json"],
+        overlap("register.out", "shards/manifest.json", "shards"),
+        evaluation_of("models:/m/1"),
+    ),
+    Case(
+        "registration onto the training metrics",
+        [*REGISTER, "--set", "register.out=previous/train/metrics.json"],
+        overlap("register.out", "previous/train/metrics.json", "train.out"),
+        evaluation_of("models:/m/1"),
+    ),
+    Case(
+        "registration onto the MLflow database",
+        [*REGISTER, "--set", "register.out=mlflow.db"],
+        overlap("register.out", "mlflow.db", "mlflow.tracking_uri"),
+        evaluation_of("models:/m/1"),
+    ),
+    Case(
+        "register output inside a file",
+        [*REGISTER, "--set", "register.out=model.pt/registered.json"],
+        overlap("register.out", "model.pt/registered.json", "evaluate.model"),
+        evaluation_of("models:/m/1"),
+    ),
+    Case(
+        "predict output on the shards",
+        [*PREDICT, "--out", "shards", "camvid/val"],
+        overlap("--out", "shards", "shards"),
+    ),
+    Case(
+        "predict output on MLflow's artifacts",
+        [*PREDICT, "--out", "mlruns", "camvid/val"],
+        overlap("--out", "mlruns", "mlflow.tracking_uri"),
+    ),
+    Case(
+        "predict output the repository",
+        [*PREDICT, "--out", ".", "camvid/val"],
+        r"--out \. overlaps ",
+    ),
+    Case(
+        "predict output is the model file",
+        [*PREDICT, "--out", "model.pt", "camvid"],
+        r"--out model\.pt overlaps (evaluate\.model|--model) ",
+    ),
+    Case(
+        "predict output inside its input folder",
+        [*PREDICT, "--out", "camvid/val/out", "camvid/val"],
+        r"the output camvid/val/out overlaps the input folder 1|--out camvid/val/out overlaps shard.root",
+    ),
+    Case(
+        "synthetic scenes onto the shards",
+        ["synthetic", "--out", "shards"],
+        overlap("--out", "shards", "shards"),
+    ),
+    Case(
+        "synthetic scenes onto the training output",
+        ["synthetic", "--out", "previous/train"],
+        overlap("--out", "previous/train", "train.out"),
+    ),
     # tampered and truncated shards and manifests
     Case(
         "manifest missing",
@@ -338,6 +762,64 @@ CASES = [
         edit_manifest(lambda d: d.update(version=2)),
     ),
     Case(
+        "shard without a digest",
+        EVALUATE,
+        r".*manifest.json: shard val-000000.tar: sha256 '' is not a sha256 digest",
+        edit_manifest(lambda d: first_val_shard(d).update(sha256="")),
+    ),
+    Case(
+        "shard digest not hex",
+        EVALUATE,
+        r".*manifest.json: shard val-000000.tar: sha256 'zz' is not",
+        edit_manifest(lambda d: first_val_shard(d).update(sha256="zz")),
+    ),
+    Case(
+        "shard name climbing out",
+        EVALUATE,
+        r".*manifest.json: shard name '\.\./x.tar' is not a plain file name",
+        edit_manifest(lambda d: first_val_shard(d).update(name="../x.tar")),
+    ),
+    Case(
+        "absolute shard name",
+        EVALUATE,
+        r".*manifest.json: shard name '/etc/passwd' is not a plain file name",
+        edit_manifest(lambda d: first_val_shard(d).update(name="/etc/passwd")),
+    ),
+    Case(
+        "shard name in a subfolder",
+        EVALUATE,
+        r".*manifest.json: shard name 'sub/val.tar' is not a plain",
+        edit_manifest(lambda d: first_val_shard(d).update(name="sub/val.tar")),
+    ),
+    Case(
+        "split count unlike its shards",
+        EVALUATE,
+        r".*manifest.json: a split counts 9 samples but its shards hold",
+        edit_manifest(lambda d: d["splits"]["val"].update(samples=9)),
+    ),
+    Case(
+        "shard count unlike its content",
+        EVALUATE,
+        r".*val-000000\.tar: shard holds 3 samples, the manifest says 2",
+        edit_manifest(miscount_shard),
+    ),
+    Case(
+        "pixel counts unlike the shards",
+        EVALUATE,
+        r".*manifest.json: split 'val': \d+ labelled pixels were evaluated, the manifest counts \d+",
+        edit_manifest(
+            lambda d: d["splits"]["val"]["class_pixels"].__setitem__(
+                0, d["splits"]["val"]["class_pixels"][0] + 1
+            )
+        ),
+    ),
+    Case(
+        "split without images",
+        [*EVALUATE, "--split", "test"],
+        r".*manifest.json: split 'test' has no images: nothing to evaluate",
+        edit_manifest(empty_split),
+    ),
+    Case(
         "truncated shard",
         EVALUATE,
         r".*val-000000\.tar: shard has 2000 bytes, the manifest says \d+",
@@ -356,11 +838,17 @@ CASES = [
         tamper_shard,
     ),
     Case(
+        "train shard copied over the val shard",
+        EVALUATE,
+        r".*val-000000\.tar: shard (has \d+ bytes, the manifest says|content differs)",
+        train_over_val,
+    ),
+    Case(
         "split not in the shards",
         [*EVALUATE, "--split", "test"],
         r".*manifest.json: has no split 'test'",
     ),
-    # foreign, corrupt and mismatched models
+    # foreign, corrupt, mismatched, diverged and code-carrying models
     Case(
         "corrupt model file",
         EVALUATE,
@@ -368,6 +856,37 @@ CASES = [
         write("model.pt", b"not a checkpoint"),
     ),
     Case("foreign model file", EVALUATE, r".*model\.pt: not a DANet model file", foreign_model),
+    Case(
+        "model file that runs code",
+        EVALUATE,
+        r".*model\.pt: not a valid DANet model file",
+        code_carrying_model,
+    ),
+    Case(
+        "model file that runs code, to predict",
+        [*PREDICT, "--out", "predicted", "camvid/val"],
+        r".*model\.pt: not a valid DANet model file",
+        code_carrying_model,
+    ),
+    Case(
+        "model with NaN weights",
+        EVALUATE,
+        r".*model\.pt: weight .* holds NaN or infinite values",
+        edit_model(nan_weight),
+    ),
+    Case(
+        "model with a short class table",
+        EVALUATE,
+        r".*model\.pt: 3 class names and 11 colours for a model of 11 classes",
+        edit_model(lambda p: p.update(classes=p["classes"][:3])),
+    ),
+    Case(
+        "pickled MLflow model",
+        [*EVALUATE, "--model", "models:/m/1"],
+        r"models:/m/1: not a model logged by danet train: refused",
+        pytorch_flavour_model,
+        changes=("mlruns",),
+    ),
     Case(
         "model file missing",
         [*EVALUATE, "--model", "gone.pt"],
@@ -390,11 +909,42 @@ CASES = [
         [*EVALUATE, "--set", "evaluate.device=cuda"],
         r"evaluate.device is cuda but no CUDA device is available",
     ),
+    # scores that are not numbers
     Case(
         "metrics.json not JSON",
         REGISTER,
         r".*eval\.json: not metrics written by danet evaluate",
         write("eval.json", "{oops"),
+    ),
+    Case(
+        "NaN mIoU",
+        REGISTER,
+        r".*eval\.json: not metrics written by danet evaluate \(NaN is not a number",
+        evaluation_of("models:/m/1", miou="NAN"),
+    ),
+    Case(
+        "mIoU over 1",
+        REGISTER,
+        r".*eval\.json: miou is 1.5, not a score in \[0, 1\]",
+        evaluation_of("models:/m/1", miou=1.5),
+    ),
+    Case(
+        "mIoU null",
+        REGISTER,
+        r".*eval\.json: miou is None, not a score",
+        evaluation_of("models:/m/1", miou=None),
+    ),
+    Case(
+        "mIoU a string",
+        REGISTER,
+        r".*eval\.json: miou is '0.9', not a score",
+        evaluation_of("models:/m/1", miou="0.9"),
+    ),
+    Case(
+        "an evaluation of no image",
+        REGISTER,
+        r".*eval\.json: evaluates 0 images: not registered",
+        evaluation_of("models:/m/1", images=0),
     ),
     Case(
         "metrics.json naming no model",
@@ -403,7 +953,7 @@ CASES = [
         evaluation_of("models:/nope/1"),
     ),
     Case("metrics.json missing", REGISTER, r".*eval\.json: evaluation metrics do not exist"),
-    # unreachable or unwritable Ray, MLflow and output locations
+    # unreachable, full, read-only or corrupt Ray, MLflow and output locations
     Case(
         "unreachable Ray",
         [*TRAIN, "--address", "127.0.0.1:9"],
@@ -412,6 +962,26 @@ CASES = [
     Case(
         "unreachable MLflow server",
         [*TRAIN, "--set", "mlflow.tracking_uri=http://127.0.0.1:9"],
+        r"mlflow.tracking_uri http://127.0.0.1:9: server unreachable",
+    ),
+    Case(
+        "unreachable MLflow server, to register",
+        [*REGISTER, "--set", "mlflow.tracking_uri=http://127.0.0.1:9"],
+        r"mlflow.tracking_uri http://127.0.0.1:9: server unreachable",
+        evaluation_of("models:/m/1"),
+    ),
+    Case(
+        "unreachable MLflow server, to predict",
+        [
+            "predict",
+            "--model",
+            "models:/m@champion",
+            "--out",
+            "p",
+            "--set",
+            "mlflow.tracking_uri=http://127.0.0.1:9",
+            "camvid/val",
+        ],
         r"mlflow.tracking_uri http://127.0.0.1:9: server unreachable",
     ),
     Case(
@@ -425,9 +995,59 @@ CASES = [
         r"mlflow.tracking_uri sqlite:///.*model\.pt/x is not a writable folder",
     ),
     Case(
+        "corrupt MLflow database, to register",
+        REGISTER,
+        r"mlflow.tracking_uri: the MLflow database cannot be used \(DatabaseError: file is not a database\)",
+        both(evaluation_of("models:/m/1"), corrupt_mlflow_db),
+    ),
+    Case(
+        "corrupt MLflow database, to evaluate a registered model",
+        [*EVALUATE, "--model", "models:/m@champion"],
+        r"mlflow.tracking_uri: the MLflow database cannot be used \(DatabaseError",
+        corrupt_mlflow_db,
+    ),
+    Case(
+        "full disk under the shards",
+        [*SHARD, "--out", "full/shards"],
+        r".*full.*: no space left on the device",
+        full_disk("full"),
+    ),
+    Case(
+        "full disk under the evaluation",
+        [*EVALUATE, "--out", "full/eval"],
+        r".*full.*: no space left on the device",
+        full_disk("full"),
+    ),
+    Case(
+        "full disk under the registration",
+        [*REGISTER, "--set", "register.out=full/registered.json"],
+        r".*full.*: no space left on the device",
+        both(pytorch_flavour_model, evaluation_of("models:/m/1"), full_disk("full")),
+        changes=("mlruns",),
+    ),
+    Case(
+        "full disk under the predictions",
+        [*PREDICT, "--out", "full/predicted", "camvid/val"],
+        r".*full.*: no space left on the device",
+        full_disk("full"),
+    ),
+    Case(
+        "read-only evaluation folder",
+        [*EVALUATE, "--out", "ro/eval"],
+        r".*ro.*(read-only|cannot write)",
+        full_disk("ro", read_only=True),
+    ),
+    Case(
+        "read-only shard folder",
+        [*SHARD, "--out", "ro/shards"],
+        r".*ro.*(read-only|cannot write)",
+        full_disk("ro", read_only=True),
+    ),
+    Case(
         "evaluation output is a file",
-        [*EVALUATE, "--out", "model.pt"],
-        r"evaluate.out model\.pt: exists and is not a folder",
+        [*EVALUATE, "--out", "notes.txt"],
+        r"evaluate.out notes\.txt: exists and is not a folder",
+        write("notes.txt", "a user's file"),
     ),
     Case(
         "training output is a file",
@@ -436,144 +1056,136 @@ CASES = [
     ),
     Case(
         "predict output is a file",
-        ["predict", "--model", "model.pt", "--out", "model.pt", "camvid"],
-        r"--out model\.pt: exists and is not a folder",
-    ),
-    Case(
-        "register output unwritable",
-        [*REGISTER, "--set", "register.out=model.pt/registered.json"],
-        r".*model\.pt/registered\.json: cannot write here",
-        evaluation_of("models:/nope/1"),
+        [*PREDICT, "--out", "notes.txt", "camvid"],
+        r"--out notes\.txt: exists and is not a folder",
+        write("notes.txt", "a user's file"),
     ),
 ]
 
 
-def run_case(case: Case, tmp: Path) -> str | None:
-    """None when the case was handled as promised, else what went wrong."""
+@pytest.fixture(scope="session")
+def model_bytes(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """One DANet-R18d model file for the shards' classes, written once, copied into each case."""
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    return write_model_file(path, tiny_shards, val_miou=0.5).read_bytes()
+
+
+@pytest.fixture
+def case_project(
+    tmp_path: Path, tiny_shards: Path, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    project(tmp_path, tiny_shards, model_bytes)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    try:
+        yield tmp_path
+    finally:
+        while MOUNTS:
+            subprocess.run(["umount", "-l", str(MOUNTS.pop())], check=False)
+
+
+def run_case(case: Case, tmp: Path) -> None:
+    """Run one case and assert what every case promises."""
     if case.setup:
         case.setup(tmp)
-    before = {p: digest(tmp / p) for p in GUARD + case.guarded}
-    result = runner.invoke(app, case.args)
+    before = {p: digest(tmp / p) for p in STORES}
+    signal.alarm(120)  # a case that hangs (a FIFO opened, say) fails instead of stalling CI
+    try:
+        result = runner.invoke(app, case.args)
+    finally:
+        signal.alarm(0)
     text = result.output
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
-    if "Traceback" in text or (result.exception and not isinstance(result.exception, SystemExit)):
-        return f"a traceback: {result.exception!r}"
-    if result.exit_code != case.code:
-        return f"exit code {result.exit_code}, not {case.code}: {text[-500:]}"
-    if len(errors) != 1 or not re.match(case.message, errors[0][len("error: ") :]):
-        return f"not one line matching {case.message!r}: {errors or text[-500:]}"
-    changed = [
-        p
-        for p, d in before.items()
-        if digest(tmp / p) != d and not (case.setup and p in ("camvid", "shards", "model.pt"))
-    ]
-    if changed:
-        return f"changed: {changed}"
-    if list(tmp.rglob(".*.tmp-*")):
-        return f"half-written output left: {list(tmp.rglob('.*.tmp-*'))}"
-    return None
+    assert "Traceback" not in text, text[-3000:]
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert result.exit_code == case.code, f"exit code {result.exit_code}: {text[-1500:]}"
+    assert len(errors) == 1, f"not one error line: {errors or text[-1500:]}"
+    assert re.match(case.message, errors[0][len("error: ") :]), errors[0]
+    changed = [p for p, d in before.items() if p not in case.changes and digest(tmp / p) != d]
+    assert not changed, f"stores changed: {changed}"
+    assert not list(tmp.rglob(".*.tmp-*")), "half-written output left"
+    assert not (tmp / PWNED).exists(), "a model ran code"
 
 
-def signal_cases(tmp: Path) -> dict[str, str | None]:
-    """SIGINT during shard, SIGTERM during evaluate: the earlier output stays, nothing half-written."""
-    results: dict[str, str | None] = {}
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow else []) for c in CASES],
+)
+def test_bad_input(case: Case, case_project: Path) -> None:
+    run_case(case, case_project)
+
+
+def test_the_catalogue_is_large_and_distinct() -> None:
+    names = [c.name for c in CASES]
+    assert len(set(names)) == len(names)
+    assert len(CASES) + len(SIGNALS) + 1 >= 100
+
+
+SIGNALS = [
+    ("SIGINT during shard", ["shard", "--params", "big.yaml"], signal.SIGINT),
+    ("SIGTERM during evaluate", ["evaluate", "--scales", "1,1,1,1,1,1,1,1"], signal.SIGTERM),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "args", "sig"), SIGNALS, ids=[s[0] for s in SIGNALS])
+def test_signal_leaves_earlier_outputs(
+    name: str, args: list[str], sig: signal.Signals, case_project: Path
+) -> None:
+    """A signal while a stage writes: the earlier output stays, nothing half-written."""
+    tmp = case_project
     danet = str(Path(sys.executable).parent / "danet")
     big = {
         "synthetic": {"num_samples": {"train": 400}, "width": 320, "height": 240},
         "shard": {
             "dataset": "synthetic",
             "splits": ["train"],
-            "out": str(tmp / "previous"),
+            "out": "previous/shard",
             "workers": 1,
         },
     }
     (tmp / "big.yaml").write_text(json.dumps(big))
-    for name, command, sig in (
-        ("SIGINT during shard", [danet, "shard", "--params", "big.yaml"], signal.SIGINT),
-        (
-            "SIGTERM during evaluate",
-            [danet, "evaluate", "--params", "params.yaml", "--scales", "1,1,1,1,1,1,1,1"],
-            signal.SIGTERM,
-        ),
+    before = digest(tmp / "previous")
+    process = subprocess.Popen(
+        [danet, *args], cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while (
+        not list(tmp.rglob(".*.tmp-*")) and time.monotonic() < deadline and process.poll() is None
     ):
-        before = digest(tmp / "previous")
-        process = subprocess.Popen(
-            command, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + 60
-        while (
-            not list(tmp.glob(".previous.tmp-*"))
-            and time.monotonic() < deadline
-            and process.poll() is None
-        ):
-            time.sleep(0.05)  # the stage has started writing
-        process.send_signal(sig)
-        _, stderr = process.communicate(timeout=60)
-        problems = []
-        if b"Traceback" in stderr:
-            problems.append("a traceback")
-        if process.returncode == 0:
-            problems.append("it finished before the signal")
-        if digest(tmp / "previous") != before:
-            problems.append("the earlier output changed")
-        if list(tmp.glob(".*.tmp-*")):
-            problems.append("half-written output left")
-        results[name] = "; ".join(problems) or None
-    return results
+        time.sleep(0.05)  # the stage has started writing
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    assert b"Traceback" not in stderr, stderr.decode()[-2000:]
+    assert process.returncode != 0, "it finished before the signal"
+    assert digest(tmp / "previous") == before
+    assert not list(tmp.rglob(".*.tmp-*"))
 
 
-@pytest.mark.slow
-def test_bad_inputs_and_faults(
-    tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_predict_lists_bad_and_oversized_files(
+    case_project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    failures: dict[str, str] = {}
-    for i, case in enumerate(CASES):
-        tmp = tmp_path / f"case{i:02d}"
-        tmp.mkdir()
-        project(tmp, tiny_shards)
-        monkeypatch.chdir(tmp)
-        if (problem := run_case(case, tmp)) is not None:
-            failures[case.name] = problem
-    tmp = tmp_path / "signals"
-    tmp.mkdir()
-    project(tmp, tiny_shards)
-    monkeypatch.chdir(tmp)
-    signals = signal_cases(tmp)
-    failures |= {k: v for k, v in signals.items() if v is not None}
-    predict_failures = predict_case(tmp_path / "predict", tiny_shards, monkeypatch)
-    if predict_failures:
-        failures["bad and oversized files to predict"] = predict_failures
-    total = len(CASES) + len(signals) + 1
-    print(f"\n{total} bad inputs and faults: {total - len(failures)} handled")
-    assert not failures, "\n".join(f"{k}: {v}" for k, v in failures.items())
-
-
-def predict_case(tmp: Path, shards: Path, monkeypatch: pytest.MonkeyPatch) -> str | None:
     """predict: each bad file is listed on a line of its own (exit 1); the good ones are written;
     an image past PIL's decompression limit is an error for that file only."""
-    tmp.mkdir()
-    project(tmp, shards)
-    monkeypatch.chdir(tmp)
+    tmp = case_project
     images = tmp / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(images / "good.png")
     (images / "notes.txt").write_text("not an image")
     Image.fromarray(np.zeros((300, 400), dtype=np.uint8)).save(images / "huge.png")
+    os.mkfifo(images / "pipe.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # huge.png: 120k pixels
-    result = runner.invoke(app, ["predict", "--model", "model.pt", "--out", "predicted", "images"])
+    result = runner.invoke(app, [*PREDICT, "--out", "predicted", "images", "images/pipe.png"])
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    if "Traceback" in result.output or result.exit_code != 1:
-        return f"exit {result.exit_code}: {result.output[-500:]}"
+    assert "Traceback" not in result.output and result.exit_code == 1, result.output[-1500:]
     wanted = [
         r"images/huge\.png: too large to decode safely",
         r"images/notes\.txt: not a readable image",
+        r"images/pipe\.png: does not exist or is not a regular file",
     ]
-    if len(errors) != 2 or not all(any(re.search(w, e) for e in errors) for w in wanted):
-        return f"not the two file errors: {errors}"
+    assert len(errors) == 3 and all(any(re.search(w, e) for e in errors) for w in wanted), errors
     written = sorted(p.name for p in (tmp / "predicted").iterdir())
-    return (
-        None
-        if written == ["good_labels.png", "good_mask.png", "good_overlay.png"]
-        else f"written: {written}"
-    )
+    assert written == ["good_labels.png", "good_mask.png", "good_overlay.png"]

@@ -13,7 +13,6 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from pickle import UnpicklingError
 from typing import Any
 
 import torch
@@ -73,7 +72,8 @@ def _read(path: Path) -> dict[str, Any]:
         raise ModelError(path, "model file does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, UnpicklingError) as err:
+    # any error of torch's unpickler on arbitrary bytes (it raises IndexError, KeyError, ...)
+    except Exception as err:
         raise ModelError(path, f"not a valid DANet model file ({first_line(err)})") from None
     if not isinstance(payload, dict) or not set(payload) >= _KNOWN:
         raise ModelError(path, "not a DANet model file (written by danet train)")

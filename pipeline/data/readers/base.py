@@ -209,8 +209,10 @@ def pair_by_stem(
 
 def list_images(directory: Path, recursive: bool = False) -> list[Path]:
     pattern = "**/*" if recursive else "*"
+    # not only regular files: a FIFO or device named like an image is listed, then refused
+    # unopened when read (``require_regular``), never skipped in silence
     return sorted(
-        p for p in directory.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        p for p in directory.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
     )
 
 
