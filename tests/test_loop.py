@@ -59,3 +59,42 @@ def test_cpu_bf16_channels_last_steps_track_fp32() -> None:
     """Three SGD steps in bf16 autocast + channels_last give fp32's losses within 2%."""
     fp32, bf16 = _losses(False, False), _losses(True, True)
     assert bf16 == pytest.approx(fp32, rel=0.02), (fp32, bf16)
+
+
+def test_a_non_finite_loss_stops_training_at_the_log_window() -> None:
+    """A NaN loss raises ``TrainingDiverged`` at the end of its log window (not later, not per
+    step), naming the iteration and what to change; the steps before it are finite."""
+    import math
+    import pickle
+
+    from pipeline.errors import TrainingDiverged
+
+    torch.manual_seed(0)
+    model = build_danet(DANetConfig(num_classes=5, backbone="resnet18d", pretrained=False))
+    optimizer = build_optimizer(model, 0.01, 0.9, 1e-4, 10.0)
+    scheduler = poly_schedule(optimizer, 100, 0.9)
+    batch = (torch.rand(1, 3, 32, 32), torch.randint(0, 5, (1, 32, 32)))
+    calls: list[int] = []
+
+    def loss_fn(logits, labels):  # finite for four steps, then NaN
+        loss, parts = segmentation_loss(logits, labels)
+        calls.append(len(calls))
+        return (loss * math.nan if len(calls) > 4 else loss), parts
+
+    logged: list[float] = []
+    with pytest.raises(TrainingDiverged) as raised:
+        train_steps(
+            model,
+            [batch] * 9,
+            optimizer,
+            scheduler,
+            loss_fn,
+            CPU,
+            log_every=3,
+            on_log=lambda record: logged.append(record.loss),
+        )
+    assert len(calls) == 6 and raised.value.iteration == 6  # the window of steps 4-6
+    assert len(logged) == 1 and math.isfinite(logged[0])
+    assert "training diverged: the loss is nan at iteration 6; lower train.lr" in str(raised.value)
+    again = pickle.loads(pickle.dumps(raised.value))  # it crosses Ray's process boundary
+    assert str(again) == str(raised.value)

@@ -7,9 +7,11 @@ import io
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +128,43 @@ def test_logged_model_takes_images_and_returns_label_maps(
     assert loaded.classes[3] == "Road" and isinstance(loaded.module, torch.nn.Module)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels and holds almost none of them."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_serving_refuses_in_one_line_before_decoding() -> None:
+    """Bad requests are one line (HTTP 400) even after the scoring server prefixes the message
+    with the request; an image over the pixel budget is refused from its header."""
+    from pipeline.artifacts.serving import RequestError, check_params, decode
+
+    with pytest.raises(ValueError, match="20000x20000 is over the 50,000,000 pixel limit"):
+        decode(png_header(20000, 20000))
+    with pytest.raises(ValueError, match="over the 100 pixel limit"):
+        decode(png(np.zeros((20, 20, 3), dtype=np.uint8)), max_pixels=100)
+    err = RequestError("image 0: too large")
+    err.message = f"Failed to predict data 'a\nb'. \nError: {err.message}"  # what the server does
+    assert err.message == "image 0: too large" and err.get_http_status_code() == 400
+    body = json.loads(err.serialize_as_json())
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert body["message"] == "image 0: too large" and "stack_trace" not in body
+    with pytest.raises(RequestError, match=r"params\.mode must be auto, whole or slide"):
+        check_params({"mode": "tiles"})
+    with pytest.raises(RequestError, match=r"params\.crop must be an integer >= 16, got 4"):
+        check_params({"crop": 4})
+
+
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_a_label_map(tiny_shards: Path, tmp_path: Path) -> None:
     """Serve the registered champion on 127.0.0.1, post a PNG as MLflow's JSON protocol wants it
@@ -172,6 +211,22 @@ def test_mlflow_models_serve_answers_with_a_label_map(tiny_shards: Path, tmp_pat
             timeout=60,
         )
         assert refused.status_code >= 400 and "not a PNG or JPEG" in refused.text
+        huge = requests.post(  # 20000x20000 by its header: refused before it is decoded
+            f"{base}/invocations",
+            json={
+                "dataframe_split": {
+                    "columns": ["image"],
+                    "data": [[base64.b64encode(png_header(20000, 20000)).decode()]],
+                }
+            },
+            timeout=60,
+        )
+        error = json.loads(huge.text)
+        assert huge.status_code == 400 and "stack_trace" not in error, huge.text[-2000:]
+        assert (
+            error["message"]
+            == "image 0: 20000x20000 is over the 50,000,000 pixel limit: send it smaller"
+        )
     finally:
         server.terminate()
         try:

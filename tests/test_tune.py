@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +120,67 @@ def test_trials_take_the_search_cadence_and_cpus() -> None:
     assert (given.epochs, given.eval_every_epochs, given.cpus_per_worker) == (4, 2, 1)
     default = trial_train(train, TuneParams(epochs=4, eval_every_epochs=0, cpus_per_trial=0))
     assert (default.epochs, default.eval_every_epochs, default.cpus_per_worker) == (4, 5, 2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_stop_a_search_that_then_resumes(tmp_path: Path) -> None:
+    """``danet tune`` stopped by SIGINT, then (resumed) by SIGTERM, exits within 15 s each time
+    in one line, and the same command then resumes the search and finishes it."""
+    synthetic_shards(tmp_path / "shards", 8, 4, max_count=4)
+    params = {
+        "model": {"backbone": "resnet18d"},
+        "data": {"shards": "shards", "crop_size": 32, "shuffle_buffer": 4},
+        "train": {
+            "batch_size": 2,
+            "iters_per_epoch": 2,
+            "eval_every_epochs": 1,
+            "log_every": 2,
+            "checkpoint_every": 1,
+            "cpus_per_worker": 1,
+            "max_failures": 0,
+            "storage_path": "ray",
+            "out": "train",
+        },
+        "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "num_prediction_images": 1},
+        "tune": {
+            "lr_min": 1e-3,
+            "lr_max": 0.01,
+            "crop_sizes": [32],
+            "num_samples": 2,
+            "max_concurrent": 1,
+            "epochs": 3,
+            "out": "tune",
+        },
+    }
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    command = [str(Path(sys.executable).parent / "danet"), "tune"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    seen = 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        log = tmp_path / f"{sig.name}.log"
+        with open(log, "w") as output:
+            process = subprocess.Popen(
+                command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
+            )
+            deadline = time.monotonic() + 300
+            while len(list((tmp_path / "ray").rglob("checkpoint_*"))) <= seen:
+                alive = process.poll() is None and time.monotonic() < deadline
+                assert alive, log.read_text()[-3000:]
+                time.sleep(0.2)
+            seen = len(list((tmp_path / "ray").rglob("checkpoint_*")))
+            process.send_signal(sig)
+            sent = time.monotonic()
+            process.wait(timeout=60)
+        took, text = time.monotonic() - sent, log.read_text()
+        assert took < 15, f"{sig.name}: {took:.1f} s to stop"
+        assert process.returncode != 0 and "Traceback" not in text, text[-3000:]
+        assert not (tmp_path / "tune").exists(), "a stopped search wrote a result"
+        if sig == signal.SIGTERM:
+            assert "resuming search" in text, text[-3000:]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    text = done.stdout + done.stderr
+    assert done.returncode == 0 and "resuming search" in text, text[-3000:]
+    trials = json.loads((tmp_path / "tune" / "trials.json").read_text())
+    assert len(trials) == 2 and not any(t["error"] for t in trials), trials

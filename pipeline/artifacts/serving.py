@@ -48,8 +48,12 @@ class RequestError(MlflowException):
 
 def decode(value: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An image cell (bytes, or base64 text) -> (H, W, 3) uint8; ``ValueError`` for anything
-    that is not a PNG or JPEG, or has more than ``max_pixels`` (read from its header)."""
-    from PIL import Image
+    that is not a PNG or JPEG, or has more than ``max_pixels`` (read from its header).
+
+    Only the PNG and JPEG parsers ever see the bytes (chosen by their signature), and the size
+    is checked before any pixel is decoded: PIL's own decompression-bomb check would refuse a
+    huge image too, but without saying how large it was."""
+    from PIL import ImageFile, JpegImagePlugin, PngImagePlugin
 
     try:
         data = (
@@ -57,15 +61,20 @@ def decode(value: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             if isinstance(value, bytes | bytearray)
             else base64.b64decode(str(value), validate=True)
         )
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format not in ("PNG", "JPEG"):
-                raise ValueError(f"a {im.format} image, not a PNG or JPEG")
+        opener: type[ImageFile.ImageFile]
+        if data.startswith(b"\x89PNG\r\n\x1a\n"):
+            opener = PngImagePlugin.PngImageFile
+        elif data.startswith(b"\xff\xd8\xff"):
+            opener = JpegImagePlugin.JpegImageFile
+        else:
+            raise ValueError("not a PNG or JPEG")
+        with opener(io.BytesIO(data)) as im:
             if im.width * im.height > max_pixels:
                 raise ValueError(
                     f"{im.width}x{im.height} is over the {max_pixels:,} pixel limit: send it smaller"
                 )
             return np.array(im.convert("RGB"))
-    except (binascii.Error, OSError, Image.DecompressionBombError) as err:
+    except (binascii.Error, OSError, SyntaxError) as err:  # PIL raises SyntaxError on bad headers
         raise ValueError(f"not a PNG or JPEG ({type(err).__name__})") from None
 
 

@@ -212,7 +212,9 @@ def list_images(directory: Path, recursive: bool = False) -> list[Path]:
     # not only regular files: a FIFO or device named like an image is listed, then refused
     # unopened when read (``require_regular``), never skipped in silence
     return sorted(
-        p for p in directory.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
+        p
+        for p in directory.glob(pattern)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
     )
 
 
