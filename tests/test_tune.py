@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,9 +124,11 @@ def test_trials_take_the_search_cadence_and_cpus() -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_and_sigterm_stop_a_search_that_then_resumes(tmp_path: Path) -> None:
-    """``danet tune`` stopped by SIGINT, then (resumed) by SIGTERM, exits within 15 s each time
-    in one line, and the same command then resumes the search and finishes it."""
+def test_ctrl_c_stops_a_search_in_seconds_and_it_then_resumes(tmp_path: Path) -> None:
+    """``danet tune`` stopped by Ctrl-C (SIGINT) mid-trial exits 130 within 15 s with no
+    traceback of its own and no result written (Tune's own handler returned the unfinished
+    trials as the search's result); the same command then resumes the search and finishes it.
+    SIGTERM takes the same path (the CLI's handler unwinds like Ctrl-C; tests/test_train.py)."""
     synthetic_shards(tmp_path / "shards", 8, 4, max_count=4)
     params = {
         "model": {"backbone": "resnet18d"},
@@ -142,45 +145,35 @@ def test_ctrl_c_and_sigterm_stop_a_search_that_then_resumes(tmp_path: Path) -> N
             "out": "train",
         },
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "num_prediction_images": 1},
-        "tune": {
-            "lr_min": 1e-3,
-            "lr_max": 0.01,
-            "crop_sizes": [32],
-            "num_samples": 2,
-            "max_concurrent": 1,
-            "epochs": 3,
-            "out": "tune",
-        },
+        "tune": {"crop_sizes": [32], "num_samples": 1, "max_concurrent": 1, "epochs": 3},
     }
     (tmp_path / "params.yaml").write_text(json.dumps(params))
-    command = [str(Path(sys.executable).parent / "danet"), "tune"]
+    command = [str(Path(sys.executable).parent / "danet"), "tune", "--set", "tune.out=tune"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    seen = 0
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        log = tmp_path / f"{sig.name}.log"
-        with open(log, "w") as output:
-            process = subprocess.Popen(
-                command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
-            )
-            deadline = time.monotonic() + 300
-            while len(list((tmp_path / "ray").rglob("checkpoint_*"))) <= seen:
-                alive = process.poll() is None and time.monotonic() < deadline
-                assert alive, log.read_text()[-3000:]
-                time.sleep(0.2)
-            seen = len(list((tmp_path / "ray").rglob("checkpoint_*")))
-            process.send_signal(sig)
-            sent = time.monotonic()
-            process.wait(timeout=60)
-        took, text = time.monotonic() - sent, log.read_text()
-        assert took < 15, f"{sig.name}: {took:.1f} s to stop"
-        assert process.returncode != 0 and "Traceback" not in text, text[-3000:]
-        assert not (tmp_path / "tune").exists(), "a stopped search wrote a result"
-        if sig == signal.SIGTERM:
-            assert "resuming search" in text, text[-3000:]
+    log = tmp_path / "tune.log"
+    with open(log, "w") as output:  # a file: a full pipe would block the driver
+        process = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "ray").rglob("checkpoint_*")):  # the trial is training
+            alive = process.poll() is None and time.monotonic() < deadline
+            assert alive, log.read_text()[-3000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        process.wait(timeout=60)
+    took, text = time.monotonic() - sent, log.read_text()
+    # the driver's own lines: Ray prefixes its actors' logs with "(Name pid=...)"
+    ours = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if line[:1] != "("]
+    assert process.returncode == 130 and not any("Traceback" in line for line in ours), text
+    assert took < 15, f"{took:.1f} s to stop after Ctrl-C"
+    assert not (tmp_path / "tune").exists(), "a stopped search wrote a result"
+
     done = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     text = done.stdout + done.stderr
     assert done.returncode == 0 and "resuming search" in text, text[-3000:]
     trials = json.loads((tmp_path / "tune" / "trials.json").read_text())
-    assert len(trials) == 2 and not any(t["error"] for t in trials), trials
+    assert len(trials) == 1 and trials[0]["evaluations"] == 3 and not trials[0]["error"], trials
