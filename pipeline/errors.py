@@ -72,3 +72,13 @@ def first_line(err: BaseException) -> str:
     """The first non-empty line of an exception's text, or its type's name."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def cause_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and what it was raised from or during, outermost first (each once)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 
-from pipeline.errors import ServiceError, first_line
+from pipeline.errors import ServiceError, cause_chain, first_line
 
 # errno values that describe the machine, not the code
 ENVIRONMENT = {
@@ -24,15 +24,6 @@ ENVIRONMENT = {
 }
 
 
-def _chain(err: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
 def _database_error(err: BaseException) -> bool:
     try:
         from sqlalchemy.exc import SQLAlchemyError
@@ -43,7 +34,7 @@ def _database_error(err: BaseException) -> bool:
 
 def environment_fault(err: BaseException) -> ServiceError | None:
     """The ``ServiceError`` an environment fault stands for (searching its causes), else None."""
-    for cause in _chain(err):
+    for cause in cause_chain(err):
         if isinstance(cause, OSError) and cause.errno in ENVIRONMENT:
             where = cause.filename or "an output"
             return ServiceError(f"{where}: {ENVIRONMENT[cause.errno]} ({os.strerror(cause.errno)})")

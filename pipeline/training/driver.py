@@ -20,7 +20,13 @@ from typing import Any
 from pipeline.cluster import check_tracking_for, connect_ray, storage_uri
 from pipeline.config import ConfigError, DataParams, MlflowParams, ModelParams, TrainParams
 from pipeline.data.storage import is_url
-from pipeline.errors import PipelineError, TrainingDiverged, TrainingError, first_line
+from pipeline.errors import (
+    PipelineError,
+    TrainingDiverged,
+    TrainingError,
+    cause_chain,
+    first_line,
+)
 from pipeline.locks import exclusive
 from pipeline.outputs import check_output, check_outside
 from pipeline.training.checkpoint import (
@@ -49,12 +55,12 @@ def unwrap_failure(err: BaseException) -> BaseException:
     ]
     for cause in causes:
         inner = cause.as_instanceof_cause() if hasattr(cause, "as_instanceof_cause") else cause
-        found = next((e for e in _chain(inner) if isinstance(e, PipelineError)), None)
+        found = next((e for e in cause_chain(inner) if isinstance(e, PipelineError)), None)
         if found is not None:
             return found
     # A worker process or node died (Ray's actor errors, also behind a failed health check): the
     # other ranks' errors follow from it.
-    lost = [c for c in causes if any(_is_lost(e) for e in _chain(c))]
+    lost = [c for c in causes if any(_is_lost(e) for e in cause_chain(c))]
     if lost:
         return TrainingError(
             f"training failed after train.max_failures retries: {first_line(lost[0])}"
@@ -67,15 +73,6 @@ def _is_lost(err: BaseException) -> bool:
 
     health = getattr(err, "health_check_failure", None)
     return isinstance(err, RayActorError) or isinstance(health, RayActorError)
-
-
-def _chain(err: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
 
 
 def backbone_weights(model: ModelParams) -> dict[str, Any] | None:
