@@ -48,6 +48,10 @@ class ServiceError(PipelineError):
     """Ray, MLflow or a storage location that cannot be reached or written."""
 
 
+class TrainingFailed(PipelineError):
+    """Every trial of a search failed: the recipe or the data, not the code (exit 2)."""
+
+
 class TrainingError(PipelineError):
     """Training stopped after its retries for a reason outside the code (a worker or node lost)."""
 

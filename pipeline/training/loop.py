@@ -93,7 +93,8 @@ def train_steps(
     world_size: int = 1,
     batch_fn: BatchFn = to_device,
 ) -> StepRecord:
-    """One pass over ``batches`` (one epoch); returns the epoch's means.
+    """One pass over ``batches`` (a stretch of an epoch: up to its end or the next checkpoint);
+    returns the stretch's means.
 
     ``on_log`` gets a ``StepRecord`` every ``log_every`` steps (and for the remainder): mean
     losses, the head group's learning rate, and wall-clock images/s of all ``world_size`` workers.

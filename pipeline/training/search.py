@@ -37,7 +37,7 @@ from pipeline.config import (
     TrainParams,
     TuneParams,
 )
-from pipeline.errors import first_line
+from pipeline.errors import TrainingFailed, first_line
 from pipeline.locks import exclusive
 from pipeline.outputs import atomic_write_text, check_output, check_outside
 from pipeline.training.checkpoint import delete_run
@@ -297,7 +297,7 @@ def summarize_search(
     if not done:
         mlt.end_run(search.job.tracking_uri, search.parent_run_id, "FAILED")
         first = next((t.error for t in trials if t.error), "no trial reported a result")
-        raise RuntimeError(f"tune: every trial failed ({first})")
+        raise TrainingFailed(f"tune: every trial failed ({first}); nothing was written")
     best = max(done, key=lambda t: t.best_val_miou)
     job = trial_job(search, best.lr, best.crop_size, _trial_run_id(client, search, best))
     checkpoint = Checkpoint(
