@@ -1,7 +1,8 @@
 """Faults of the environment, told apart from bugs by their type, never by their text.
 
-A full disk, a read-only or forbidden folder, a corrupted or locked MLflow database: none is a
-bug in the pipeline, so each becomes a ``ServiceError`` (one line, exit 2) wherever it surfaces.
+A full disk, a read-only or forbidden folder, a corrupted or locked MLflow database, an object
+store that cannot be reached or has no credentials for us: none is a bug in the pipeline, so
+each becomes a ``ServiceError`` (one line, exit 2) wherever it surfaces.
 Any other exception keeps its traceback.
 """
 
@@ -32,12 +33,27 @@ def _database_error(err: BaseException) -> bool:
     return isinstance(err, SQLAlchemyError)
 
 
+def _object_store_error(err: BaseException) -> str | None:
+    """What is wrong with an object store that cannot be reached or will not let us in."""
+    try:
+        from botocore import exceptions as boto
+    except ImportError:  # pragma: no cover - s3fs brings it
+        return None
+    if isinstance(err, boto.EndpointConnectionError | boto.ConnectTimeoutError):
+        return "the object store cannot be reached (check AWS_ENDPOINT_URL and the network)"
+    if isinstance(err, boto.NoCredentialsError | boto.PartialCredentialsError):
+        return "no credentials for the object store (set AWS_ACCESS_KEY_ID and its secret)"
+    return None
+
+
 def environment_fault(err: BaseException) -> ServiceError | None:
     """The ``ServiceError`` an environment fault stands for (searching its causes), else None."""
     for cause in cause_chain(err):
         if isinstance(cause, OSError) and cause.errno in ENVIRONMENT:
             where = cause.filename or "an output"
             return ServiceError(f"{where}: {ENVIRONMENT[cause.errno]} ({os.strerror(cause.errno)})")
+        if (problem := _object_store_error(cause)) is not None:
+            return ServiceError(f"{first_line(cause)}: {problem}")
         if _database_error(cause):
             uri = os.environ.get("MLFLOW_TRACKING_URI") or "mlflow.tracking_uri"
             orig = getattr(cause, "orig", None) or cause

@@ -51,6 +51,7 @@ class Case:
     code: int = 2
     slow: bool = False  # starts Ray or a subprocess
     changes: tuple[str, ...] = ()  # stores the setup itself alters (excluded from "nothing lost")
+    env: tuple[tuple[str, str], ...] = ()  # environment variables set for the case
 
 
 def digest(path: Path) -> str:
@@ -965,6 +966,13 @@ CASES = [
         r"mlflow.tracking_uri http://127.0.0.1:9: server unreachable",
     ),
     Case(
+        "unreachable object store",
+        [*EVALUATE, "--set", "evaluate.shards=s3://danet/shards"],
+        r'Could not connect to the endpoint URL: "http://127.0.0.1:9/danet/shards/manifest.json": '
+        r"the object store cannot be reached",
+        env=(("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),),
+    ),
+    Case(
         "unreachable MLflow server, to register",
         [*REGISTER, "--set", "mlflow.tracking_uri=http://127.0.0.1:9"],
         r"mlflow.tracking_uri http://127.0.0.1:9: server unreachable",
@@ -1113,8 +1121,16 @@ def run_case(case: Case, tmp: Path) -> None:
     "case",
     [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow else []) for c in CASES],
 )
-def test_bad_input(case: Case, case_project: Path) -> None:
-    run_case(case, case_project)
+def test_bad_input(case: Case, case_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+
+    for name, value in case.env:
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance keeps the endpoint it was made with
+    try:
+        run_case(case, case_project)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_the_catalogue_is_large_and_distinct() -> None:
