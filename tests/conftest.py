@@ -36,6 +36,21 @@ DEVICES = [
 ]
 
 
+def use_experiment(uri: str, name: str) -> None:
+    """Make ``name`` the active experiment of ``uri``, created as the pipeline creates one: a
+    SQLite store's artifacts beside its database (MLflow's default is ``./mlruns`` of the
+    working directory, which for a test is the checkout)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.artifacts.tracking import artifact_root
+
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=artifact_root(uri))
+    mlflow.set_experiment(name)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,6 +77,17 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     import mlflow
 
     mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # a test that set it leaves no trace
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_untouched() -> Iterator[None]:
+    """No test leaves MLflow's or Ray's files in the checkout (a SQLite store's artifacts go to
+    ``./mlruns`` of the working directory unless the experiment says otherwise)."""
+    names = ("mlruns", "mlflow.db", "ray_results")
+    before = {name for name in names if (ROOT / name).exists()}
+    yield
+    made = sorted(name for name in names if (ROOT / name).exists() and name not in before)
+    assert not made, f"the tests wrote {made} into the checkout {ROOT}"
 
 
 @pytest.fixture(scope="session")

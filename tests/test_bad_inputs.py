@@ -34,7 +34,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from tests.conftest import write_model_file
+from tests.conftest import use_experiment, write_model_file
 from tests.test_datasets import label_grid, write_image, write_label
 
 runner = CliRunner()
@@ -203,8 +203,8 @@ def pytorch_flavour_model(tmp: Path) -> None:
     from pipeline.artifacts.tracking import tracking_uri
 
     metadata = {"classes": ["a", "b"], "palette": [[0, 0, 0], [1, 1, 1]], "dataset": "synthetic"}
-    with tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}"):
-        mlflow.set_experiment("synthetic")
+    with tracking_uri(uri := f"sqlite:///{tmp / 'mlflow.db'}"):
+        use_experiment(uri, "synthetic")
         with mlflow.start_run():
             info = mlflow.pytorch.log_model(
                 torch.nn.Conv2d(3, 2, 1), name="model", metadata=metadata,

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from pipeline.artifacts.refs import load_model
 from pipeline.cli import app
-from tests.conftest import write_model_file
+from tests.conftest import use_experiment, write_model_file
 
 runner = CliRunner()
 
@@ -77,7 +77,7 @@ def log_and_register(tmp_path: Path, shards: Path) -> tuple[str, Path]:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     model_file = write_model_file(tmp_path / "model.pt", shards)
     with tracking_uri(uri):
-        mlflow.set_experiment("synthetic")
+        use_experiment(uri, "synthetic")
         with mlflow.start_run():
             info = log_model(model_file, read_model_info(model_file), 0.1)
         version = mlflow.register_model(info.model_uri, "danet-serve")

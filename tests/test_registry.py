@@ -12,6 +12,7 @@ import pytest
 from pipeline.config import ConfigError, RegisterParams
 from pipeline.evaluation.record import Evaluation
 from pipeline.registry.register import CHALLENGER, CHAMPION, decide, register
+from tests.conftest import use_experiment
 
 BASE = {
     "dataset": "synthetic",
@@ -60,7 +61,7 @@ def log_model(uri: str, dataset: str = "synthetic") -> str:
 
     metadata = {"classes": ["a", "b"], "palette": [[0, 0, 0], [255, 255, 255]], "dataset": dataset}
     with tracking_uri(uri):
-        mlflow.set_experiment(dataset)
+        use_experiment(uri, dataset)
         with mlflow.start_run() as run:
             mlflow.pytorch.log_model(
                 torch.nn.Conv2d(3, 2, 1),
