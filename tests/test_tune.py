@@ -22,8 +22,9 @@ from pipeline.config import (
     ModelParams,
     TrainParams,
     TuneParams,
+    load_params,
 )
-from pipeline.training.search import format_trials, run_search
+from pipeline.training.search import format_trials, run_search, write_summary
 from tests.conftest import synthetic_shards
 
 
@@ -76,6 +77,8 @@ def test_search_stops_one_trial_early_and_keeps_the_best(tmp_path: Path, ray_clu
 
     out = tmp_path / "tune"
     params = yaml.safe_load((out / "best_params.yaml").read_text())
+    loaded = load_params(out / "best_params.yaml")  # a params file of its own: --params takes it
+    assert (loaded.train.lr, loaded.data.crop_size) == (params["train"]["lr"], best["crop_size"])
     assert params["train"]["lr"] == pytest.approx(best["lr"], rel=1e-5)
     assert params["data"]["crop_size"] == best["crop_size"] in (32, 48)
     assert (out / "model.pt").is_file() and (out / "metrics.json").is_file()
@@ -177,3 +180,14 @@ def test_ctrl_c_stops_a_search_in_seconds_and_it_then_resumes(tmp_path: Path) ->
     assert done.returncode == 0 and "resuming search" in text, text[-3000:]
     trials = json.loads((tmp_path / "tune" / "trials.json").read_text())
     assert len(trials) == 1 and trials[0]["evaluations"] == 3 and not trials[0]["error"], trials
+
+
+def test_best_params_is_a_params_file(tmp_path: Path) -> None:
+    """best_params.yaml loads as params (``danet train --params``); the trial and its score
+    are comments."""
+    best = {"lr": 0.0123456789, "crop_size": 48, "best_val_miou": 0.5, "run_name": "s-trial-1"}
+    write_summary(tmp_path, {"best": best, "trials": []})
+    text = (tmp_path / "best_params.yaml").read_text()
+    loaded = load_params(tmp_path / "best_params.yaml")
+    assert (loaded.train.lr, loaded.data.crop_size) == (0.0123457, 48)
+    assert text.startswith("# the best trial of the search: s-trial-1, val mIoU 0.500000\n")

@@ -361,16 +361,19 @@ def _close_trial_run(client: Any, search: SearchJob, trial: Trial) -> None:
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    """``best_params.yaml`` (the override to train with) and ``trials.json`` next to the model."""
+    """``best_params.yaml`` (the best trial's params: a params file of its own, or the values to
+    copy into params.yaml) and ``trials.json`` next to the model."""
     best = summary["best"]
     params = {
         "train": {"lr": float(f"{best['lr']:.6g}")},
         "data": {"crop_size": best["crop_size"]},
-        "val_miou": round(best["best_val_miou"], 6),
-        "trial": best["run_name"],
     }
+    header = (  # comments: the file stays a params file (danet train --params best_params.yaml)
+        f"# the best trial of the search: {best['run_name']}, val mIoU "
+        f"{best['best_val_miou']:.6f}\n"
+    )
     for name, text in (
-        ("best_params.yaml", yaml.safe_dump(params, sort_keys=False)),
+        ("best_params.yaml", header + yaml.safe_dump(params, sort_keys=False)),
         ("trials.json", json.dumps(summary["trials"], indent=2) + "\n"),
     ):
         atomic_write_text(out / name, text)
