@@ -56,11 +56,19 @@ def one_line_errors() -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        found = err if isinstance(err, PipelineError) else environment_fault(err)
+        found = (
+            err
+            if isinstance(err, PipelineError)
+            else environment_fault(err, LOADED.get("mlflow.tracking_uri", ""))
+        )
         if found is None:
             raise
         typer.echo(f"error: {found.message}", err=True)
         raise typer.Exit(found.exit_code) from None
+
+
+# what the running command loaded, for the one error line of a fault that does not carry it
+LOADED: dict[str, str] = {}
 
 
 def load(
@@ -84,6 +92,7 @@ def load(
     overrides = list(sets or [])
     overrides += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
     p = load_params(params, overrides, preset)
+    LOADED["mlflow.tracking_uri"] = p.mlflow.tracking_uri  # named by a fault of its database
     check_outputs(p, {k: getattr(getattr(p, k.split(".")[0]), k.split(".")[1]) for k in writes})
     return p
 

@@ -46,8 +46,9 @@ def _object_store_error(err: BaseException) -> str | None:
     return None
 
 
-def environment_fault(err: BaseException) -> ServiceError | None:
-    """The ``ServiceError`` an environment fault stands for (searching its causes), else None."""
+def environment_fault(err: BaseException, tracking_uri: str = "") -> ServiceError | None:
+    """The ``ServiceError`` an environment fault stands for (searching its causes), else None;
+    a database fault names ``tracking_uri`` (MLFLOW_TRACKING_URI first, as MLflow reads it)."""
     for cause in cause_chain(err):
         if isinstance(cause, OSError) and cause.errno in ENVIRONMENT:
             where = cause.filename or "an output"
@@ -55,10 +56,11 @@ def environment_fault(err: BaseException) -> ServiceError | None:
         if (problem := _object_store_error(cause)) is not None:
             return ServiceError(f"{first_line(cause)}: {problem}")
         if _database_error(cause):
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or "mlflow.tracking_uri"
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+            where = f"mlflow.tracking_uri {uri}" if uri else "mlflow.tracking_uri"
             orig = getattr(cause, "orig", None) or cause
             return ServiceError(
-                f"{uri}: the MLflow database cannot be used ({type(orig).__name__}: "
+                f"{where}: the MLflow database cannot be used ({type(orig).__name__}: "
                 f"{first_line(orig)}); if it is locked, wait for the other process; if it is "
                 "corrupt, restore it from a backup"
             )

@@ -1005,13 +1005,13 @@ CASES = [
     Case(
         "corrupt MLflow database, to register",
         REGISTER,
-        r"mlflow.tracking_uri: the MLflow database cannot be used \(DatabaseError: file is not a database\)",
+        r"mlflow.tracking_uri sqlite:///mlflow\.db: the MLflow database cannot be used \(DatabaseError: file is not a database\)",
         both(evaluation_of("models:/m/1"), corrupt_mlflow_db),
     ),
     Case(
         "corrupt MLflow database, to evaluate a registered model",
         [*EVALUATE, "--model", "models:/m@champion"],
-        r"mlflow.tracking_uri: the MLflow database cannot be used \(DatabaseError",
+        r"mlflow.tracking_uri sqlite:///mlflow\.db: the MLflow database cannot be used \(DatabaseError",
         corrupt_mlflow_db,
     ),
     Case(
