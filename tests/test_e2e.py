@@ -106,6 +106,15 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert "up to date" in run("dvc status", repo)
 
+    # A comment in code that serves, plots or reports: the stages that import it run again, and
+    # every finished run and search is reused -- the run identity is the code that decides weights
+    for name in ("pipeline/artifacts/serving.py", "pipeline/pictures.py"):
+        with open(repo / name, "a") as f:
+            f.write("\n# a comment\n")
+    commented = run("dvc repro", repo)
+    assert "Running stage 'train'" in commented and "reusing it" in commented, commented[-3000:]
+    assert "[train] iter" not in commented, commented[-3000:]  # no training iteration
+
     summary = run("danet summary", repo)
     assert "champion: models:/danet-synthetic@champion" in summary and "mlflow ui" in summary
 

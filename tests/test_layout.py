@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import codebase
 from pipeline.config import Params
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("danet", "pipeline")
+ROOT = codebase.PROJECT
+PACKAGES = codebase.PACKAGES
+imports, module_name = codebase.imports, codebase.module_name
 # A stage's core module: its command only parses params and calls it.
 STAGES = {
     "shard": "pipeline.data.shard",
@@ -37,6 +39,7 @@ LAYERS = (
         "pipeline.faults",
         "pipeline.locks",
         "pipeline.stores",
+        "pipeline.codebase",
     ),
     ("pipeline.data",),
     ("pipeline.artifacts",),
@@ -85,47 +88,9 @@ STAGE_SECTIONS = {
 TUNE_REPLACES = {"train.lr", "data.crop_size", "train.epochs"}  # the search sets these itself
 
 
-def module_file(name: str) -> Path | None:
-    path = ROOT / Path(*name.split("."))
-    if (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-@cache
-def imports(path: Path) -> frozenset[str]:
-    """Every project module ``path`` imports, at module level or inside a function."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-        for name in names:
-            if name.split(".")[0] in PACKAGES and module_file(name) is not None:
-                found.add(module_name(module_file(name)))  # type: ignore[arg-type]
-    return frozenset(found)
-
-
 def closure(module: str) -> set[Path]:
     """The files a module runs: its imports, theirs, and the packages they live in."""
-    seen: set[Path] = set()
-    todo = [module]
-    while todo:
-        path = module_file(todo.pop())
-        if path is None or path in seen:
-            continue
-        seen.add(path)
-        name = module_name(path)
-        todo += [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
-        todo += imports(path)
-    return seen
+    return codebase.closure([module])
 
 
 def project_files() -> list[Path]:
@@ -261,3 +226,54 @@ def test_cited_files_exist() -> None:
         if not (ROOT / name).exists()
     ]
     assert not missing, f"citations of files that do not exist: {missing}"
+
+
+def test_a_runs_identity_is_the_code_that_decides_its_weights(tmp_path: Path) -> None:
+    """Each module of a copy edited in turn (a comment appended): the code digest of a run
+    changes exactly for the files that decide weights -- never for reporting, plotting, serving,
+    the raw-data readers, the search or the CLI -- so such an edit reuses every finished run."""
+    import shutil
+
+    from pipeline.training.job import code_digest, identity_files
+
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__py*"))
+    base, changed = code_digest(tmp_path), set()
+    for path in sorted(p for package in PACKAGES for p in (tmp_path / package).rglob("*.py")):
+        text = path.read_text()
+        path.write_text(text + "\n# a comment\n")
+        if code_digest(tmp_path) != base:
+            changed.add(str(path.relative_to(tmp_path)))
+        path.write_text(text)
+    assert code_digest(tmp_path) == base == code_digest()
+    assert changed == {str(p.relative_to(ROOT)) for p in identity_files()}
+    decides = {
+        "danet/model.py",
+        "danet/attention.py",
+        "danet/losses.py",
+        "pipeline/data/loader.py",
+        "pipeline/data/augment.py",
+        "pipeline/training/loop.py",
+        "pipeline/training/worker.py",
+        "pipeline/training/checkpoint.py",
+        "pipeline/training/job.py",
+        "pipeline/artifacts/modelfile.py",
+    }
+    assert decides <= changed, sorted(decides - changed)
+    reports = {
+        "pipeline/pictures.py",
+        "pipeline/config.py",
+        "pipeline/logs.py",
+        "pipeline/cli.py",
+        "pipeline/artifacts/serving.py",
+        "pipeline/artifacts/tracking.py",
+        "pipeline/training/tracker.py",
+        "pipeline/training/results.py",
+        "pipeline/training/search.py",
+        "pipeline/training/driver.py",
+        "pipeline/data/shard.py",
+        "pipeline/data/readers/camvid.py",
+        "pipeline/evaluation/evaluate.py",
+        "pipeline/registry/register.py",
+    }
+    assert not reports & changed, sorted(reports & changed)

@@ -12,22 +12,37 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts.modelfile import read_model_info
 from pipeline.artifacts.refs import RUN_ID
+from pipeline.codebase import PROJECT, closure
 from pipeline.config import ConfigError, DataParams, ModelParams, TrainParams
 from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentParams, largest_side
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
 
-PIPELINE = Path(__file__).resolve().parents[1]
-TRAINING_CODE = (
-    PIPELINE.parent / "danet",
-    PIPELINE / "data",
-    PIPELINE / "artifacts",
-    PIPELINE / "training",
+# A run's code identity is the code that decides its weights: the import closure of the worker
+# (the model library, loop, loss, loader and augmentation, this job, the checkpoint and model
+# file formats), read from the source. The closure stops at the modules that configure, report,
+# plot, log or serve (params enter the identity as values; metrics and pictures change no weight),
+# so a comment there reuses every finished run. tests/test_layout.py edits each module in turn.
+IDENTITY_ROOTS = ("pipeline.training.worker", "pipeline.training.job")
+NOT_WEIGHTS = (
+    "pipeline",  # the package's docstring
+    "pipeline.codebase",
+    "pipeline.config",
+    "pipeline.schema",
+    "pipeline.errors",
+    "pipeline.logs",
+    "pipeline.outputs",
+    "pipeline.locks",
+    "pipeline.pictures",
+    "pipeline.training.tracker",
+    "pipeline.training.results",
+    "pipeline.artifacts.refs",
+    "pipeline.artifacts.tracking",
+    "pipeline.artifacts.serving",
 )
 # Params that do not change a run's result: left out of its identity.
 NOT_IDENTITY = (
@@ -158,14 +173,17 @@ def check_loss_weights(model: ModelParams, train: TrainParams) -> None:
         )
 
 
-@cache
-def code_digest() -> str:
-    """sha256 over the training code's Python files, as they are on disk."""
+def identity_files(root: Path = PROJECT) -> list[Path]:
+    """The files whose code decides a run's weights (see ``IDENTITY_ROOTS``)."""
+    return sorted(closure(IDENTITY_ROOTS, root, stop=NOT_WEIGHTS, packages=False))
+
+
+def code_digest(root: Path = PROJECT) -> str:
+    """sha256 over the files that decide a run's weights, as they are on disk (committed or not)."""
     digest = hashlib.sha256()
-    for root in TRAINING_CODE:
-        for path in sorted(root.rglob("*.py")):
-            digest.update(str(path.relative_to(PIPELINE.parent)).encode())
-            digest.update(path.read_bytes())
+    for path in identity_files(root):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

@@ -1,0 +1,71 @@
+"""The project's modules and what they import, read from the source (``ast``), never imported.
+
+One implementation for the two questions asked of the code: which files a module runs (a DVC
+stage's deps, checked by tests/test_layout.py) and which files decide a training run's weights
+(its code identity, pipeline/training/job.py).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+PACKAGES = ("danet", "pipeline")
+
+
+def module_file(name: str, root: Path = PROJECT) -> Path | None:
+    """The file of module ``name`` under ``root`` (a package's ``__init__.py``), if any."""
+    path = root / Path(*name.split("."))
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+
+def module_name(path: Path, root: Path = PROJECT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@cache
+def _parse(path: Path, stamp: tuple[int, int]) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def imports(path: Path, root: Path = PROJECT) -> frozenset[str]:
+    """Every project module ``path`` imports, at module level or inside a function."""
+    stat = path.stat()
+    found = set()
+    for node in ast.walk(_parse(path, (stat.st_mtime_ns, stat.st_size))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        for name in names:
+            if name.split(".")[0] in PACKAGES and (file := module_file(name, root)) is not None:
+                found.add(module_name(file, root))
+    return frozenset(found)
+
+
+def closure(
+    modules: Iterable[str], root: Path = PROJECT, stop: Iterable[str] = (), packages: bool = True
+) -> set[Path]:
+    """The files ``modules`` run: their imports, theirs, and (``packages``) the packages they
+    live in; the modules in ``stop`` and what only they import are left out."""
+    cut = set(stop)
+    seen: set[Path] = set()
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        path = module_file(name, root)
+        if path is None or path in seen or module_name(path, root) in cut:
+            continue
+        seen.add(path)
+        name = module_name(path, root)
+        if packages:
+            todo += [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
+        todo += imports(path, root)
+    return seen
