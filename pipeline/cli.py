@@ -304,9 +304,8 @@ def predict(
     """Images or folders -> colour masks (the dataset's palette), overlays and label PNGs.
 
     A file that is not a readable image is listed and skipped (exit 1 after the others)."""
-    import torch
-
     from pipeline.artifacts.refs import load_model
+    from pipeline.devices import pick_device
     from pipeline.registry.predict import predict_files
     from pipeline.stores import check_outputs
 
@@ -314,8 +313,7 @@ def predict(
         p = load(ctx, params, sets)
         check_outputs(p, {"--out": str(out)}, {"--model": model} if Path(model).exists() else {})
         loaded = load_model(model, tracking_uri(p))
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        report = predict_files(loaded, inputs, out, slide_above, crop, flip, device)
+        report = predict_files(loaded, inputs, out, slide_above, crop, flip, pick_device())
     for path, problem in report.failed:
         typer.echo(f"error: {path}: {problem}", err=True)
     typer.echo(f"{len(report.written) // 3} images -> {out}/ ({len(report.failed)} failed)")

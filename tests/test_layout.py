@@ -40,6 +40,7 @@ LAYERS = (
         "pipeline.locks",
         "pipeline.stores",
         "pipeline.codebase",
+        "pipeline.devices",
     ),
     ("pipeline.data",),
     ("pipeline.artifacts",),

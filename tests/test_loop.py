@@ -7,13 +7,8 @@ import torch
 
 from danet import DANetConfig, build_danet
 from danet.losses import segmentation_loss
-from pipeline.training.loop import (
-    autocast,
-    build_optimizer,
-    cpu_has_bf16,
-    poly_schedule,
-    train_steps,
-)
+from pipeline.devices import autocast, cpu_has_bf16
+from pipeline.training.loop import build_optimizer, poly_schedule, train_steps
 
 CPU = torch.device("cpu")
 
@@ -22,7 +17,7 @@ def test_cpu_autocast_follows_the_cpu_bf16_support(monkeypatch: pytest.MonkeyPat
     conv = torch.nn.Conv2d(3, 4, 3)
     x = torch.randn(1, 3, 8, 8)
     for native in (True, False):
-        monkeypatch.setattr("pipeline.training.loop.cpu_has_bf16", lambda native=native: native)
+        monkeypatch.setattr("pipeline.devices.cpu_has_bf16", lambda native=native: native)
         with autocast(CPU, bf16=True):
             assert conv(x).dtype == (torch.bfloat16 if native else torch.float32)
         with autocast(CPU, bf16=False):

@@ -24,6 +24,7 @@ from mlflow.pyfunc import PythonModel
 
 from danet.inference import Protocol, infer, to_input
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file
+from pipeline.devices import pick_device
 
 DEFAULT_PARAMS: dict[str, Any] = {"mode": "auto", "crop": 512, "flip": False, "slide_above": 1024}
 MAX_PIXELS = 50_000_000  # per image, checked from the header before anything is decoded
@@ -111,7 +112,7 @@ class LabelMapModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         self.segmenter, self.info = load_model_file(context.artifacts["model"])
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device()
         self.segmenter.to(self.device)
 
     def label(self, image: np.ndarray, params: dict[str, Any]) -> np.ndarray:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from pipeline.artifacts.refs import LoadedModel, load_model
 from pipeline.config import ConfigError, EvaluateParams
 from pipeline.data.loader import read_shard
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
+from pipeline.devices import autocast, pick_device
 from pipeline.errors import DataError, first_line
 from pipeline.evaluation.record import Evaluation
 from pipeline.outputs import atomic_dir, check_output, check_outside
@@ -53,13 +53,6 @@ def protocol_of(params: EvaluateParams) -> Protocol:
         test_scale=(test_scale[0], test_scale[1]) if len(test_scale) == 2 else None,
         window_batch=params.window_batch,
     )
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` = CUDA when present; ``cuda`` without a GPU is an error, not a silent CPU run."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("evaluate.device is cuda but no CUDA device is available")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def pick_model(ref: str, candidates: Sequence[str] = CANDIDATES) -> str:
@@ -91,13 +84,8 @@ def evaluate_model(
     module = module.to(device).eval()
     cm = ConfusionMatrix(num_classes, device=device)
     rows: Rows = []
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if bf16 and device.type == "cuda"
-        else nullcontext()
-    )
     bar = tqdm(desc=f"evaluate ({protocol.name})", unit="img", disable=None if progress else True)
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast(device, bf16):
         for ref in shards:
             for key, image, label in read_shard(ref):
                 pred = infer(module, to_input(image).to(device), protocol).argmax(1)[0]
@@ -159,7 +147,7 @@ def _evaluate_part(
     protocol: Protocol,
     bf16: bool,
 ) -> np.ndarray:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     matrix, _ = evaluate_model(
         module, num_classes, shards, protocol, device, bf16=bf16, progress=False
     )
@@ -179,7 +167,7 @@ def run_evaluation(
     manifest = load_manifest(params.shards)
     shards = shard_refs(manifest, params.split)
     protocol = protocol_of(params)
-    device = pick_device(params.device)
+    device = pick_device(params.device, "evaluate.device")
     model = load_model(ref, tracking_uri)
     if list(model.classes) != list(manifest.classes):
         raise ConfigError(

@@ -10,10 +10,8 @@ The step never waits on the host: losses stay on the device and are read once ev
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -22,6 +20,7 @@ from torch import nn
 
 from danet.metrics import ConfusionMatrix
 from danet.model import SegmentationModel
+from pipeline.devices import autocast
 from pipeline.errors import TrainingDiverged
 from pipeline.training.records import StepRecord
 
@@ -58,23 +57,6 @@ def to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     """A CPU batch ``(images, labels)`` onto the device (asynchronous from pinned memory)."""
     images, labels = batch
     return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16). oneDNN's bf16
-    convolutions then beat fp32 (1.5x for a DANet-R18d step on 2 EPYC cores, BENCHMARKS.md);
-    elsewhere bf16 is emulated and slower than fp32, so autocast stays off."""
-    caps = torch.cpu.get_capabilities()
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
-def autocast(device: torch.device, bf16: bool) -> Any:
-    """bf16 autocast when asked, on CUDA and on CPUs with native bf16 (``cpu_has_bf16``);
-    attention energies stay fp32 inside (danet/attention.py), the loss is taken outside."""
-    if bf16 and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def train_steps(
