@@ -212,3 +212,27 @@ def to_input(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 array -> (1, 3, H, W) float in [0, 1]."""
     t = torch.from_numpy(np.ascontiguousarray(image))
     return t.permute(2, 0, 1)[None].float() / 255.0
+
+
+def protocol_for(
+    size: tuple[int, int],
+    mode: str = "auto",
+    crop: int = 512,
+    flip: bool = False,
+    slide_above: int = 1024,
+) -> Protocol:
+    """The protocol for one image of ``size`` (H, W): ``auto`` is the whole image up to
+    ``slide_above`` pixels on the long side (0: always whole) and a sliding window beyond."""
+    if mode == "auto":
+        mode = "slide" if slide_above > 0 and max(size) > slide_above else "whole"
+    return Protocol(mode=mode, crop=crop, flip=flip)
+
+
+@torch.no_grad()
+def label_map(
+    model: nn.Module, image: np.ndarray, protocol: Protocol, device: torch.device | None = None
+) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (H, W) uint8 class ids under ``protocol``: what prediction and
+    serving answer."""
+    scores = infer(model, to_input(image).to(device or "cpu"), protocol)
+    return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()

@@ -234,3 +234,15 @@ def test_mlflow_models_serve_answers_with_a_label_map(tiny_shards: Path, tmp_pat
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_one_protocol_choice_for_predict_and_serving() -> None:
+    """``auto``: the whole image up to ``slide_above`` on the long side, a sliding window
+    beyond (0: always whole); predict and the served model both ask danet.inference."""
+    from danet.inference import protocol_for
+
+    assert protocol_for((1024, 700)).mode == "whole"
+    assert protocol_for((1025, 700)).mode == "slide"
+    assert protocol_for((700, 4000), slide_above=0).mode == "whole"
+    assert protocol_for((10, 10), mode="slide", crop=64).crop == 64
+    assert protocol_for((10, 10), flip=True).flip

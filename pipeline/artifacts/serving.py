@@ -17,12 +17,11 @@ import io
 from typing import Any
 
 import numpy as np
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from danet.inference import Protocol, infer, to_input
+from danet.inference import label_map, protocol_for
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file
 from pipeline.devices import pick_device
 
@@ -99,14 +98,6 @@ def encode_labels(labels: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def protocol_for(image: np.ndarray, params: dict[str, Any]) -> Protocol:
-    """Whole image up to ``slide_above`` pixels on the long side (mode auto), sliding window beyond."""
-    mode = params["mode"]
-    if mode == "auto":
-        mode = "slide" if max(image.shape[:2]) > int(params["slide_above"]) > 0 else "whole"
-    return Protocol(mode=mode, crop=int(params["crop"]), flip=bool(params["flip"]))
-
-
 class LabelMapModel(PythonModel):
     """MLflow pyfunc around a ``model.pt``: encoded images -> label maps."""
 
@@ -116,11 +107,9 @@ class LabelMapModel(PythonModel):
         self.segmenter.to(self.device)
 
     def label(self, image: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-        with torch.no_grad():
-            scores = infer(
-                self.segmenter, to_input(image).to(self.device), protocol_for(image, params)
-            )
-        return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        keys = ("mode", "crop", "flip", "slide_above")  # a request's other params are not ours
+        protocol = protocol_for(image.shape[:2], **{k: params[k] for k in keys})
+        return label_map(self.segmenter, image, protocol, self.device)
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         import pandas as pd

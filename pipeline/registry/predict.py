@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from danet.inference import Protocol, infer, to_input
+from danet.inference import label_map, protocol_for
 from pipeline.artifacts.refs import LoadedModel
 from pipeline.errors import ServiceError, first_line
 from pipeline.outputs import atomic_file, check_output, check_outside
@@ -63,21 +63,6 @@ def read_image(path: Path) -> np.ndarray:
         raise ValueError(f"not a readable image ({type(err).__name__})") from None
 
 
-def predict_image(
-    model: LoadedModel, image: np.ndarray, protocol: Protocol, device: torch.device
-) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) uint8 class ids."""
-    with torch.no_grad():
-        logits = infer(model.module, to_input(image).to(device), protocol)
-    return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
-
-
-def choose_protocol(image: np.ndarray, slide_above: int, crop: int, flip: bool) -> Protocol:
-    """Whole image up to ``slide_above`` pixels on the long side, sliding window beyond."""
-    large = slide_above > 0 and max(image.shape[:2]) > slide_above
-    return Protocol(mode="slide" if large else "whole", crop=crop, flip=flip)
-
-
 def _save(array: np.ndarray, path: Path) -> None:
     with atomic_file(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
@@ -113,7 +98,8 @@ def predict_files(
         except ValueError as err:
             report.failed.append((path, str(err)))
             continue
-        pred = predict_image(model, image, choose_protocol(image, slide_above, crop, flip), device)
+        protocol = protocol_for(image.shape[:2], crop=crop, flip=flip, slide_above=slide_above)
+        pred = label_map(model.module, image, protocol, device)
         stem = path.stem if path.stem not in used else f"{path.parent.name}_{path.stem}"
         used.add(stem)
         targets = {
