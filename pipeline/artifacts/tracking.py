@@ -103,11 +103,9 @@ def start_or_resume_run(
         if found
         else client.create_experiment(experiment, artifact_location=artifact_root(uri))
     )
-    runs = client.search_runs(
-        [experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
-    )
-    if runs:
-        run_id = runs[0].info.run_id
+    found_run = named_run(client, experiment_id, run_name)
+    if found_run is not None:
+        run_id = found_run.info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
@@ -115,6 +113,14 @@ def start_or_resume_run(
     for i in range(0, len(entries), 100):
         client.log_batch(run.info.run_id, params=entries[i : i + 100])
     return run.info.run_id
+
+
+def named_run(client: Any, experiment_id: str, run_name: str) -> Any:
+    """The MLflow run that carries our name tag ``run_name`` in an experiment, or None (names
+    are plain, checked by ``check_name``: safe in a filter string)."""
+    query = f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
+    runs = client.search_runs([experiment_id], query, max_results=1)
+    return runs[0] if runs else None
 
 
 def find_run(uri: str, experiment: str, run_name: str) -> tuple[str, str] | None:
@@ -125,10 +131,8 @@ def find_run(uri: str, experiment: str, run_name: str) -> tuple[str, str] | None
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    runs = client.search_runs(
-        [found.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
-    )
-    return (runs[0].info.run_id, runs[0].info.status) if runs else None
+    run = named_run(client, found.experiment_id, run_name)
+    return (run.info.run_id, run.info.status) if run is not None else None
 
 
 def retire_run(uri: str, experiment: str, run_name: str) -> None:

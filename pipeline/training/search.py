@@ -338,12 +338,11 @@ def log_search(search: SearchJob, best: Trial, out: Path) -> None:
 
 
 def _trial_run_id(client: Any, search: SearchJob, trial: Trial) -> str:
-    from pipeline.artifacts.tracking import RUN_NAME_TAG
+    from pipeline.artifacts.tracking import named_run
 
     exp = client.get_experiment_by_name(search.experiment)
-    query = f"tags.`{RUN_NAME_TAG}` = '{trial.run_name}'"
-    runs = client.search_runs([exp.experiment_id], query, max_results=1)
-    return runs[0].info.run_id if runs else ""
+    run = named_run(client, exp.experiment_id, trial.run_name) if exp is not None else None
+    return run.info.run_id if run is not None else ""
 
 
 def _close_trial_run(client: Any, search: SearchJob, trial: Trial) -> None:
