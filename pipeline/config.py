@@ -254,7 +254,7 @@ class EvaluateParams(Section):
     out: str = "outputs/eval"
     num_overlays: int = param(4, ge=0)
     device: str = param("auto", choices=("auto", "cpu", "cuda"))
-    bf16: bool = False  # autocast on CUDA (attention energies stay fp32)
+    bf16: bool = False  # autocast on CUDA and CPUs with native bf16 (energies fp32)
     window_batch: int = param(8, ge=1)  # sliding windows per forward pass
     workers: int = param(1, ge=1)  # > 1: Ray tasks (a GPU each when there are GPUs)
 
