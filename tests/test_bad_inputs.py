@@ -209,6 +209,7 @@ def pytorch_flavour_model(tmp: Path) -> None:
             info = mlflow.pytorch.log_model(
                 torch.nn.Conv2d(3, 2, 1), name="model", metadata=metadata,
                 serialization_format="pickle", registered_model_name="m",
+                pip_requirements=["torch"],  # not inferred: ~10 s in a subprocess
             )  # fmt: skip
     assert info.model_uri
 

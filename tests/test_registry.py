@@ -68,6 +68,7 @@ def log_model(uri: str, dataset: str = "synthetic") -> str:
                 name="model",
                 serialization_format="pickle",
                 metadata=metadata,
+                pip_requirements=["torch"],  # not inferred: that imports the model in a subprocess
             )
         found = mlflow.search_logged_models(
             filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"
