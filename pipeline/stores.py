@@ -67,7 +67,9 @@ def locations(p: Params) -> dict[str, str]:
     found |= _mlflow_stores(p.mlflow.tracking_uri)
     if (root := repository_root()) is not None:
         found["the git repository"] = str(root / ".git")
-        found["DVC's cache"] = str(root / ".dvc")
+        # the cache, not all of .dvc: experiments run in copies under .dvc/tmp/exps and write
+        # their outputs there; .dvc/config is tracked, so git's check keeps it
+        found["DVC's cache"] = str(root / ".dvc" / "cache")
     return {k: v for k, v in found.items() if v}
 
 

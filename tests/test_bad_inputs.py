@@ -1206,3 +1206,25 @@ def test_predict_lists_bad_and_oversized_files(
     assert len(errors) == 3 and all(any(re.search(w, e) for e in errors) for w in wanted), errors
     written = sorted(p.name for p in (tmp / "predicted").iterdir())
     assert written == ["good_labels.png", "good_mask.png", "good_overlay.png"]
+
+
+def test_an_experiment_in_dvcs_temporary_copy_writes_its_outputs(
+    case_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dvc exp run --temp`` and queued experiments run the stages in a copy of the project
+    under .dvc/tmp/exps (DVC_ROOT names the project): their outputs there are not refused, the
+    cache and the project's own stores still are."""
+    from pipeline.config import ConfigError, load_params
+    from pipeline.stores import check_outputs
+
+    copy = case_project / ".dvc" / "tmp" / "exps" / "standalone" / "tmp1234"
+    copy.mkdir(parents=True)
+    shutil.copy(case_project / "params.yaml", copy / "params.yaml")
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(case_project))
+    p = load_params("params.yaml")
+    check_outputs(p, {"train.out": "outputs/train", "evaluate.out": "outputs/eval"})
+    with pytest.raises(ConfigError, match="overlaps DVC's cache"):
+        check_outputs(p, {"evaluate.out": str(case_project / ".dvc" / "cache")})
+    with pytest.raises(ConfigError, match=r"overlaps train\.storage_path"):
+        check_outputs(p, {"evaluate.out": str(case_project / "ray")})
