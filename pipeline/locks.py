@@ -40,9 +40,11 @@ def lock_file(location: str) -> Path:
 
 
 @contextmanager
-def exclusive(location: str, holder: str, wait: bool = False) -> Iterator[None]:
+def exclusive(location: str, holder: str, wait: bool = False, lease: bool = True) -> Iterator[None]:
     """Hold ``location`` for the block. Another holder: wait for it (``wait``) or raise a
-    ``ServiceError`` naming ``holder`` (what the other process is, e.g. ``train.run_name X``)."""
+    ``ServiceError`` naming ``holder`` (what the other process is, e.g. ``train.run_name X``).
+    ``lease=False``: a URL that is not an object store (an MLflow server) is locked on this
+    host only; what guards it across hosts is the caller's own (a compare-and-set)."""
     path = lock_file(location)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +57,7 @@ def exclusive(location: str, holder: str, wait: bool = False) -> Iterator[None]:
         handle.truncate()
         handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         handle.flush()
-        with _lease(location, holder) if _is_url(location) else _nothing():
+        with _lease(location, holder) if lease and _is_url(location) else _nothing():
             yield
     finally:
         handle.close()  # releases the flock

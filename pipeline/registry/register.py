@@ -140,7 +140,8 @@ def register(params: RegisterParams, tracking_uri: str) -> Registration:
     evaluation = Evaluation.read(Path(params.eval_metrics))
     store = tracking_uri.removeprefix("sqlite:///") if "sqlite:" in tracking_uri else tracking_uri
     with (
-        exclusive(store, f"the registry of {tracking_uri}", wait=True),  # one register at a time
+        # one register at a time on this host; a server's registry: the champion's compare-and-set
+        exclusive(store, f"the registry of {tracking_uri}", wait=True, lease=False),
         atomic_file(Path(params.out)) as tmp,  # the folder is writable first; written in the lock
         using(tracking_uri),
     ):
