@@ -353,10 +353,13 @@ def _close_trial_run(client: Any, search: SearchJob, trial: Trial) -> None:
     client.set_tag(run_id, "tune.stopped_early", str(trial.stopped_early).lower())
     if not math.isnan(trial.best_val_miou):  # a metric: the UI's trial comparison plots it
         client.log_metric(run_id, "best_val_miou", trial.best_val_miou)
+    status = client.get_run(run_id).info.status
     if trial.error:
         client.set_terminated(run_id, "FAILED")
-    elif client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, "KILLED" if trial.stopped_early else "FINISHED")
+    elif trial.stopped_early:  # its trainer may have ended the run FINISHED after Tune stopped it
+        client.set_terminated(run_id, "KILLED")
+    elif status == "RUNNING":
+        client.set_terminated(run_id, "FINISHED")
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
