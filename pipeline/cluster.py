@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from pipeline.errors import ConfigError, ServiceError, first_line
+from pipeline.locations import is_url
 from pipeline.outputs import project_path
 
 
@@ -107,4 +108,4 @@ def storage_uri(path: str) -> str:
     """Ray's storage path: a URI (``s3://``, ``gs://``) as is, a local path made absolute against
     the project's root (workers and Tune trials run in other working directories, and a DVC
     experiment in a temporary copy of the project)."""
-    return path if "://" in path else str(project_path(path))
+    return path if is_url(path) else str(project_path(path))

@@ -23,19 +23,16 @@ from pathlib import Path
 from typing import IO
 
 from pipeline.errors import ServiceError
+from pipeline.locations import is_url
 
 log = logging.getLogger(__name__)
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "danet" / "locks"
 
 
-def _is_url(location: str) -> bool:
-    return "://" in location
-
-
 def lock_file(location: str) -> Path:
     """The local file whose flock stands for ``location``: in this user's cache, named by a
     digest of the location, so that no store gets a file it did not have."""
-    key = location if _is_url(location) else str(Path(location).resolve())
+    key = location if is_url(location) else str(Path(location).resolve())
     return CACHE / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".lock")
 
 
@@ -57,7 +54,7 @@ def exclusive(location: str, holder: str, wait: bool = False, lease: bool = True
         handle.truncate()
         handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         handle.flush()
-        with _lease(location, holder) if lease and _is_url(location) else _nothing():
+        with _lease(location, holder) if lease and is_url(location) else _nothing():
             yield
     finally:
         handle.close()  # releases the flock

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import ConfigError, ServiceError
+from pipeline.locations import is_url
 
 
 @contextmanager
@@ -97,7 +98,7 @@ def project_path(path: str | Path) -> Path:
 def check_output(out: str | Path, name: str) -> None:
     """Refuse, before any work, an output folder that cannot be one: a file in its place, or a
     parent folder that cannot be written (``name`` is the param that names it)."""
-    if "://" in str(out):
+    if is_url(out):
         return
     path = Path(out)
     if path.exists() and not path.is_dir():
@@ -113,11 +114,11 @@ def check_outside(out: str | Path, inputs: Mapping[str, str | Path]) -> None:
     ``inputs`` maps a param name (``shard.root``) to the path it names; URLs are not checked.
     Called before anything is written, so the inputs are never touched.
     """
-    if "://" in str(out):
+    if is_url(out):
         return
     target = Path(out).resolve()
     for name, value in inputs.items():
-        if not value or "://" in str(value):
+        if not value or is_url(value):
             continue
         source = Path(value).resolve()
         if target == source or source in target.parents or target in source.parents:

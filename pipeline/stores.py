@@ -15,11 +15,8 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.config import Params
 from pipeline.errors import ConfigError
+from pipeline.locations import is_url
 from pipeline.outputs import project_path
-
-
-def _url(value: str) -> bool:
-    return "://" in value or value.startswith("pipe:")
 
 
 def _mlflow_stores(uri: str) -> dict[str, str]:
@@ -34,7 +31,7 @@ def _mlflow_stores(uri: str) -> dict[str, str]:
         }
     if uri.startswith("file:"):
         return {"mlflow.tracking_uri": str(project_path(uri.removeprefix("file://")))}
-    if uri and not _url(uri):
+    if uri and not is_url(uri):
         return {"mlflow.tracking_uri": str(project_path(uri))}
     return {}
 
@@ -53,7 +50,7 @@ def locations(p: Params) -> dict[str, str]:
         "data.shards": p.data.shards,
         "evaluate.shards": p.evaluate.shards,
         "train.storage_path": p.train.storage_path
-        if _url(p.train.storage_path)
+        if is_url(p.train.storage_path)
         else str(project_path(p.train.storage_path)),
         "train.out": p.train.out,
         "tune.out": p.tune.out,
@@ -74,7 +71,7 @@ def locations(p: Params) -> dict[str, str]:
 
 
 def _norm(value: str) -> PurePosixPath | tuple[str, PurePosixPath]:
-    if _url(value):
+    if is_url(value):
         scheme, _, rest = value.partition("://")
         return (scheme, PurePosixPath("/" + rest.strip("/")))
     return PurePosixPath(Path(value).resolve())
@@ -119,7 +116,7 @@ def check_outputs(
                 raise ConfigError(
                     f"{name} {out} overlaps {other} {location}: choose another location"
                 )
-        if not _url(out):
+        if not is_url(out):
             _check_untracked(Path(out), name)
 
 

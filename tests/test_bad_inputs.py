@@ -1194,7 +1194,7 @@ def test_predict_lists_bad_and_oversized_files(
     (images / "notes.txt").write_text("not an image")
     Image.fromarray(np.zeros((300, 400), dtype=np.uint8)).save(images / "huge.png")
     os.mkfifo(images / "pipe.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # huge.png: 120k pixels
+    monkeypatch.setattr("pipeline.images.MAX_PIXELS", 10_000)  # huge.png: 120k pixels
     result = runner.invoke(app, [*PREDICT, "--out", "predicted", "images", "images/pipe.png"])
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in result.output and result.exit_code == 1, result.output[-1500:]

@@ -24,9 +24,9 @@ from mlflow.pyfunc import PythonModel
 from danet.inference import label_map, protocol_for
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file
 from pipeline.devices import pick_device
+from pipeline.images import MAX_PIXELS, TooLarge, decode_rgb
 
 DEFAULT_PARAMS: dict[str, Any] = {"mode": "auto", "crop": 512, "flip": False, "slide_above": 1024}
-MAX_PIXELS = 50_000_000  # per image, checked from the header before anything is decoded
 
 
 class RequestError(MlflowException):
@@ -48,34 +48,19 @@ class RequestError(MlflowException):
 
 def decode(value: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An image cell (bytes, or base64 text) -> (H, W, 3) uint8; ``ValueError`` for anything
-    that is not a PNG or JPEG, or has more than ``max_pixels`` (read from its header).
-
-    Only the PNG and JPEG parsers ever see the bytes (chosen by their signature), and the size
-    is checked before any pixel is decoded: PIL's own decompression-bomb check would refuse a
-    huge image too, but without saying how large it was."""
-    from PIL import ImageFile, JpegImagePlugin, PngImagePlugin
-
+    that is not a PNG or JPEG, or has more than ``max_pixels`` (read from its header): only
+    those two parsers ever see the bytes (pipeline/images.py)."""
+    if isinstance(value, bytes | bytearray):
+        data = bytes(value)
+    else:
+        try:
+            data = base64.b64decode(str(value), validate=True)
+        except binascii.Error:
+            raise ValueError("not a PNG or JPEG (not base64)") from None
     try:
-        data = (
-            value
-            if isinstance(value, bytes | bytearray)
-            else base64.b64decode(str(value), validate=True)
-        )
-        opener: type[ImageFile.ImageFile]
-        if data.startswith(b"\x89PNG\r\n\x1a\n"):
-            opener = PngImagePlugin.PngImageFile
-        elif data.startswith(b"\xff\xd8\xff"):
-            opener = JpegImagePlugin.JpegImageFile
-        else:
-            raise ValueError("not a PNG or JPEG")
-        with opener(io.BytesIO(data)) as im:
-            if im.width * im.height > max_pixels:
-                raise ValueError(
-                    f"{im.width}x{im.height} is over the {max_pixels:,} pixel limit: send it smaller"
-                )
-            return np.array(im.convert("RGB"))
-    except (binascii.Error, OSError, SyntaxError) as err:  # PIL raises SyntaxError on bad headers
-        raise ValueError(f"not a PNG or JPEG ({type(err).__name__})") from None
+        return decode_rgb(data, ("PNG", "JPEG"), max_pixels, kind="a PNG or JPEG")
+    except TooLarge as err:
+        raise ValueError(f"{err}: send it smaller") from None
 
 
 def check_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
-from pipeline.data.storage import is_url, join
+from pipeline.data.storage import join
 from pipeline.errors import DataError
+from pipeline.locations import is_url
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 3

@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from pipeline.data.manifest import MANIFEST_VERSION, Manifest, ShardInfo, Skipped, SplitInfo
 from pipeline.data.readers import Item, Reader, Sample
-from pipeline.data.storage import is_url, publish
+from pipeline.data.storage import publish
 from pipeline.errors import DataError
+from pipeline.locations import is_url
 from pipeline.outputs import atomic_dir, check_output, check_outside
 
 log = logging.getLogger(__name__)

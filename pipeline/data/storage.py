@@ -12,10 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.errors import DataError
-
-
-def is_url(location: str | Path) -> bool:
-    return "://" in str(location) or str(location).startswith("pipe:")
+from pipeline.locations import is_url
 
 
 def join(location: str | Path, name: str) -> str:

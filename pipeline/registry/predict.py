@@ -10,19 +10,19 @@ are still processed.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from danet.inference import label_map, protocol_for
 from pipeline.artifacts.refs import LoadedModel
-from pipeline.errors import ServiceError, first_line
+from pipeline.errors import DataError, ServiceError
+from pipeline.images import TooLarge, decode_rgb, read_file
 from pipeline.outputs import atomic_file, check_output, check_outside
 from pipeline.pictures import colorize, overlay
 
@@ -49,18 +49,14 @@ def expand_inputs(inputs: Sequence[str | Path]) -> Iterator[Path]:
 
 def read_image(path: Path) -> np.ndarray:
     """(H, W, 3) uint8; ``ValueError`` naming the problem for anything that is not an image."""
-    if not path.is_file():
-        raise ValueError("does not exist or is not a regular file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a limit, not a warning
-            with Image.open(path) as im:
-                im.load()
-                return np.array(im.convert("RGB"))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ValueError(f"too large to decode safely ({first_line(err)})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"not a readable image ({type(err).__name__})") from None
+        data = read_file(path)
+    except DataError:
+        raise ValueError("does not exist or is not a regular file") from None
+    try:
+        return decode_rgb(data)
+    except TooLarge as err:
+        raise ValueError(f"too large to decode safely ({err})") from None
 
 
 def _save(array: np.ndarray, path: Path) -> None:

@@ -64,27 +64,40 @@ def load_checkpoint(
 
 
 def _fs(location: str) -> tuple[Any, str]:
-    import pyarrow
-    import pyarrow.fs
+    """fsspec's filesystem of a run's storage (a local path or a bucket URI), its listings fresh:
+    another process (a worker, a killed driver) writes there."""
+    from fsspec.core import url_to_fs
 
-    try:
-        return pyarrow.fs.FileSystem.from_uri(location)
-    except (pyarrow.ArrowInvalid, ValueError):
-        return pyarrow.fs.LocalFileSystem(), location
+    fs, path = url_to_fs(location)
+    fs.invalidate_cache()
+    return fs, path
 
 
 def checkpoint_dirs(run_dir: str) -> list[str]:
     """The run's checkpoint folders on its storage (a local path or a bucket URI), oldest first."""
-    import pyarrow.fs
-
     fs, path = _fs(run_dir)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    try:
+        infos = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
     names = sorted(
-        i.base_name
-        for i in infos
-        if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
+        name
+        for name in (
+            i["name"].rstrip("/").rsplit("/", 1)[-1] for i in infos if i["type"] == "directory"
+        )
+        if name.startswith("checkpoint_")
     )
     return [f"{run_dir.rstrip('/')}/{name}" for name in names]
+
+
+def _read_json(location: str) -> Any:
+    """The JSON file at ``location``, or None if it is missing or unreadable."""
+    fs, path = _fs(location)
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def finished_checkpoint(run_dir: str) -> str | None:
@@ -92,11 +105,8 @@ def finished_checkpoint(run_dir: str) -> str | None:
     dirs = checkpoint_dirs(run_dir)
     if not dirs:
         return None
-    fs, path = _fs(f"{dirs[-1]}/{PROGRESS_FILE}")
-    try:
-        with fs.open_input_stream(path) as f:
-            progress = json.loads(f.read())
-    except (OSError, ValueError):
+    progress = _read_json(f"{dirs[-1]}/{PROGRESS_FILE}")
+    if not isinstance(progress, dict):
         return None
     return dirs[-1] if progress["iteration"] >= progress["max_iters"] else None
 
@@ -108,40 +118,37 @@ def mark_diverged(run_dir: str, iteration: int, loss: float) -> None:
     """Rank 0 leaves where the run diverged in its folder for the driver (Ray Train V2 keeps only
     metrics reported with a checkpoint, and a raised error would be retried)."""
     fs, path = _fs(f"{run_dir.rstrip('/')}/{DIVERGED_FILE}")
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
         f.write(json.dumps({"iteration": iteration, "loss": str(loss)}).encode())
 
 
 def pop_diverged(run_dir: str) -> tuple[int, float] | None:
     """Where the run diverged, if it did (the mark is removed: a later run may try again)."""
-    fs, path = _fs(f"{run_dir.rstrip('/')}/{DIVERGED_FILE}")
-    try:
-        with fs.open_input_stream(path) as f:
-            data = json.loads(f.read())
-    except (OSError, ValueError):
+    location = f"{run_dir.rstrip('/')}/{DIVERGED_FILE}"
+    data = _read_json(location)
+    if not isinstance(data, dict):
         return None
-    fs.delete_file(path)
+    fs, path = _fs(location)
+    fs.rm_file(path)
     return int(data["iteration"]), float(data["loss"])
 
 
 def delete_run(run_dir: str) -> None:
     """Every checkpoint and record of a run on its storage (``--restart``)."""
     fs, path = _fs(run_dir)
-    import pyarrow.fs
-
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
-        fs.delete_dir(path)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def prune_untracked(run_dir: str, kept: list[str]) -> None:
     """Delete the run's checkpoint folders other than ``kept`` (by folder name): those a driver
     killed before Ray registered them, which Ray's ``num_to_keep`` never deletes."""
-    fs, _ = _fs(run_dir)
     names = {Path(k).name for k in kept}
     for stale in checkpoint_dirs(run_dir):
         if Path(stale).name not in names:
-            fs.delete_dir(_fs(stale)[1])
+            fs, path = _fs(stale)
+            fs.rm(path, recursive=True)
 
 
 def load_latest(

@@ -19,7 +19,6 @@ from typing import Any
 
 from pipeline.cluster import check_tracking_for, connect_ray, storage_uri
 from pipeline.config import ConfigError, DataParams, MlflowParams, ModelParams, TrainParams
-from pipeline.data.storage import is_url
 from pipeline.errors import (
     PipelineError,
     TrainingDiverged,
@@ -27,6 +26,7 @@ from pipeline.errors import (
     cause_chain,
     first_line,
 )
+from pipeline.locations import is_url
 from pipeline.locks import exclusive
 from pipeline.outputs import check_output, check_outside
 from pipeline.training.checkpoint import (

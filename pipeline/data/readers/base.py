@@ -7,18 +7,15 @@ are plain picklable objects so that sharding can fan ``read`` out over processes
 
 from __future__ import annotations
 
-import io
-import os
-import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from pipeline.errors import DataError
+from pipeline.images import open_image, probe, read_file, require_regular
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -77,7 +74,8 @@ class Reader(ABC):
 
     def read(self, item: Item) -> Sample:
         """Load and validate one item."""
-        image_bytes, fmt, size = read_image(item.image)
+        image_bytes = read_file(item.image)
+        fmt, size = probe(image_bytes, item.image)
         if item.label is None:
             raise DataError(item.image, "image has no label file")
         require_regular(item.label)
@@ -101,19 +99,6 @@ class Reader(ABC):
         return raw.astype(np.uint8)
 
 
-def require_regular(path: str) -> None:
-    """A dataset file must be a regular file: a FIFO, device or socket would block or never end,
-    so it is refused without being opened."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise DataError(path, "file does not exist") from None
-    except OSError as err:
-        raise DataError(path, f"cannot read ({err.strerror or err})") from None
-    if not stat.S_ISREG(mode):
-        raise DataError(path, "not a regular file (a FIFO, device or socket): refused unopened")
-
-
 def check_raw_values(raw: np.ndarray, path: str) -> None:
     """Stored label values are class ids 0..255 whatever the file's bit depth: a 16-bit value
     would wrap around to another class when converted to uint8."""
@@ -122,36 +107,16 @@ def check_raw_values(raw: np.ndarray, path: str) -> None:
         raise DataError(path, f"label value {bad} is outside 0..{IGNORE_INDEX}: not a class id")
 
 
-def read_image(path: str) -> tuple[bytes, str, tuple[int, int]]:
-    """The file's bytes, its format ("png"/"jpg"/...) and (width, height); checks it decodes."""
-    p = Path(path)
-    require_regular(path)
-    try:
-        data = p.read_bytes()
-    except OSError as err:
-        raise DataError(path, f"cannot read image ({err.strerror or err})") from None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # full decode: catches truncated files
-            size = im.size
-            fmt = (im.format or p.suffix.lstrip(".")).lower()
-    except Exception as err:
-        raise DataError(path, f"unreadable or truncated image ({err})") from None
-    return data, {"jpeg": "jpg"}.get(fmt, fmt), size
-
-
 def load_label_array(path: str) -> np.ndarray:
     """A label PNG as its raw stored values: palette PNGs give indices, never colours."""
     try:
-        with Image.open(path) as im:
+        with open_image(read_file(path)) as im:
             im.load()
             if im.mode not in ("L", "P", "I", "I;16", "I;16B"):
                 raise DataError(path, f"label must be a single-channel PNG, got mode {im.mode}")
             return np.array(im)
     except DataError:
         raise
-    except FileNotFoundError:
-        raise DataError(path, "label file does not exist") from None
     except Exception as err:
         raise DataError(path, f"unreadable or truncated label ({err})") from None
 
@@ -210,7 +175,7 @@ def pair_by_stem(
 def list_images(directory: Path, recursive: bool = False) -> list[Path]:
     pattern = "**/*" if recursive else "*"
     # not only regular files: a FIFO or device named like an image is listed, then refused
-    # unopened when read (``require_regular``), never skipped in silence
+    # unopened when read (``pipeline.images.read_file``), never skipped in silence
     return sorted(
         p
         for p in directory.glob(pattern)
