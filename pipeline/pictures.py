@@ -120,7 +120,7 @@ def plot_curves(
     ax_loss.set_ylabel("training loss")
     ax_loss.legend(loc="upper right")
     if evals:
-        ax_miou.plot([e.iteration for e in evals], [e.val_miou for e in evals], marker="o")
+        ax_miou.plot([e.iteration for e in evals], [e.miou for e in evals], marker="o")
     ax_miou.set_xlabel("iteration")
     ax_miou.set_ylabel("val mIoU")
     ax_miou.set_ylim(0, 1)

@@ -28,6 +28,7 @@ from pipeline.artifacts.refs import LoadedModel, load_model
 from pipeline.config import ConfigError, EvaluateParams
 from pipeline.data.loader import read_shard
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
+from pipeline.data.preview import Row, prediction_rows
 from pipeline.devices import autocast, pick_device
 from pipeline.errors import DataError, first_line
 from pipeline.evaluation.record import Evaluation
@@ -36,7 +37,6 @@ from pipeline.pictures import plot_confusion_matrix, prediction_grid, save_png, 
 
 CANDIDATES = ("outputs/train/model.pt", "outputs/tune/model.pt")
 log = logging.getLogger(__name__)
-Rows = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def protocol_of(params: EvaluateParams) -> Protocol:
@@ -78,12 +78,12 @@ def evaluate_model(
     bf16: bool = False,
     num_overlays: int = 0,
     progress: bool = True,
-) -> tuple[torch.Tensor, Rows]:
+) -> tuple[torch.Tensor, list[Row]]:
     """The confusion matrix over every image of ``shards``, and the first ``num_overlays``
     (image, truth, prediction) rows. ``module`` maps RGB in [0, 1] to logits."""
     module = module.to(device).eval()
     cm = ConfusionMatrix(num_classes, device=device)
-    rows: Rows = []
+    rows: list[Row] = []
     bar = tqdm(desc=f"evaluate ({protocol.name})", unit="img", disable=None if progress else True)
     with torch.no_grad(), autocast(device, bf16):
         for ref in shards:
@@ -98,26 +98,6 @@ def evaluate_model(
                 bar.update()
     bar.close()
     return cm.matrix.cpu(), rows
-
-
-def prediction_rows(
-    module: torch.nn.Module,
-    shards: Sequence[ShardRef],
-    protocol: Protocol,
-    device: torch.device,
-    count: int,
-) -> Rows:
-    """(image, truth, prediction) of the first ``count`` images."""
-    rows: Rows = []
-    module = module.to(device).eval()
-    with torch.no_grad():
-        for ref in shards:
-            for _, image, label in read_shard(ref):
-                if len(rows) >= count:
-                    return rows
-                pred = infer(module, to_input(image).to(device), protocol).argmax(1)[0]
-                rows.append((image, label, pred.cpu().numpy().astype(np.uint8)))
-    return rows
 
 
 def evaluate_on_ray(
@@ -177,7 +157,9 @@ def run_evaluation(
     num_classes = len(model.classes)
     if params.workers > 1:
         matrix = evaluate_on_ray(model, shards, protocol, params)
-        rows = prediction_rows(model.module, shards, protocol, device, params.num_overlays)
+        rows = prediction_rows(
+            model.module.to(device).eval(), shards, params.num_overlays, device, protocol
+        )
     else:
         matrix, rows = evaluate_model(
             model.module,
@@ -247,7 +229,7 @@ def log_to_model(evaluation: Evaluation, ref: str, tracking_uri: str) -> None:
 
 
 def write_report(
-    out: Path, evaluation: Evaluation, matrix: torch.Tensor, rows: Rows, model: LoadedModel
+    out: Path, evaluation: Evaluation, matrix: torch.Tensor, rows: list[Row], model: LoadedModel
 ) -> None:
     with atomic_dir(out) as tmp:
         (tmp / "metrics.json").write_text(evaluation.to_json())

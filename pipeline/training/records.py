@@ -37,22 +37,30 @@ class StepRecord:
 
 @dataclass
 class EvalRecord:
-    """One in-training evaluation (whole images of the val split)."""
+    """One in-training evaluation (whole images of the val split). The scores are
+    ``danet.metrics.summarize``'s, named as in ``danet evaluate``'s metrics.json
+    (pipeline/evaluation/record.py); reported to Ray and MLflow as ``val_*``."""
 
     epoch: int
     iteration: int
-    val_miou: float
-    val_pixel_acc: float
-    val_mean_acc: float
+    miou: float
+    pixel_acc: float
+    mean_acc: float
     train_loss: float
     iou_per_class: list[float]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalRecord:
+        """A record of history.json; a checkpoint written before the scores were renamed
+        (``val_miou``...) still resumes."""
+        return cls(**{k.removeprefix("val_"): v for k, v in data.items()})
 
     def metrics(self) -> dict[str, float]:
         """What is reported to Ray Train (and Tune) at an evaluation."""
         return {
-            VAL_MIOU: self.val_miou,
-            VAL_PIXEL_ACC: self.val_pixel_acc,
-            VAL_MEAN_ACC: self.val_mean_acc,
+            VAL_MIOU: self.miou,
+            VAL_PIXEL_ACC: self.pixel_acc,
+            VAL_MEAN_ACC: self.mean_acc,
             "epoch": self.epoch,
             "iteration": self.iteration,
             "train_loss": self.train_loss,
@@ -67,7 +75,7 @@ class History:
     evals: list[EvalRecord] = field(default_factory=list)
 
     def best(self) -> EvalRecord:
-        return max(self.evals, key=lambda e: e.val_miou)
+        return max(self.evals, key=lambda e: e.miou)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -77,5 +85,5 @@ class History:
         data: dict[str, Any] = json.loads(text)
         return cls(
             steps=[StepRecord(**s) for s in data.get("steps", [])],
-            evals=[EvalRecord(**e) for e in data.get("evals", [])],
+            evals=[EvalRecord.from_dict(e) for e in data.get("evals", [])],
         )

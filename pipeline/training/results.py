@@ -12,13 +12,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from danet.inference import Protocol
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file, save_model_file
 from pipeline.config import MlflowParams
-from pipeline.data.loader import read_shard
+from pipeline.data.preview import prediction_rows
 from pipeline.outputs import atomic_dir
 from pipeline.pictures import (
     plot_confusion_matrix,
@@ -57,24 +54,6 @@ def _scores(e: EvalRecord) -> dict[str, float]:
     return {k: v for k, v in asdict(e).items() if k != "iou_per_class" and k != "train_loss"}
 
 
-def prediction_rows(
-    segmenter: torch.nn.Module, job: TrainJob, count: int, device: torch.device | None = None
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(image, ground truth, prediction) for the first ``count`` val images."""
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    with torch.no_grad():
-        for ref in job.val_shards:
-            for _, image, label in read_shard(ref):
-                if len(rows) >= count:
-                    return rows
-                x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255).to(
-                    device or "cpu"
-                )
-                pred = segmenter(x).argmax(1)[0].cpu().numpy().astype(np.uint8)
-                rows.append((image, label, pred))
-    return rows
-
-
 def write_curves(directory: Path, history: History) -> None:
     with open(directory / "train_curve.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -88,9 +67,9 @@ def write_curves(directory: Path, history: History) -> None:
             writer.writerow(
                 [
                     e.iteration,
-                    f"{e.val_miou:.5f}",
-                    f"{e.val_pixel_acc:.5f}",
-                    f"{e.val_mean_acc:.5f}",
+                    f"{e.miou:.5f}",
+                    f"{e.pixel_acc:.5f}",
+                    f"{e.mean_acc:.5f}",
                 ]
             )
 
@@ -104,7 +83,7 @@ def model_info(job: TrainJob, best: EvalRecord, run_id: str) -> ModelInfo:
         std=job.std,
         dataset=job.dataset,
         meta={
-            VAL_MIOU: best.val_miou,
+            VAL_MIOU: best.miou,
             "iteration": best.iteration,
             "mlflow_run_id": run_id,
             "lr": job.train.lr,
@@ -140,11 +119,11 @@ def write_outputs(
         )
         plot_curves(history.steps, history.evals, tmp / "curves.png", f"{run_name} ({job.dataset})")
         segmenter, _ = load_model_file(tmp / "model.pt")  # also checks the file just written
-        rows = prediction_rows(segmenter, job, num_images)
+        rows = prediction_rows(segmenter.eval(), job.val_shards, num_images)
         if rows:
             save_png(prediction_grid(rows, job.palette), tmp / "val_predictions.png")
         if state.best_confusion is not None:
-            title = f"{job.dataset} val, best checkpoint (iteration {best.iteration}), mIoU {best.val_miou:.3f}"
+            title = f"{job.dataset} val, best checkpoint (iteration {best.iteration}), mIoU {best.miou:.3f}"
             plot_confusion_matrix(
                 state.best_confusion.numpy(), job.classes, tmp / "confusion_matrix.png", title
             )

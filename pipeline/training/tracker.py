@@ -84,11 +84,11 @@ class Tracker:
         """image | truth | prediction rows of the first val images, as a picture at this step."""
         if self.client is None or not self.job.prediction_images or self.down_since is not None:
             return
+        from pipeline.data.preview import prediction_rows
         from pipeline.pictures import prediction_grid
-        from pipeline.training.results import prediction_rows
 
         segmenter = Segmenter(core, self.job.mean, self.job.std).to(device).eval()
-        rows = prediction_rows(segmenter, self.job, self.job.prediction_images, device)
+        rows = prediction_rows(segmenter, self.job.val_shards, self.job.prediction_images, device)
         try:
             grid = prediction_grid(rows, self.job.palette)
             self.client.log_image(
@@ -105,8 +105,8 @@ class Tracker:
         log.info(
             "[train] iter %d: val mIoU %.4f pixel acc %.4f",
             record.iteration,
-            record.val_miou,
-            record.val_pixel_acc,
+            record.miou,
+            record.pixel_acc,
         )
 
 

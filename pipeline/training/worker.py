@@ -49,6 +49,15 @@ from pipeline.training.tracker import Tracker, system_metrics
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Best:
+    """The best evaluation of a run so far: its val mIoU, the weights and the confusion matrix."""
+
+    miou: float
+    weights: dict[str, torch.Tensor]
+    confusion: torch.Tensor
+
+
 @dataclass
 class Run:
     """One rank's training: the model, its optimizer and schedule, the data, where it stands."""
@@ -69,7 +78,7 @@ class Run:
     history: History = field(default_factory=History)
     epoch: int = 0
     batch: int = 0
-    best: tuple[float, dict[str, torch.Tensor], torch.Tensor] | None = None  # mIoU, weights, cm
+    best: Best | None = None  # the best evaluation so far
 
     @property
     def iteration(self) -> int:
@@ -201,7 +210,7 @@ def resume(run: Run, run_dir: str) -> None:
         torch.cuda.set_rng_state(state.cuda_rng[run.rank].cpu(), run.device)
     run.epoch, run.batch = state.epoch, state.batch
     if state.best_model is not None and state.best_confusion is not None:
-        run.best = (run.history.best().val_miou, state.best_model, state.best_confusion)
+        run.best = Best(run.history.best().miou, state.best_model, state.best_confusion)
     if run.rank == 0:
         log.info(
             "[train] resumed at iteration %d (epoch %d, batch %d)",
@@ -229,8 +238,8 @@ def report(run: Run, metrics: dict[str, float]) -> None:
         iteration=run.iteration,
         rng=rng,
         cuda_rng=cuda_rng,
-        best_model=run.best[1] if run.best else None,
-        best_confusion=run.best[2] if run.best else None,
+        best_model=run.best.weights if run.best else None,
+        best_confusion=run.best.confusion if run.best else None,
     )
     with tempfile.TemporaryDirectory() as directory:
         save_checkpoint(Path(directory), state, run.history, run.job.train.max_iters)
@@ -243,16 +252,13 @@ def evaluate(run: Run, train_loss: float) -> EvalRecord:
     record = EvalRecord(
         epoch=run.epoch,
         iteration=run.iteration,
-        val_miou=result["miou"],
-        val_pixel_acc=result["pixel_acc"],
-        val_mean_acc=result["mean_acc"],
         train_loss=train_loss,
-        iou_per_class=result["iou_per_class"],
+        **result,
     )
     run.history.evals.append(record)
-    if run.best is None or record.val_miou > run.best[0]:
+    if run.best is None or record.miou > run.best.miou:
         weights = {k: v.detach().cpu().clone() for k, v in run.core.state_dict().items()}
-        run.best = (record.val_miou, weights, cm.matrix.cpu())
+        run.best = Best(record.miou, weights, cm.matrix.cpu())
     return record
 
 
