@@ -34,11 +34,24 @@ def _parse(path: Path, stamp: tuple[int, int]) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
 
+def _running(tree: ast.AST) -> Iterable[ast.AST]:
+    """Every node of ``tree`` except the bodies of ``if TYPE_CHECKING:``, which never run."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo += node.orelse
+        else:
+            todo += ast.iter_child_nodes(node)
+
+
 def imports(path: Path, root: Path = PROJECT) -> frozenset[str]:
-    """Every project module ``path`` imports, at module level or inside a function."""
+    """Every project module ``path`` imports, at module level or inside a function (not those
+    for type checkers only)."""
     stat = path.stat()
     found = set()
-    for node in ast.walk(_parse(path, (stat.st_mtime_ns, stat.st_size))):
+    for node in _running(_parse(path, (stat.st_mtime_ns, stat.st_size))):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

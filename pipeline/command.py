@@ -14,12 +14,15 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from typer.core import TyperGroup
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.config import Params
 
 
 class DanetGroup(TyperGroup):
@@ -77,7 +80,7 @@ def load(
     sets: Sequence[str] | None,
     writes: Sequence[str] = (),
     **flags: Any,
-) -> Any:
+) -> Params:
     """The command's params: file or preset, ``--set`` overrides, then its own options; the
     params it ``writes`` (``evaluate.out``) are checked to overlap no store (pipeline/stores.py).
 
@@ -97,7 +100,7 @@ def load(
     return p
 
 
-def tracking_uri(p: Any) -> str:
+def tracking_uri(p: Params) -> str:
     from pipeline.artifacts.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(p.mlflow.tracking_uri)

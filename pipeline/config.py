@@ -19,13 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from pipeline.errors import ConfigError
+from pipeline.paramsfile import apply_override, preset_path, read_yaml
 from pipeline.schema import Section, hints, param, require
 
 S = TypeVar("S", bound="Section")
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 # --- the sections, in stage order ------------------------------------------------------------
@@ -40,9 +38,19 @@ class SyntheticParams(Section):
     width: int = param(160, ge=32)
     height: int = param(120, ge=32)
     seed: int = 0
+    # danet synthetic: the scenes as a folder dataset of PNGs (images to predict), not sharded
+    out: str = ""
+    splits: tuple[str, ...] = ("val",)
+    count: int = param(0, ge=0)  # the first N scenes of each split; 0 = all
+
+    GENERATOR = ("num_samples", "width", "height", "seed")  # what the scenes are
 
     def check(self) -> None:
         require(bool(self.num_samples), "synthetic.num_samples must name at least one split")
+
+    def generator(self) -> dict[str, Any]:
+        """The options of the scene generator (pipeline/data/readers/synthetic.py)."""
+        return {k: getattr(self, k) for k in self.GENERATOR}
 
 
 @dataclass(frozen=True)
@@ -277,6 +285,20 @@ class RegisterParams(Section):
 
 
 @dataclass(frozen=True)
+class PredictParams(Section):
+    """``danet predict`` and the served model's defaults: whole image up to ``slide_above``
+    (long side), the sliding window beyond it."""
+
+    NAME = "predict"
+    model: str = ""  # model.pt, run id, runs:/ or models:/ URI
+    out: str = "outputs/predict"
+    slide_above: int = param(1024, ge=0)
+    crop: int = param(512, ge=16)  # sliding-window crop
+    flip: bool = False  # add horizontally flipped predictions
+    device: str = param("auto", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
 class Params:
     """Every param of the pipeline: one field per params.yaml section."""
 
@@ -289,6 +311,7 @@ class Params:
     tune: TuneParams = field(default_factory=TuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     register: RegisterParams = field(default_factory=RegisterParams)
+    predict: PredictParams = field(default_factory=PredictParams)
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -320,49 +343,6 @@ def params_from_mapping(raw: Any, where: str = "params") -> Params:
         name: section_from_mapping(SECTIONS[name], raw[name]) for name in raw
     }
     return Params(**sections)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: params file does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: must be a mapping of sections")
-    return data
-
-
-def preset_path(name: str) -> Path:
-    """A preset by name (configs/<name>.yaml) or by path."""
-    if Path(name).is_file():
-        return Path(name)
-    path = PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-        raise ConfigError(f"--preset {name}: no such preset; known: {known}")
-    return path
-
-
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """``section.key[.subkey]=value`` (value parsed as YAML) into the raw params mapping."""
-    key, sep, text = assignment.partition("=")
-    parts = key.strip().split(".")
-    if not sep or len(parts) < 2 or not all(parts):
-        raise ConfigError(f"--set {assignment}: expected section.key=value, e.g. train.lr=0.005")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {assignment}: the value is not valid YAML") from None
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {assignment}: {part} is not a mapping")
-        node = child
-    node[parts[-1]] = value
 
 
 def load_params(

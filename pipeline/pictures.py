@@ -102,7 +102,7 @@ class _Step(Protocol):
 
 class _Eval(Protocol):
     iteration: int
-    val_miou: float
+    miou: float
 
 
 def plot_curves(

@@ -58,9 +58,14 @@ def locations(p: Params) -> dict[str, str]:
         "register.out": p.register.out,
         "register.eval_metrics": p.register.eval_metrics,
     }
-    model = p.evaluate.model
-    if model != "auto" and not model.startswith(("models:/", "runs:/")) and Path(model).exists():
-        found["evaluate.model"] = model
+    found |= {"synthetic.out": p.synthetic.out, "predict.out": p.predict.out}
+    for key, model in (("evaluate.model", p.evaluate.model), ("predict.model", p.predict.model)):
+        if (
+            model != "auto"
+            and not model.startswith(("models:/", "runs:/"))
+            and Path(model).exists()
+        ):
+            found[key] = model
     found |= _mlflow_stores(p.mlflow.tracking_uri)
     if (root := repository_root()) is not None:
         found["the git repository"] = str(root / ".git")

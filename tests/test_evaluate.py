@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 from danet.inference import Protocol, infer, scaled_size
 from pipeline.artifacts.refs import load_model
 from pipeline.cli import app
-from pipeline.config import ConfigError, EvaluateParams
+from pipeline.config import ConfigError, EvaluateParams, Params
 from pipeline.data.loader import EvalStream, eval_loader
 from pipeline.data.manifest import load_manifest, shard_refs
 from pipeline.errors import ModelError
-from pipeline.evaluation.evaluate import evaluate_model, run_evaluation
+from pipeline.evaluation.evaluate import candidates, evaluate_model, run_evaluation
 from pipeline.training.loop import validate
 from tests.conftest import write_model_file
 
@@ -238,11 +238,11 @@ def test_pick_model_auto_takes_the_better_candidate(
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"evaluate.model is auto but none of"):
-        pick_model("auto")
+        pick_model("auto", candidates(Params()))
     for name, score in (("train", 0.4), ("tune", 0.6)):
         (tmp_path / "outputs" / name).mkdir(parents=True)
         write_model_file(tmp_path / "outputs" / name / "model.pt", tiny_shards, val_miou=score)
-    assert pick_model("auto") == "outputs/tune/model.pt"
+    assert pick_model("auto", candidates(Params())) == "outputs/tune/model.pt"
 
 
 # --- bad input --------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ LAYERS = (
 # Keys that do not change any stage's outputs: where a stage runs or writes, how often it logs,
 # where MLflow lives, how runs are named; output paths are outs, input paths deps.
 NOT_OUTPUT_KEYS = {
+    "synthetic.out",  # danet synthetic's folder dataset (images to predict), not the shards
+    "synthetic.splits",
+    "synthetic.count",
     "shard.workers",
     "shard.out",
     "data.shards",

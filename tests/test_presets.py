@@ -11,8 +11,9 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import ConfigError, Params, load_params, read_yaml
+from pipeline.config import ConfigError, Params, load_params
 from pipeline.data.readers import READERS
+from pipeline.paramsfile import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))

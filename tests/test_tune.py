@@ -24,7 +24,8 @@ from pipeline.config import (
     TuneParams,
     load_params,
 )
-from pipeline.training.search import format_trials, run_search, write_summary
+from pipeline.training.search import run_search
+from pipeline.training.search_summary import Trial, format_trials, write_summary
 from tests.conftest import synthetic_shards
 
 
@@ -66,28 +67,28 @@ def configs(tmp: Path) -> tuple[ModelParams, DataParams, TrainParams, MlflowPara
 def test_search_stops_one_trial_early_and_keeps_the_best(tmp_path: Path, ray_cluster: None) -> None:
     cfg = configs(tmp_path)
     summary = run_search(*cfg)
-    trials = summary["trials"]
+    trials = summary.trials
     assert len(trials) == 3
-    assert all(not t["error"] for t in trials)
-    assert any(t["stopped_early"] for t in trials), format_trials(summary)
-    assert any(t["evaluations"] == 3 for t in trials)
-    best = max(trials, key=lambda t: t["best_val_miou"])
-    assert summary["best"]["trial_id"] == best["trial_id"]
-    assert math.isclose(summary["best_metrics"]["best"]["val_miou"], best["best_val_miou"])
+    assert all(not t.error for t in trials)
+    assert any(t.stopped_early for t in trials), format_trials(trials, summary.best)
+    assert any(t.evaluations == 3 for t in trials)
+    best = max(trials, key=lambda t: t.best_val_miou)
+    assert summary.best.trial_id == best.trial_id
+    assert math.isclose(summary.best_metrics.best["val_miou"], best.best_val_miou)
 
     out = tmp_path / "tune"
     params = yaml.safe_load((out / "best_params.yaml").read_text())
     loaded = load_params(out / "best_params.yaml")  # a params file of its own: --params takes it
-    assert (loaded.train.lr, loaded.data.crop_size) == (params["train"]["lr"], best["crop_size"])
-    assert params["train"]["lr"] == pytest.approx(best["lr"], rel=1e-5)
-    assert params["data"]["crop_size"] == best["crop_size"] in (32, 48)
+    assert (loaded.train.lr, loaded.data.crop_size) == (params["train"]["lr"], best.crop_size)
+    assert params["train"]["lr"] == pytest.approx(best.lr, rel=1e-5)
+    assert params["data"]["crop_size"] == best.crop_size in (32, 48)
     assert (out / "model.pt").is_file() and (out / "metrics.json").is_file()
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(cfg[3].tracking_uri)
-    parent = client.get_run(summary["mlflow_parent_run_id"])
-    assert parent.data.metrics["best_val_miou"] == pytest.approx(best["best_val_miou"])
+    parent = client.get_run(summary.mlflow_parent_run_id)
+    assert parent.data.metrics["best_val_miou"] == pytest.approx(best.best_val_miou)
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
@@ -98,8 +99,8 @@ def test_search_stops_one_trial_early_and_keeps_the_best(tmp_path: Path, ray_clu
 
     # Started again with the same config: Tuner.restore finds the finished search, trains nothing.
     again = run_search(*cfg)
-    assert [t["trial_id"] for t in again["trials"]] == [t["trial_id"] for t in trials]
-    assert again["best"] == summary["best"]
+    assert [t.trial_id for t in again.trials] == [t.trial_id for t in trials]
+    assert again.best == summary.best
 
 
 def test_bad_search_params_are_one_line(tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_bad_search_params_are_one_line(tmp_path: Path) -> None:
 
 
 def test_trials_take_the_search_cadence_and_cpus() -> None:
-    from pipeline.training.search import trial_train
+    from pipeline.training.trial import trial_train
 
     train = TrainParams(epochs=20, eval_every_epochs=5, cpus_per_worker=2)
     given = trial_train(train, TuneParams(epochs=4, eval_every_epochs=2, cpus_per_trial=1))
@@ -188,9 +189,10 @@ def test_ctrl_c_stops_a_search_in_seconds_and_it_then_resumes(tmp_path: Path) ->
 def test_best_params_is_a_params_file(tmp_path: Path) -> None:
     """best_params.yaml loads as params (``danet train --params``); the trial and its score
     are comments."""
-    best = {"lr": 0.0123456789, "crop_size": 48, "best_val_miou": 0.5, "run_name": "s-trial-1"}
-    write_summary(tmp_path, {"best": best, "trials": []})
+    best = Trial("1", "s-trial-1", 0.0123456789, 48, 2, 0.5, False, "", "checkpoint_0")
+    write_summary(tmp_path, best, [best])
     text = (tmp_path / "best_params.yaml").read_text()
     loaded = load_params(tmp_path / "best_params.yaml")
     assert (loaded.train.lr, loaded.data.crop_size) == (0.0123457, 48)
     assert text.startswith("# the best trial of the search: s-trial-1, val mIoU 0.500000\n")
+    assert json.loads((tmp_path / "trials.json").read_text())[0]["lr"] == 0.0123456789

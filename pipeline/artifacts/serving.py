@@ -23,10 +23,17 @@ from mlflow.pyfunc import PythonModel
 
 from danet.inference import label_map, protocol_for
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file
+from pipeline.config import PredictParams
 from pipeline.devices import pick_device
 from pipeline.images import MAX_PIXELS, TooLarge, decode_rgb
 
-DEFAULT_PARAMS: dict[str, Any] = {"mode": "auto", "crop": 512, "flip": False, "slide_above": 1024}
+_PREDICT = PredictParams()  # the request's defaults are danet predict's
+DEFAULT_PARAMS: dict[str, Any] = {
+    "mode": "auto",
+    "crop": _PREDICT.crop,
+    "flip": _PREDICT.flip,
+    "slide_above": _PREDICT.slide_above,
+}
 
 
 class RequestError(MlflowException):

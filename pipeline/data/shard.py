@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import webdataset as wds
@@ -33,11 +34,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.data.manifest import MANIFEST_VERSION, Manifest, ShardInfo, Skipped, SplitInfo
-from pipeline.data.readers import Item, Reader, Sample
+from pipeline.data.readers import Item, Reader, Sample, reader_for
 from pipeline.data.storage import publish
 from pipeline.errors import DataError
 from pipeline.locations import is_url
 from pipeline.outputs import atomic_dir, check_output, check_outside
+
+if TYPE_CHECKING:  # params arrive as values: a stage does not run the config code
+    from pipeline.config import ShardParams, SyntheticParams
 
 log = logging.getLogger(__name__)
 
@@ -301,3 +305,30 @@ def build_manifest(
 def _rgb6(values: np.ndarray) -> tuple[float, float, float]:
     r, g, b = (round(float(v), 6) for v in values)
     return r, g, b
+
+
+def shard_from_params(shard: ShardParams, synthetic: SyntheticParams) -> Manifest:
+    """``danet shard``: ``shard.dataset`` at ``shard.root`` -> shards at ``shard.out``."""
+    return shard_dataset(
+        reader_for(shard, synthetic),
+        shard.splits,
+        shard.out,
+        max_count=shard.max_count,
+        max_size_mb=shard.max_size_mb,
+        image_format=shard.image_format,
+        jpeg_quality=shard.jpeg_quality,
+        workers=shard.workers,
+        on_error=shard.on_error,
+    )
+
+
+def describe(manifest: Manifest, out: str, seconds: float) -> str:
+    """What ``danet shard`` prints: a line per split, then where it went."""
+    lines = []
+    for split, info in manifest.splits.items():
+        skipped = f", {len(info.skipped)} skipped" if info.skipped else ""
+        lines.append(f"{split}: {info.samples} samples in {len(info.shards)} shards{skipped}")
+    lines.append(
+        f"wrote {out}/ ({manifest.dataset}, {manifest.num_classes} classes) in {seconds:.1f}s"
+    )
+    return "\n".join(lines)

@@ -25,17 +25,16 @@ from danet.inference import Protocol, infer, to_input
 from danet.metrics import ConfusionMatrix, summarize
 from pipeline.artifacts.modelfile import read_model_info
 from pipeline.artifacts.refs import LoadedModel, load_model
-from pipeline.config import ConfigError, EvaluateParams
+from pipeline.config import ConfigError, EvaluateParams, Params
 from pipeline.data.loader import read_shard
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
 from pipeline.data.preview import Row, prediction_rows
 from pipeline.devices import autocast, pick_device
 from pipeline.errors import DataError, first_line
-from pipeline.evaluation.record import Evaluation
+from pipeline.evaluation.record import REPORT, Evaluation
 from pipeline.outputs import atomic_dir, check_output, check_outside
 from pipeline.pictures import plot_confusion_matrix, prediction_grid, save_png, write_per_class_iou
 
-CANDIDATES = ("outputs/train/model.pt", "outputs/tune/model.pt")
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +54,7 @@ def protocol_of(params: EvaluateParams) -> Protocol:
     )
 
 
-def pick_model(ref: str, candidates: Sequence[str] = CANDIDATES) -> str:
+def pick_model(ref: str, candidates: Sequence[str]) -> str:
     """``auto`` -> the candidate model file with the best recorded (in-training) val mIoU."""
     if ref != "auto":
         return ref
@@ -135,13 +134,14 @@ def _evaluate_part(
 
 
 def run_evaluation(
-    params: EvaluateParams, tracking_uri: str = "", candidates: Sequence[str] = CANDIDATES
+    params: EvaluateParams, tracking_uri: str = "", choices: Sequence[str] | None = None
 ) -> Evaluation:
     """Evaluate, write the report folder atomically, return metrics.json's content.
 
-    ``candidates`` are the model files ``evaluate.model: auto`` chooses from (train.out, tune.out).
+    ``choices`` are the model files ``evaluate.model: auto`` chooses from (default: those of
+    the default params, ``candidates``).
     """
-    ref = pick_model(params.model, candidates)
+    ref = pick_model(params.model, candidates(Params()) if choices is None else choices)
     check_output(params.out, "evaluate.out")
     check_outside(params.out, {"evaluate.shards": params.shards, "evaluate.model": ref})
     manifest = load_manifest(params.shards)
@@ -228,16 +228,31 @@ def log_to_model(evaluation: Evaluation, ref: str, tracking_uri: str) -> None:
         log.warning("MLflow unreachable (%s): the scores are in metrics.json only", first_line(err))
 
 
+def candidates(p: Params) -> list[str]:
+    """The model files ``evaluate.model: auto`` chooses from: train.out's and tune.out's."""
+    return [str(Path(p.train.out) / "model.pt"), str(Path(p.tune.out) / "model.pt")]
+
+
 def write_report(
     out: Path, evaluation: Evaluation, matrix: torch.Tensor, rows: list[Row], model: LoadedModel
 ) -> None:
     with atomic_dir(out) as tmp:
-        (tmp / "metrics.json").write_text(evaluation.to_json())
-        write_per_class_iou(tmp / "per_class_iou.csv", evaluation.iou_per_class.items())
+        (tmp / REPORT["metrics"]).write_text(evaluation.to_json())
+        write_per_class_iou(tmp / REPORT["per_class_iou"], evaluation.iou_per_class.items())
         title = f"{evaluation.dataset} {evaluation.split} ({evaluation.protocol}): mIoU {evaluation.miou:.3f}"
-        plot_confusion_matrix(matrix.numpy(), model.classes, tmp / "confusion_matrix.png", title)
+        plot_confusion_matrix(
+            matrix.numpy(), model.classes, tmp / REPORT["confusion_matrix"], title
+        )
         if rows:
-            save_png(prediction_grid(rows, model.palette), tmp / "predictions.png")
+            save_png(prediction_grid(rows, model.palette), tmp / REPORT["predictions"])
+
+
+def describe(evaluation: Evaluation, out: str) -> str:
+    """What ``danet evaluate`` prints: the per-class table, then one line."""
+    return (
+        f"{format_table(evaluation)}\n{evaluation.model} on {evaluation.dataset} "
+        f"{evaluation.split} ({evaluation.protocol}): mIoU {evaluation.miou:.4f} -> {out}/"
+    )
 
 
 def format_table(evaluation: Evaluation) -> str:

@@ -10,6 +10,14 @@ from typing import Any
 
 from pipeline.errors import ConfigError, DataError
 
+# the files of evaluate.out (dvc.yaml names the same)
+REPORT = {
+    "metrics": "metrics.json",
+    "per_class_iou": "per_class_iou.csv",
+    "confusion_matrix": "confusion_matrix.png",
+    "predictions": "predictions.png",
+}
+
 
 @dataclass(frozen=True)
 class Evaluation:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from danet.inference import label_map, protocol_for
 from pipeline.artifacts.refs import LoadedModel
+from pipeline.config import ConfigError, PredictParams
 from pipeline.errors import DataError, ServiceError
 from pipeline.images import TooLarge, decode_rgb, read_file
 from pipeline.outputs import atomic_file, check_output, check_outside
@@ -31,8 +32,28 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 @dataclass
 class PredictReport:
-    written: list[Path] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)  # three files per image
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    images: int = 0
+
+    def describe(self, out: str | Path) -> tuple[str, str]:
+        """What ``danet predict`` prints: an error line per failed file (stderr), the count."""
+        errors = "\n".join(f"error: {path}: {problem}" for path, problem in self.failed)
+        return errors, f"{self.images} images -> {out}/ ({len(self.failed)} failed)"
+
+
+def predict_from_params(
+    params: PredictParams, inputs: Sequence[str | Path], tracking_uri: str
+) -> PredictReport:
+    """``danet predict``: the images of ``inputs`` through ``params.model`` into ``params.out``."""
+    from pipeline.artifacts.refs import load_model
+    from pipeline.devices import pick_device
+
+    if not params.model:
+        raise ConfigError("predict.model: give the model to predict with (--model)")
+    model = load_model(params.model, tracking_uri)
+    device = pick_device(params.device, "predict.device")
+    return predict_files(model, inputs, Path(params.out), params, device)
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> Iterator[Path]:
@@ -68,13 +89,13 @@ def predict_files(
     model: LoadedModel,
     inputs: Sequence[str | Path],
     out: Path,
-    slide_above: int = 1024,
-    crop: int = 512,
-    flip: bool = False,
+    params: PredictParams | None = None,
     device: torch.device | None = None,
     progress: bool = True,
 ) -> PredictReport:
-    """Predict every image of ``inputs`` into ``out``; bad files are collected, not raised."""
+    """Predict every image of ``inputs`` into ``out`` by ``params``' protocol (the predict
+    section's defaults if None); bad files are collected, not raised."""
+    params = params or PredictParams()
     check_output(out, "--out")
     check_outside(out, {f"folder {i + 1}": p for i, p in enumerate(inputs) if Path(p).is_dir()})
     device = device or torch.device("cpu")
@@ -94,7 +115,9 @@ def predict_files(
         except ValueError as err:
             report.failed.append((path, str(err)))
             continue
-        protocol = protocol_for(image.shape[:2], crop=crop, flip=flip, slide_above=slide_above)
+        protocol = protocol_for(
+            image.shape[:2], crop=params.crop, flip=params.flip, slide_above=params.slide_above
+        )
         pred = label_map(model.module, image, protocol, device)
         stem = path.stem if path.stem not in used else f"{path.parent.name}_{path.stem}"
         used.add(stem)
@@ -107,4 +130,5 @@ def predict_files(
             target = out / f"{stem}_{kind}.png"
             _save(array, target)
             report.written.append(target)
+        report.images += 1
     return report

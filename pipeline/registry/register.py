@@ -22,9 +22,9 @@ from typing import Any
 
 from pipeline.artifacts.modelfile import read_model_info
 from pipeline.artifacts.tracking import git_state, logged_model_uri
-from pipeline.config import ConfigError, RegisterParams
+from pipeline.config import ConfigError, Params, RegisterParams
 from pipeline.errors import DataError, ModelError, ServiceError, first_line
-from pipeline.evaluation.record import Evaluation
+from pipeline.evaluation.record import REPORT, Evaluation
 from pipeline.locks import exclusive
 from pipeline.outputs import atomic_file
 from pipeline.schema import check_name
@@ -47,6 +47,36 @@ class Registration:
     champion_version: str
     champion_val_miou: float
     champion_uri: str
+
+    def describe(self) -> str:
+        """What ``danet register`` prints."""
+        return (
+            f"{self.name} version {self.version} -> @{self.alias}: {self.reason}\n"
+            f"champion: {self.champion_uri} (version {self.champion_version}, "
+            f"val mIoU {self.champion_val_miou:.4f})"
+        )
+
+
+def summary(p: Params, tracking_uri: str) -> str:
+    """What the pipeline produced (``danet summary``): the champion, its score, the pictures to
+    look at and the command that opens the MLflow UI on this store."""
+    import os
+    import sys
+
+    result = read_registration(Path(p.register.out))
+    ev = Path(p.evaluate.out)
+    mlflow = Path(sys.executable).parent / "mlflow"  # this environment's, wherever it is
+    shown = os.path.relpath(mlflow) if mlflow.is_relative_to(Path.cwd()) else str(mlflow)
+    return "\n".join(
+        [
+            f"champion: {result.champion_uri} = {result.name} version {result.champion_version}",
+            f"  val mIoU {result.champion_val_miou:.4f} ({result.eval_protocol})",
+            f"  this run: version {result.version} -> @{result.alias} ({result.reason})",
+            f"prediction overlays: {ev / REPORT['predictions']}",
+            f"confusion matrix:    {ev / REPORT['confusion_matrix']}",
+            f"MLflow UI: {shown} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000",
+        ]
+    )
 
 
 def mlflow_model_uri(model_uri: str) -> tuple[str, str]:

@@ -109,8 +109,11 @@ def normalization(
     return (IMAGENET_MEAN, IMAGENET_STD) if mode == "imagenet" else (manifest.mean, manifest.std)
 
 
-def prepare_job(model: ModelParams, data: DataParams, train: TrainParams) -> TrainJob:
-    """Check every input before any work starts: shards, classes, architecture, crop."""
+def prepare_job(
+    model: ModelParams, data: DataParams, train: TrainParams, crop_from: str = ""
+) -> TrainJob:
+    """Check every input before any work starts: shards, classes, architecture, crop
+    (``crop_from``: the param the crop size came from, when not data.crop_size itself)."""
     manifest = load_manifest(data.shards)
     model = resolve_init_from(model)
     model.to_danet_config(manifest.num_classes)  # validates backbone, head, classes
@@ -139,6 +142,7 @@ def prepare_job(model: ModelParams, data: DataParams, train: TrainParams) -> Tra
     largest = largest_side(h, w, job.augment())
     if data.crop_size > largest:
         raise ConfigError(
+            f"{crop_from + ': ' if crop_from else ''}"
             f"data.crop_size {data.crop_size} is larger than any crop the loader can produce: the "
             f"largest scaled image side is {largest} (data.scale_mode, base_size/scale, scale_max)"
         )

@@ -49,6 +49,13 @@ class RunSummary:
     mlflow_run_id: str
     dataset: str
 
+    def describe(self) -> str:
+        """What ``danet train`` prints."""
+        return (
+            f"run {self.run_name}: best val mIoU {self.best[VAL_MIOU]:.4f} at iteration "
+            f"{self.best['iteration']:.0f}, final {self.final[VAL_MIOU]:.4f}"
+        )
+
 
 def _scores(e: EvalRecord) -> dict[str, float]:
     return {k: v for k, v in asdict(e).items() if k != "iou_per_class" and k != "train_loss"}

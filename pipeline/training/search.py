@@ -9,8 +9,8 @@ which needs ``ray[default]`` and the dashboard (``connect_ray`` starts it for a 
 MLflow: a parent run per search, one nested run per trial (tag ``mlflow.parentRunId``). The
 search is named after its identity (the trials' and the search space's): started again with the
 same identity, ``Tuner.restore`` resumes it, and each unfinished trial's Train run resumes from its
-own last checkpoint. The best trial's model goes to ``tune.out`` exactly as ``danet train``
-writes its own, plus ``best_params.yaml`` and ``trials.json``.
+own last checkpoint. What the finished search writes is pipeline/training/search_summary.py's; one trial is
+pipeline/training/trial.py.
 """
 
 from __future__ import annotations
@@ -22,112 +22,29 @@ import logging
 import math
 import os
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.cluster import check_tracking_for, connect_ray, storage_uri
 from pipeline.config import (
-    ConfigError,
     DataParams,
     MlflowParams,
     ModelParams,
     TrainParams,
     TuneParams,
 )
-from pipeline.errors import TrainingFailed, first_line
 from pipeline.locks import exclusive
-from pipeline.outputs import atomic_write_text, check_output, check_outside
+from pipeline.outputs import check_output, check_outside
 from pipeline.training.checkpoint import delete_run
-from pipeline.training.driver import backbone_weights, finalize, fit, ray_put
+from pipeline.training.driver import backbone_weights, ray_put
 from pipeline.training.job import TrainJob, default_run_name, flat_params, prepare_job
 from pipeline.training.records import VAL_MIOU
+from pipeline.training.search_summary import SearchSummary, summarize_search, trial_record
+from pipeline.training.trial import SearchJob, trial_train, tune_trial
 
 log = logging.getLogger(__name__)
-TRIAL_TAG = "danet.tune_trial"
 TRIAL_MEMORY = 256 * 1024**2  # bytes of Ray's logical "memory" resource per trial driver
-
-
-@dataclass(frozen=True)
-class SearchJob:
-    """What every trial needs, pickled to the trial actors."""
-
-    job: TrainJob  # the base job: lr and crop size are replaced per trial
-    search_name: str
-    trial_storage: str  # absolute: trials run with another working directory
-    experiment: str
-    parent_run_id: str
-    params: dict[str, str]
-    weights: Any = None  # the backbone's pretrained weights in Ray's object store
-
-
-@dataclass
-class Trial:
-    """One trial as trials.json lists it."""
-
-    trial_id: str
-    run_name: str
-    lr: float
-    crop_size: int
-    evaluations: int
-    best_val_miou: float
-    stopped_early: bool
-    error: str
-    latest_checkpoint: str
-
-
-def trial_job(search: SearchJob, lr: float, crop_size: int, run_id: str = "") -> TrainJob:
-    """The base job with one trial's learning rate and crop size; a trial reports (and
-    checkpoints) at evaluations only, so each Tune result is one evaluation."""
-    job = search.job
-    train = dataclasses.replace(
-        job.train, lr=float(lr), storage_path=search.trial_storage, checkpoint_every=0
-    )
-    data = dataclasses.replace(job.data, crop_size=int(crop_size))
-    return dataclasses.replace(job, data=data, train=train, mlflow_run_id=run_id)
-
-
-def trial_train(train: TrainParams, tune: TuneParams) -> TrainParams:
-    """The train section a trial runs with: the search's epochs, evaluation cadence and CPUs."""
-    return dataclasses.replace(
-        train,
-        epochs=tune.epochs,
-        eval_every_epochs=tune.eval_every_epochs or train.eval_every_epochs,
-        cpus_per_worker=tune.cpus_per_trial or train.cpus_per_worker,
-    )
-
-
-def trial_run_name(search_name: str, trial_id: str) -> str:
-    return f"{search_name}-{trial_id}"
-
-
-def tune_trial(config: dict[str, Any], search: SearchJob) -> None:
-    """One trial: its MLflow run (nested under the search's), then a Ray Train run reporting to Tune."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pipeline.artifacts import tracking as mlt
-
-    lr, crop = float(config["lr"]), int(config["crop_size"])
-    run_name = trial_run_name(search.search_name, ray.tune.get_context().get_trial_id())
-    uri = search.job.tracking_uri
-    params = {**search.params, "train.lr": str(lr), "data.crop_size": str(crop)}
-    tags = {"mlflow.parentRunId": search.parent_run_id, TRIAL_TAG: run_name}
-    run_id = mlt.start_or_resume_run(uri, search.experiment, run_name, params, tags)
-    log.info("[tune] trial %s: lr %.4g, crop %d", run_name, lr, crop)
-    try:
-        fit(
-            trial_job(search, lr, crop, run_id),
-            run_name,
-            callbacks=[TuneReportCallback()],
-            weights=search.weights,
-        )
-    except BaseException:
-        mlt.end_run(uri, run_id, "FAILED")
-        raise
-    mlt.end_run(uri, run_id, "FINISHED")
 
 
 def search_name(job: TrainJob, tune: TuneParams) -> str:
@@ -155,13 +72,8 @@ def prepare_search(
     """
     from pipeline.artifacts import tracking as mlt
 
-    try:
-        data = dataclasses.replace(data, crop_size=max(tune.crop_sizes))
-        job = prepare_job(model, data, trial_train(train, tune))
-    except ConfigError as err:
-        if str(err).startswith("data.crop_size"):
-            raise ConfigError(f"tune.crop_sizes: {err}") from None
-        raise
+    data = dataclasses.replace(data, crop_size=max(tune.crop_sizes))
+    job = prepare_job(model, data, trial_train(train, tune), crop_from="tune.crop_sizes")
     check_output(tune.out, "tune.out")
     check_outside(tune.out, {"data.shards": data.shards})
     uri = mlt.resolve_tracking_uri(tracking.tracking_uri)
@@ -240,7 +152,7 @@ def run_search(
     tracking: MlflowParams,
     tune: TuneParams,
     restart: bool = False,
-) -> dict[str, Any]:
+) -> SearchSummary:
     """Run, resume or reuse the search; write the best trial's outputs; return its summary."""
     from pipeline.artifacts import tracking as mlt
 
@@ -261,133 +173,3 @@ def run_search(
             for r in sorted(grid, key=lambda r: Path(r.path).name)
         ]
         return summarize_search(trials, search, tracking, Path(tune.out))
-
-
-def trial_record(result: Any, search: SearchJob, evaluations: int) -> Trial:
-    """A Tune result -> its Trial (trial order is the results' folder order, restored or not)."""
-    history = result.metrics_dataframe
-    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-    scores = history[VAL_MIOU].tolist() if history is not None and VAL_MIOU in history else []
-    return Trial(
-        trial_id=trial_id,
-        run_name=trial_run_name(search.search_name, trial_id),
-        lr=float(result.config["lr"]),
-        crop_size=int(result.config["crop_size"]),
-        evaluations=len(scores),
-        best_val_miou=max(scores) if scores else float("nan"),
-        stopped_early=result.error is None and 0 < len(scores) < evaluations,
-        error=first_line(result.error) if result.error else "",
-        latest_checkpoint=str(history["checkpoint_path"].iloc[-1]) if scores else "",
-    )
-
-
-def summarize_search(
-    trials: list[Trial], search: SearchJob, tracking: MlflowParams, out: Path
-) -> dict[str, Any]:
-    """Trials -> MLflow statuses, the best trial's outputs, ``best_params.yaml`` and ``trials.json``."""
-    from mlflow.tracking import MlflowClient
-    from ray.train import Checkpoint
-
-    from pipeline.artifacts import tracking as mlt
-
-    client = MlflowClient(search.job.tracking_uri)
-    for trial in trials:
-        _close_trial_run(client, search, trial)
-    done = [t for t in trials if t.evaluations and not math.isnan(t.best_val_miou)]
-    if not done:
-        mlt.end_run(search.job.tracking_uri, search.parent_run_id, "FAILED")
-        first = next((t.error for t in trials if t.error), "no trial reported a result")
-        raise TrainingFailed(f"tune: every trial failed ({first}); nothing was written")
-    best = max(done, key=lambda t: t.best_val_miou)
-    job = trial_job(search, best.lr, best.crop_size, _trial_run_id(client, search, best))
-    checkpoint = Checkpoint(
-        f"{search.trial_storage}/{best.run_name}/{Path(best.latest_checkpoint).name}"
-    )
-    with checkpoint.as_directory() as latest:  # every checkpoint holds the trial's best weights
-        metrics = finalize(Path(latest), job, best.run_name, out, tracking)
-    summary = {
-        "search": search.search_name,
-        "best": {
-            k: getattr(best, k)
-            for k in ("trial_id", "run_name", "lr", "crop_size", "best_val_miou")
-        },
-        "trials": [asdict(t) for t in trials],
-        "mlflow_parent_run_id": search.parent_run_id,
-        "best_metrics": asdict(metrics),
-    }
-    write_summary(out, summary)
-    log_search(search, best, out)
-    return summary
-
-
-def log_search(search: SearchJob, best: Trial, out: Path) -> None:
-    import mlflow
-
-    from pipeline.artifacts.tracking import tracking_uri
-
-    with tracking_uri(search.job.tracking_uri), mlflow.start_run(run_id=search.parent_run_id):
-        mlflow.log_metric("best_val_miou", best.best_val_miou)
-        tags = {
-            "best_trial": best.run_name,
-            "best_lr": f"{best.lr:.6g}",
-            "best_crop_size": str(best.crop_size),
-        }
-        mlflow.set_tags(tags)
-        mlflow.log_artifact(str(out / "best_params.yaml"))
-        mlflow.log_artifact(str(out / "trials.json"))
-
-
-def _trial_run_id(client: Any, search: SearchJob, trial: Trial) -> str:
-    from pipeline.artifacts.tracking import named_run
-
-    exp = client.get_experiment_by_name(search.experiment)
-    run = named_run(client, exp.experiment_id, trial.run_name) if exp is not None else None
-    return run.info.run_id if run is not None else ""
-
-
-def _close_trial_run(client: Any, search: SearchJob, trial: Trial) -> None:
-    """A trial ASHA stopped was killed mid-run: mark its MLflow run and say why."""
-    run_id = _trial_run_id(client, search, trial)
-    if not run_id:
-        return
-    client.set_tag(run_id, "tune.stopped_early", str(trial.stopped_early).lower())
-    if not math.isnan(trial.best_val_miou):  # a metric: the UI's trial comparison plots it
-        client.log_metric(run_id, "best_val_miou", trial.best_val_miou)
-    status = client.get_run(run_id).info.status
-    if trial.error:
-        client.set_terminated(run_id, "FAILED")
-    elif trial.stopped_early:  # its trainer may have ended the run FINISHED after Tune stopped it
-        client.set_terminated(run_id, "KILLED")
-    elif status == "RUNNING":
-        client.set_terminated(run_id, "FINISHED")
-
-
-def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    """``best_params.yaml`` (the best trial's params: a params file of its own, or the values to
-    copy into params.yaml) and ``trials.json`` next to the model."""
-    best = summary["best"]
-    params = {
-        "train": {"lr": float(f"{best['lr']:.6g}")},
-        "data": {"crop_size": best["crop_size"]},
-    }
-    header = (  # comments: the file stays a params file (danet train --params best_params.yaml)
-        f"# the best trial of the search: {best['run_name']}, val mIoU "
-        f"{best['best_val_miou']:.6f}\n"
-    )
-    for name, text in (
-        ("best_params.yaml", header + yaml.safe_dump(params, sort_keys=False)),
-        ("trials.json", json.dumps(summary["trials"], indent=2) + "\n"),
-    ):
-        atomic_write_text(out / name, text)
-
-
-def format_trials(summary: dict[str, Any]) -> str:
-    lines = [f"{'trial':<12} {'lr':>9} {'crop':>5} {'evals':>5} {'best mIoU':>9}  status"]
-    for t in summary["trials"]:
-        status = t["error"] or ("stopped early (ASHA)" if t["stopped_early"] else "completed")
-        mark = " <- best" if t["trial_id"] == summary["best"]["trial_id"] else ""
-        lines.append(
-            f"{t['trial_id']:<12} {t['lr']:9.4g} {t['crop_size']:5d} {t['evaluations']:5d} "
-            f"{t['best_val_miou']:9.4f}  {status}{mark}"
-        )
-    return "\n".join(lines)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.data.readers.ade20k import ADE20KReader
 from pipeline.data.readers.base import DatasetInfo, Item, Reader, Sample
@@ -16,6 +16,9 @@ from pipeline.data.readers.synthetic import SyntheticReader
 from pipeline.data.readers.voc import VOCReader
 from pipeline.errors import ConfigError, DataError
 
+if TYPE_CHECKING:  # params arrive as values: a stage does not run the config code
+    from pipeline.config import ShardParams, SyntheticParams
+
 READERS: dict[str, type[Reader]] = {
     "cityscapes": CityscapesReader,
     "voc": VOCReader,
@@ -27,6 +30,13 @@ READERS: dict[str, type[Reader]] = {
     "folder": FolderReader,
     "synthetic": SyntheticReader,
 }
+
+
+def reader_for(shard: ShardParams, synthetic: SyntheticParams) -> Reader:
+    """The reader of ``shard.dataset`` at ``shard.root`` (the synthetic scenes: as ``synthetic``
+    says)."""
+    options = synthetic.generator() if shard.dataset == "synthetic" else {}
+    return make_reader(shard.dataset, shard.root, **options)
 
 
 def make_reader(name: str, root: str | Path = "", **options: Any) -> Reader:
@@ -43,4 +53,4 @@ def make_reader(name: str, root: str | Path = "", **options: Any) -> Reader:
     return cls(Path(root))
 
 
-__all__ = ["READERS", "DatasetInfo", "Item", "Reader", "Sample", "make_reader"]
+__all__ = ["READERS", "DatasetInfo", "Item", "Reader", "Sample", "make_reader", "reader_for"]

@@ -16,6 +16,7 @@ import io
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -24,6 +25,9 @@ from pipeline.data.readers.camvid import CAMVID_INFO
 from pipeline.data.readers.scene import render_scene
 from pipeline.errors import ConfigError
 from pipeline.outputs import atomic_dir
+
+if TYPE_CHECKING:  # params arrive as values: a stage does not run the config code
+    from pipeline.config import SyntheticParams
 
 
 def scene_seed(seed: int, split: str, index: int) -> int:
@@ -63,6 +67,14 @@ class SyntheticReader(Reader):
         buffer = io.BytesIO()
         Image.fromarray(rgb).save(buffer, format="PNG", compress_level=6)
         return Sample(item.key, buffer.getvalue(), "png", label, item.image)
+
+
+def export_folder(params: SyntheticParams) -> list[Path]:
+    """``danet synthetic``: the scenes of ``params.splits`` as a folder dataset at ``params.out``."""
+    if not params.out:
+        raise ConfigError("synthetic.out: give the folder to write (--out)")
+    reader = SyntheticReader(Path("."), **params.generator())
+    return write_folder_dataset(reader, Path(params.out), params.splits, params.count)
 
 
 def write_folder_dataset(

@@ -1,0 +1,56 @@
+"""A params file as a raw mapping: YAML read with one-line errors, presets found by name,
+``--set section.key=value`` overrides applied. pipeline/config.py builds the typed sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: params file does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: must be a mapping of sections")
+    return data
+
+
+def preset_path(name: str) -> Path:
+    """A preset by name (configs/<name>.yaml) or by path."""
+    if Path(name).is_file():
+        return Path(name)
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"--preset {name}: no such preset; known: {known}")
+    return path
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """``section.key[.subkey]=value`` (value parsed as YAML) into the raw params mapping."""
+    key, sep, text = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {assignment}: expected section.key=value, e.g. train.lr=0.005")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML") from None
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment}: {part} is not a mapping")
+        node = child
+    node[parts[-1]] = value

@@ -1,0 +1,171 @@
+"""What a finished search leaves: each trial's record and MLflow status, the best trial's
+outputs in ``tune.out`` (as ``danet train`` writes its own), ``best_params.yaml`` (a params file)
+and ``trials.json``, and the typed ``SearchSummary`` that ``danet tune`` prints."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import MlflowParams
+from pipeline.errors import TrainingFailed, first_line
+from pipeline.outputs import atomic_write_text
+from pipeline.training.driver import finalize
+from pipeline.training.records import VAL_MIOU
+from pipeline.training.results import RunSummary
+from pipeline.training.trial import SearchJob, trial_job, trial_run_name
+
+
+@dataclass
+class Trial:
+    """One trial as trials.json lists it."""
+
+    trial_id: str
+    run_name: str
+    lr: float
+    crop_size: int
+    evaluations: int
+    best_val_miou: float
+    stopped_early: bool
+    error: str
+    latest_checkpoint: str
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """A finished search: every trial, the best one, and the scores of its model in tune.out."""
+
+    search: str
+    best: Trial
+    trials: list[Trial]
+    mlflow_parent_run_id: str
+    best_metrics: RunSummary
+
+    def describe(self, out: str) -> str:
+        """What ``danet tune`` prints: the trials' table, then the best."""
+        best = self.best
+        return (
+            f"{format_trials(self.trials, best)}\nsearch {self.search}: best lr {best.lr:.4g}, "
+            f"crop {best.crop_size}, val mIoU {best.best_val_miou:.4f} -> {out}/best_params.yaml"
+        )
+
+
+def trial_record(result: Any, search: SearchJob, evaluations: int) -> Trial:
+    """A Tune result -> its Trial (trial order is the results' folder order, restored or not)."""
+    history = result.metrics_dataframe
+    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+    scores = history[VAL_MIOU].tolist() if history is not None and VAL_MIOU in history else []
+    return Trial(
+        trial_id=trial_id,
+        run_name=trial_run_name(search.search_name, trial_id),
+        lr=float(result.config["lr"]),
+        crop_size=int(result.config["crop_size"]),
+        evaluations=len(scores),
+        best_val_miou=max(scores) if scores else float("nan"),
+        stopped_early=result.error is None and 0 < len(scores) < evaluations,
+        error=first_line(result.error) if result.error else "",
+        latest_checkpoint=str(history["checkpoint_path"].iloc[-1]) if scores else "",
+    )
+
+
+def summarize_search(
+    trials: list[Trial], search: SearchJob, tracking: MlflowParams, out: Path
+) -> SearchSummary:
+    """Trials -> MLflow statuses, the best trial's outputs, ``best_params.yaml`` and ``trials.json``."""
+    from mlflow.tracking import MlflowClient
+    from ray.train import Checkpoint
+
+    from pipeline.artifacts import tracking as mlt
+
+    client = MlflowClient(search.job.tracking_uri)
+    for trial in trials:
+        _close_trial_run(client, search, trial)
+    done = [t for t in trials if t.evaluations and not math.isnan(t.best_val_miou)]
+    if not done:
+        mlt.end_run(search.job.tracking_uri, search.parent_run_id, "FAILED")
+        first = next((t.error for t in trials if t.error), "no trial reported a result")
+        raise TrainingFailed(f"tune: every trial failed ({first}); nothing was written")
+    best = max(done, key=lambda t: t.best_val_miou)
+    job = trial_job(search, best.lr, best.crop_size, _trial_run_id(client, search, best))
+    checkpoint = Checkpoint(
+        f"{search.trial_storage}/{best.run_name}/{Path(best.latest_checkpoint).name}"
+    )
+    with checkpoint.as_directory() as latest:  # every checkpoint holds the trial's best weights
+        metrics = finalize(Path(latest), job, best.run_name, out, tracking)
+    summary = SearchSummary(search.search_name, best, trials, search.parent_run_id, metrics)
+    write_summary(out, best, trials)
+    log_search(search, best, out)
+    return summary
+
+
+def log_search(search: SearchJob, best: Trial, out: Path) -> None:
+    import mlflow
+
+    from pipeline.artifacts.tracking import tracking_uri
+
+    with tracking_uri(search.job.tracking_uri), mlflow.start_run(run_id=search.parent_run_id):
+        mlflow.log_metric("best_val_miou", best.best_val_miou)
+        tags = {
+            "best_trial": best.run_name,
+            "best_lr": f"{best.lr:.6g}",
+            "best_crop_size": str(best.crop_size),
+        }
+        mlflow.set_tags(tags)
+        mlflow.log_artifact(str(out / "best_params.yaml"))
+        mlflow.log_artifact(str(out / "trials.json"))
+
+
+def _trial_run_id(client: Any, search: SearchJob, trial: Trial) -> str:
+    from pipeline.artifacts.tracking import named_run
+
+    exp = client.get_experiment_by_name(search.experiment)
+    run = named_run(client, exp.experiment_id, trial.run_name) if exp is not None else None
+    return run.info.run_id if run is not None else ""
+
+
+def _close_trial_run(client: Any, search: SearchJob, trial: Trial) -> None:
+    """A trial ASHA stopped was killed mid-run: mark its MLflow run and say why."""
+    run_id = _trial_run_id(client, search, trial)
+    if not run_id:
+        return
+    client.set_tag(run_id, "tune.stopped_early", str(trial.stopped_early).lower())
+    if not math.isnan(trial.best_val_miou):  # a metric: the UI's trial comparison plots it
+        client.log_metric(run_id, "best_val_miou", trial.best_val_miou)
+    status = client.get_run(run_id).info.status
+    if trial.error:
+        client.set_terminated(run_id, "FAILED")
+    elif trial.stopped_early:  # its trainer may have ended the run FINISHED after Tune stopped it
+        client.set_terminated(run_id, "KILLED")
+    elif status == "RUNNING":
+        client.set_terminated(run_id, "FINISHED")
+
+
+def write_summary(out: Path, best: Trial, trials: list[Trial]) -> None:
+    """``best_params.yaml`` (the best trial's params: a params file of its own, or the values to
+    copy into params.yaml) and ``trials.json`` next to the model."""
+    params = {"train": {"lr": float(f"{best.lr:.6g}")}, "data": {"crop_size": best.crop_size}}
+    header = (  # comments: the file stays a params file (danet train --params best_params.yaml)
+        f"# the best trial of the search: {best.run_name}, val mIoU {best.best_val_miou:.6f}\n"
+    )
+    for name, text in (
+        ("best_params.yaml", header + yaml.safe_dump(params, sort_keys=False)),
+        ("trials.json", json.dumps([asdict(t) for t in trials], indent=2) + "\n"),
+    ):
+        atomic_write_text(out / name, text)
+
+
+def format_trials(trials: list[Trial], best: Trial) -> str:
+    lines = [f"{'trial':<12} {'lr':>9} {'crop':>5} {'evals':>5} {'best mIoU':>9}  status"]
+    for t in trials:
+        status = t.error or ("stopped early (ASHA)" if t.stopped_early else "completed")
+        mark = " <- best" if t.trial_id == best.trial_id else ""
+        lines.append(
+            f"{t.trial_id:<12} {t.lr:9.4g} {t.crop_size:5d} {t.evaluations:5d} "
+            f"{t.best_val_miou:9.4f}  {status}{mark}"
+        )
+    return "\n".join(lines)
