@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.data.augment import AugmentParams, train_transform
+from pipeline.config import DataParams
+from pipeline.data.augment import train_transform
 from pipeline.data.loader import TrainStream, decode_image, train_loader
 from pipeline.data.manifest import load_manifest, shard_refs
 from pipeline.data.readers import Reader, make_reader
@@ -37,7 +38,7 @@ class RawFiles(Dataset):
         self,
         reader: Reader,
         split: str,
-        augment: AugmentParams,
+        augment: DataParams,
         mean: Sequence[float],
         std: Sequence[float],
     ):
@@ -102,7 +103,7 @@ def main() -> None:
             make_reader("synthetic", num_samples={"train": 400}, width=480, height=360),
             "train",
         )
-    augment = AugmentParams(crop_size=args.crop, base_size=0, scale_min=0.5, scale_max=2.0)
+    augment = DataParams(crop_size=args.crop, base_size=0, scale_min=0.5, scale_max=2.0)
     with tempfile.TemporaryDirectory() as tmp:
         shard_dataset(reader, (split,), Path(tmp) / "s", max_count=64, workers=2)
         manifest = load_manifest(Path(tmp) / "s")

@@ -151,7 +151,7 @@ def train(job: TrainJob, args: argparse.Namespace, device: torch.device) -> dict
         job.train_shards,
         batch_size=t.batch_size,
         batches_per_epoch=10**6,
-        augment=job.augment(),
+        augment=job.data,
         mean=job.mean,
         std=job.std,
         seed=t.seed,

@@ -90,22 +90,13 @@ def test_preset_is_valid_and_complete(path: Path) -> None:
 def test_preset_names_its_reference_and_draws_its_scales(path: Path) -> None:
     """The header names the reference file it follows; the loader's random scale, for an image
     of the dataset's native size, spans exactly the range that reference draws."""
-    from pipeline.data.augment import AugmentParams, size_range
+    from pipeline.data.augment import size_range
 
     header = path.read_text().split("\n\n", 1)[0]
     assert re.search(r"\S+\.(py|md)\b", header), f"{path.name}: the header names no reference file"
-    d = load_params(preset=path.stem).data
-    scale = (d.scale[0], d.scale[1]) if d.scale else (0, 0)
-    params = AugmentParams(
-        crop_size=d.crop_size,
-        scale_mode=d.scale_mode,
-        base_size=d.base_size,
-        scale=scale,
-        scale_min=d.scale_min,
-        scale_max=d.scale_max,
-    )
+    d = load_params(preset=path.stem).data  # the loader augments by the data section itself
     (h, w), low, high = SCALE_RANGES[path.stem]
-    assert size_range(h, w, params) == (low, high)
+    assert size_range(h, w, d) == (low, high)
 
 
 def test_cityscapes_preset_is_the_papers_setting() -> None:

@@ -13,7 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.data.augment import AugmentParams, train_transform
+from pipeline.config import DataParams
+from pipeline.data.augment import train_transform
 from pipeline.data.loader import EvalStream, TrainStream, read_shard, train_loader
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
 from pipeline.data.readers import make_reader
@@ -160,7 +161,7 @@ def stream(
         refs,
         batch_size=2,
         batches_per_epoch=5,
-        augment=AugmentParams(crop_size=32),
+        augment=DataParams(crop_size=32),
         mean=manifest.mean,
         std=manifest.std,
         rank=rank,
@@ -219,7 +220,7 @@ def test_train_transform_pads_labels_with_ignore_and_flips_jointly() -> None:
     image[:, :10] = 255  # left half white
     label = np.zeros((10, 20), dtype=np.uint8)
     label[:, :10] = 1
-    params = AugmentParams(crop_size=24, scale_min=1.0, scale_max=1.0, flip=True)
+    params = DataParams(crop_size=24, scale_min=1.0, scale_max=1.0, flip=True)
     for seed in range(6):
         x, y = train_transform(
             image, label, params, [0.5] * 3, [0.5] * 3, np.random.default_rng(seed)
@@ -285,7 +286,7 @@ def test_gpu_path_applies_the_cpu_paths_draws(tmp_path: Path) -> None:
     shard_dataset(synthetic(6, 1), ("train",), tmp_path / "j", image_format="jpg", max_count=3)
     manifest = load_manifest(tmp_path / "j")
     refs = shard_refs(manifest, "train")
-    augment = AugmentParams(crop_size=40, scale_min=0.6, scale_max=1.4, photometric=True)
+    augment = DataParams(crop_size=40, scale_min=0.6, scale_max=1.4, photometric=True)
 
     def make(gpu: bool) -> TrainStream:
         return TrainStream(

@@ -28,31 +28,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+if TYPE_CHECKING:  # the augmentation reads params.yaml's data section as it is
+    from pipeline.config import DataParams
+
 IGNORE_INDEX = 255
 CAT_MAX_TRIES = 10
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class AugmentParams:
-    """How training samples are augmented (from params.yaml ``data``)."""
-
-    crop_size: int = 96
-    scale_mode: str = "long_side"  # short_side | ratio | long_side
-    base_size: int = 0  # short_side / long_side: 0 = the image's own side
-    scale: tuple[int, int] = (0, 0)  # ratio: mmseg's (W, H) scale
-    scale_min: float = 0.5
-    scale_max: float = 2.0
-    cat_max_ratio: float = 1.0
-    flip: bool = True
-    photometric: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,7 +66,7 @@ class Draw:
     photometric: Photometric | None
 
 
-def scaled_size(h: int, w: int, p: AugmentParams, rng: np.random.Generator) -> tuple[int, int]:
+def scaled_size(h: int, w: int, p: DataParams, rng: np.random.Generator) -> tuple[int, int]:
     """The (H, W) of the random scale for an image of (h, w)."""
     if p.scale_mode == "short_side":
         base = p.base_size or min(h, w)
@@ -95,7 +84,7 @@ def scaled_size(h: int, w: int, p: AugmentParams, rng: np.random.Generator) -> t
     return max(1, round(h * ratio)), max(1, round(w * ratio))
 
 
-def size_range(h: int, w: int, p: AugmentParams) -> tuple[tuple[int, int], tuple[int, int]]:
+def size_range(h: int, w: int, p: DataParams) -> tuple[tuple[int, int], tuple[int, int]]:
     """The smallest and largest (H, W) ``scaled_size`` can give an image of (h, w)."""
 
     class Edge:  # a Generator stand-in that always draws the low or the high end
@@ -113,7 +102,7 @@ def size_range(h: int, w: int, p: AugmentParams) -> tuple[tuple[int, int], tuple
 
 
 def draw(
-    h: int, w: int, p: AugmentParams, rng: np.random.Generator, label: torch.Tensor | None = None
+    h: int, w: int, p: DataParams, rng: np.random.Generator, label: torch.Tensor | None = None
 ) -> Draw:
     """Draw one sample's augmentation. ``label`` (H, W) is needed when ``cat_max_ratio`` < 1."""
     size = scaled_size(h, w, p, rng)
@@ -213,7 +202,7 @@ def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torc
 def train_transform(
     image: np.ndarray,
     label: np.ndarray,
-    params: AugmentParams,
+    params: DataParams,
     mean: Sequence[float],
     std: Sequence[float],
     rng: np.random.Generator,
@@ -234,6 +223,6 @@ def eval_transform(
     return normalize(img, mean, std), mask.long()
 
 
-def largest_side(h: int, w: int, p: AugmentParams) -> int:
+def largest_side(h: int, w: int, p: DataParams) -> int:
     """The largest side ``scaled_size`` can give an image of (h, w)."""
     return max(size_range(h, w, p)[1])

@@ -28,14 +28,17 @@ import io
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.augment import AugmentParams, Draw, apply_image, apply_label, draw, normalize
+if TYPE_CHECKING:
+    from pipeline.config import DataParams
+
+from pipeline.data.augment import Draw, apply_image, apply_label, draw, normalize
 from pipeline.data.manifest import ShardRef
 from pipeline.data.storage import open_binary
 from pipeline.errors import DataError
@@ -164,7 +167,7 @@ class TrainStream(IterableDataset):
     shards: Sequence[ShardRef]
     batch_size: int
     batches_per_epoch: int
-    augment: AugmentParams
+    augment: DataParams  # params.yaml's data section: the augmentation reads it as it is
     mean: Sequence[float]
     std: Sequence[float]
     rank: int = 0

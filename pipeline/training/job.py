@@ -19,7 +19,7 @@ from pipeline.artifacts.modelfile import read_model_info
 from pipeline.artifacts.refs import RUN_ID
 from pipeline.codebase import PROJECT, closure
 from pipeline.config import ConfigError, DataParams, ModelParams, TrainParams
-from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentParams, largest_side
+from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, largest_side
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
 
 # A run's code identity is the code that decides its weights: the import closure of the worker
@@ -83,20 +83,6 @@ class TrainJob:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def augment(self) -> AugmentParams:
-        d = self.data
-        return AugmentParams(
-            crop_size=d.crop_size,
-            scale_mode=d.scale_mode,
-            base_size=d.base_size,
-            scale=(d.scale[0], d.scale[1]) if len(d.scale) == 2 else (0, 0),
-            scale_min=d.scale_min,
-            scale_max=d.scale_max,
-            cat_max_ratio=d.cat_max_ratio,
-            flip=d.flip,
-            photometric=d.photometric,
-        )
-
 
 def normalization(
     model: ModelParams, data: DataParams, manifest: Manifest
@@ -139,7 +125,7 @@ def prepare_job(
         class_image_pixels=manifest.split(data.train_split).class_image_pixels,
     )
     w, h = manifest.split(data.train_split).max_size
-    largest = largest_side(h, w, job.augment())
+    largest = largest_side(h, w, data)
     if data.crop_size > largest:
         raise ConfigError(
             f"{crop_from + ': ' if crop_from else ''}"

@@ -160,7 +160,7 @@ def setup(job: TrainJob, weights: Any = None) -> Run:
         job.train_shards,
         batch_size=t.worker_batch,
         batches_per_epoch=t.iters_per_epoch,
-        augment=job.augment(),
+        augment=job.data,
         mean=job.mean,
         std=job.std,
         rank=rank,
