@@ -707,37 +707,37 @@ CASES = [
     Case(
         "predict output on the shards",
         [*PREDICT, "--out", "shards", "camvid/val"],
-        overlap("--out", "shards", "shards"),
+        overlap("predict.out", "shards", "shards"),
     ),
     Case(
         "predict output on MLflow's artifacts",
         [*PREDICT, "--out", "mlruns", "camvid/val"],
-        overlap("--out", "mlruns", "mlflow.tracking_uri"),
+        overlap("predict.out", "mlruns", "mlflow.tracking_uri"),
     ),
     Case(
         "predict output the repository",
         [*PREDICT, "--out", ".", "camvid/val"],
-        r"--out \. overlaps ",
+        r"predict.out \. overlaps ",
     ),
     Case(
         "predict output is the model file",
         [*PREDICT, "--out", "model.pt", "camvid"],
-        r"--out model\.pt overlaps (evaluate\.model|--model) ",
+        r"predict.out model\.pt overlaps (evaluate|predict)\.model ",
     ),
     Case(
         "predict output inside its input folder",
         [*PREDICT, "--out", "camvid/val/out", "camvid/val"],
-        r"the output camvid/val/out overlaps the input folder 1|--out camvid/val/out overlaps shard.root",
+        r"the output camvid/val/out overlaps the input folder 1|predict.out camvid/val/out overlaps shard.root",
     ),
     Case(
         "synthetic scenes onto the shards",
         ["synthetic", "--out", "shards"],
-        overlap("--out", "shards", "shards"),
+        overlap("synthetic.out", "shards", "shards"),
     ),
     Case(
         "synthetic scenes onto the training output",
         ["synthetic", "--out", "previous/train"],
-        overlap("--out", "previous/train", "train.out"),
+        overlap("synthetic.out", "previous/train", "train.out"),
     ),
     # tampered and truncated shards and manifests
     Case(
@@ -1066,7 +1066,7 @@ CASES = [
     Case(
         "predict output is a file",
         [*PREDICT, "--out", "notes.txt", "camvid"],
-        r"--out notes\.txt: exists and is not a folder",
+        r"predict.out notes\.txt: exists and is not a folder",
         write("notes.txt", "a user's file"),
     ),
 ]

@@ -96,7 +96,7 @@ def predict_files(
     """Predict every image of ``inputs`` into ``out`` by ``params``' protocol (the predict
     section's defaults if None); bad files are collected, not raised."""
     params = params or PredictParams()
-    check_output(out, "--out")
+    check_output(out, "predict.out")
     check_outside(out, {f"folder {i + 1}": p for i, p in enumerate(inputs) if Path(p).is_dir()})
     device = device or torch.device("cpu")
     model.module.to(device).eval()
@@ -104,7 +104,7 @@ def predict_files(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ServiceError(
-            f"--out {out}: cannot create the folder ({err.strerror or err})"
+            f"predict.out {out}: cannot create the folder ({err.strerror or err})"
         ) from None
     report = PredictReport()
     files = list(expand_inputs(inputs))
