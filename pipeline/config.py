@@ -210,7 +210,7 @@ class MlflowParams(Section):
     NAME = "mlflow"
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = ""
-    log_model: bool = True
+    log_model: bool = True  # model.pt into the run (danet register needs it there)
     num_prediction_images: int = param(4, ge=0)  # overlays logged at every evaluation
     # seconds between samples of the training node's CPU, memory and GPU, logged to the run; 0 = off
     system_metrics_every: float = param(10.0, ge=0)

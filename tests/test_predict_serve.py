@@ -67,19 +67,21 @@ def _free_port() -> int:
 
 
 def log_and_register(tmp_path: Path, shards: Path) -> tuple[str, Path]:
-    """A DANet logged as training logs it and registered as the champion; (tracking URI, model.pt)."""
+    """A DANet logged as danet register logs it (the served pyfunc) and registered as the
+    champion; (tracking URI, model.pt)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from pipeline.artifacts.modelfile import read_model_info
-    from pipeline.artifacts.tracking import log_model, tracking_uri
+    from pipeline.artifacts.serving import log_served_model
+    from pipeline.artifacts.tracking import tracking_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     model_file = write_model_file(tmp_path / "model.pt", shards)
     with tracking_uri(uri):
         use_experiment(uri, "synthetic")
         with mlflow.start_run():
-            info = log_model(model_file, read_model_info(model_file), 0.1)
+            info = log_served_model(model_file, read_model_info(model_file), 0.1)
         version = mlflow.register_model(info.model_uri, "danet-serve")
     MlflowClient(uri).set_registered_model_alias("danet-serve", "champion", version.version)
     return uri, model_file

@@ -191,3 +191,63 @@ def test_register_refuses_before_touching_mlflow(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(uri).search_registered_models() == []
+
+
+def test_register_logs_the_served_model_from_a_training_runs_weights(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    """A training run holds model.pt only; registering its evaluation logs the served pyfunc into
+    that run once (the run keeps its status), with the scores on the logged model; the run id
+    loads the served model from then on, the weights before."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.artifacts.refs import load_model
+    from pipeline.artifacts.tracking import tracking_uri
+    from tests.conftest import write_model_file
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking_uri(uri):
+        use_experiment(uri, "synthetic")
+        with mlflow.start_run() as run:
+            run_id = run.info.run_id
+            model = write_model_file(tmp_path / "model.pt", tiny_shards, mlflow_run_id=run_id)
+            mlflow.log_artifact(str(model))  # as training logs it
+    client = MlflowClient(uri)
+    client.set_terminated(run_id, "KILLED")  # e.g. a search trial: register must not change it
+    before = load_model(run_id, uri)
+    assert before.uri == f"runs:/{run_id}/model.pt" and before.classes[3] == "Road"
+
+    record = Evaluation(
+        model=str(model),
+        model_uri=str(model),
+        dataset="synthetic",
+        split="val",
+        split_sha256="abc",
+        protocol="official-whole-flip",
+        miou=0.42,
+        pixel_acc=0.9,
+        mean_acc=0.5,
+        iou_per_class=dict.fromkeys(before.classes, 0.42),
+        images=4,
+    )
+    (tmp_path / "metrics.json").write_text(record.to_json())
+    params = RegisterParams(
+        eval_metrics=str(tmp_path / "metrics.json"), out=str(tmp_path / "r.json")
+    )
+    first = register(params, uri)
+    again = register(params, uri)
+    assert (first.version, again.version) == ("1", "1")
+    with tracking_uri(uri):
+        logged = mlflow.search_logged_models(
+            filter_string=f"source_run_id = '{run_id}'", output_format="list"
+        )
+        meta = mlflow.models.get_model_info(logged[0].model_uri).metadata
+    assert len(logged) == 1 and meta["val_miou"] == 0.42
+    assert any(m.key == "val_miou/official-whole-flip" for m in logged[0].metrics or [])
+    assert client.get_run(run_id).info.status == "KILLED"
+    version = client.get_model_version("danet-synthetic", "1")
+    assert version.run_id == run_id
+    served = load_model("models:/danet-synthetic@champion", uri)
+    assert served.uri.startswith("models:/") and served.classes == before.classes
+    assert load_model(run_id, uri).uri == logged[0].model_uri

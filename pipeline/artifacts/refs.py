@@ -1,6 +1,7 @@
 """Resolve a model reference to an inference module and its class table.
 
-A reference is a ``model.pt`` file written by training, an MLflow run id (its logged model),
+A reference is a ``model.pt`` file written by training, an MLflow run id (its served model once
+registered, else the weights it logged), ``runs:/<run_id>/model.pt`` (those weights),
 ``runs:/<run_id>/model``, a logged-model URI ``models:/m-...``, or a registry URI such as
 ``models:/danet-synthetic@champion`` or ``models:/danet-synthetic/3``.
 """
@@ -15,7 +16,13 @@ from typing import Any
 from torch import nn
 
 from pipeline.artifacts.modelfile import load_model_file, palette_of
-from pipeline.artifacts.tracking import logged_model_uri, resolve_tracking_uri
+from pipeline.artifacts.tracking import (
+    WEIGHTS_ARTIFACT,
+    logged_model_uri,
+    resolve_tracking_uri,
+    run_weights,
+    weights_run,
+)
 from pipeline.artifacts.tracking import tracking_uri as using
 from pipeline.errors import ModelError, first_line
 
@@ -36,7 +43,9 @@ class LoadedModel:
 def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
     """Load ``ref``; a missing file, unknown run or registry entry, or corrupt file is one line."""
     path = Path(ref)
-    if path.suffix in (".pt", ".pth") or path.exists():
+    if not ref.startswith(("models:/", "runs:/")) and (
+        path.suffix in (".pt", ".pth") or path.exists()
+    ):
         module, info = load_model_file(path)
         return LoadedModel(module, info.classes, info.palette, info.dataset, ref, str(path))
     import mlflow
@@ -45,10 +54,16 @@ def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
     uri = ref
     try:
         with using(resolve_tracking_uri(tracking_uri or DEFAULT_TRACKING_URI)):
-            if RUN_ID.match(ref):
-                found = logged_model_uri(ref)
-                if found is None:
-                    raise ModelError(ref, "no MLflow run with a logged model has this id")
+            run_id = ref if RUN_ID.match(ref) else weights_run(ref)
+            found = logged_model_uri(run_id) if RUN_ID.match(ref) else None
+            if run_id and found is None:  # a training run: its weights (a file, no code)
+                weights = run_weights(run_id)
+                if weights is None:
+                    raise ModelError(ref, "no MLflow run with this id holds a model")
+                module, info = load_model_file(weights)
+                uri = f"runs:/{run_id}/{WEIGHTS_ARTIFACT}"
+                return LoadedModel(module, info.classes, info.palette, info.dataset, ref, uri)
+            if found is not None:
                 uri = found
             elif not ref.startswith(("models:/", "runs:/")):
                 raise ModelError(ref, "not a model file, MLflow run id, runs:/ or models:/ URI")

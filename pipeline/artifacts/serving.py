@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -153,3 +154,39 @@ def signature_and_example(info: ModelInfo) -> tuple[Any, Any]:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return signature, pd.DataFrame({"image": [buffer.getvalue()]})
+
+
+def log_served_model(model_file: Path, info: ModelInfo, val_miou: float) -> Any:
+    """Log ``model_file`` into the active run as the served model: this module's pyfunc, which
+    takes encoded images and returns label maps, with a signature and an input example, the
+    weights (``model.pt``) for Python users, and the classes and palette as metadata.
+    ``danet register`` logs it (the registry holds what is served), not training."""
+    import json
+    import tempfile
+
+    import mlflow
+    import torch
+
+    signature, example = signature_and_example(info)
+    root = Path(__file__).resolve().parents[2]
+    classes = {"classes": list(info.classes), "palette": [list(c) for c in info.palette]}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "classes.json").write_text(json.dumps(classes, indent=2))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=LabelMapModel(),
+            artifacts={"model": str(model_file), "classes": str(Path(tmp) / "classes.json")},
+            signature=signature,
+            input_example=example,
+            code_paths=[str(root / "danet"), str(root / "pipeline")],
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                "torchvision",
+                "timm",
+                "numpy",
+                "pillow",
+                "pandas",
+                "pyyaml",
+            ],
+            metadata={**classes, "dataset": info.dataset, "val_miou": val_miou},
+        )

@@ -1,23 +1,19 @@
 """MLflow: the tracking URI, runs found by name, and the model as MLflow logs and finds it.
 
 One experiment per dataset, one MLflow run per training run (found again by its name when a run
-resumes). The model is logged as the served pyfunc of pipeline/artifacts/serving.py.
+resumes). A training run holds its ``model.pt`` as an artifact; the served pyfunc
+(pipeline/artifacts/serving.py) is logged into the run when the model is registered.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipeline.artifacts.modelfile import ModelInfo
 from pipeline.errors import ServiceError
 from pipeline.outputs import project_path
 
@@ -217,22 +213,54 @@ def logged_model_uri(run_id: str) -> str | None:
     return models[0].model_uri if models else None
 
 
-def model_run(ref: str) -> tuple[str, str] | None:
-    """(run id, logged model id) of a model reference (a model.pt names its run), or None."""
+WEIGHTS_ARTIFACT = "model.pt"  # a training run's weights, logged as a plain artifact
+
+
+def weights_run(ref: str) -> str:
+    """The run id of ``runs:/<id>/model.pt``, a training run's weights artifact ("" otherwise)."""
+    parts = ref.removeprefix("runs:/").split("/")
+    is_weights = ref.startswith("runs:/") and parts[1:] == [WEIGHTS_ARTIFACT]
+    return parts[0] if is_weights else ""
+
+
+def run_weights(run_id: str) -> Path | None:
+    """The run's ``model.pt`` artifact, downloaded (None: no such run, or it logged no weights)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        names = {a.path for a in MlflowClient().list_artifacts(run_id)}
+        if WEIGHTS_ARTIFACT not in names:
+            return None
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt"))
+    except MlflowException:
+        return None
+
+
+def model_run(ref: str) -> tuple[str, str | None] | None:
+    """(run id, logged model id or None) of a model reference (a model.pt names its run), or
+    None when it has no run."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from pipeline.artifacts.modelfile import read_model_info
 
     try:
-        if ref.startswith(("models:/", "runs:/")):
+        if run_id := weights_run(ref):
+            mlflow.get_run(run_id)
+        elif ref.startswith(("models:/", "runs:/")):
             info = mlflow.models.get_model_info(ref)
             return (info.run_id, info.model_id) if info.run_id else None
-        run_id = str(read_model_info(ref).meta.get("mlflow_run_id", ""))
-        uri = logged_model_uri(run_id) if run_id else None
+        else:
+            run_id = str(read_model_info(ref).meta.get("mlflow_run_id", ""))
+            if not run_id:
+                return None
+            mlflow.get_run(run_id)
+        uri = logged_model_uri(run_id)
     except MlflowException:
         return None
-    return (run_id, uri.removeprefix("models:/")) if uri else None
+    return run_id, uri.removeprefix("models:/") if uri else None
 
 
 def log_scores(uri: str, ref: str, metrics: dict[str, float]) -> bool:
@@ -252,36 +280,3 @@ def log_scores(uri: str, ref: str, metrics: dict[str, float]) -> bool:
     for i in range(0, len(entries), 1000):
         client.log_batch(run_id, metrics=entries[i : i + 1000])
     return True
-
-
-def log_model(model_file: Path, info: ModelInfo, val_miou: float) -> Any:
-    """Log ``model_file`` into the active run as the served model (pipeline/artifacts/serving.py):
-    a pyfunc that takes encoded images and returns label maps, with a signature and an input
-    example, the weights (``model.pt``) for Python users, and the classes and palette as metadata."""
-    import mlflow
-
-    from pipeline.artifacts.serving import LabelMapModel, signature_and_example
-
-    signature, example = signature_and_example(info)
-    root = Path(__file__).resolve().parents[2]
-    classes = {"classes": list(info.classes), "palette": [list(c) for c in info.palette]}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "classes.json").write_text(json.dumps(classes, indent=2))
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=LabelMapModel(),
-            artifacts={"model": str(model_file), "classes": str(Path(tmp) / "classes.json")},
-            signature=signature,
-            input_example=example,
-            code_paths=[str(root / "danet"), str(root / "pipeline")],
-            pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}",
-                "torchvision",
-                "timm",
-                "numpy",
-                "pillow",
-                "pandas",
-                "pyyaml",
-            ],
-            metadata={**classes, "dataset": info.dataset, "val_miou": val_miou},
-        )

@@ -214,15 +214,8 @@ def log_to_model(evaluation: Evaluation, ref: str, tracking_uri: str) -> None:
     protocol (``val_miou/official-whole-flip``, ``val_iou/official-whole-flip/Road``)."""
     from pipeline.artifacts.tracking import log_scores
 
-    key = f"{evaluation.split}_%s/{evaluation.protocol}"
-    metrics = {key % "miou": evaluation.miou, key % "pixel_acc": evaluation.pixel_acc}
-    metrics |= {
-        f"{key % 'iou'}/{name}": v
-        for name, v in evaluation.iou_per_class.items()
-        if not np.isnan(v)
-    }
     try:
-        if not log_scores(tracking_uri, ref, metrics):
+        if not log_scores(tracking_uri, ref, evaluation.mlflow_metrics()):
             log.info("%s has no MLflow run: the scores are in metrics.json only", ref)
     except Exception as err:  # MLflow down: the report is written all the same
         log.warning("MLflow unreachable (%s): the scores are in metrics.json only", first_line(err))

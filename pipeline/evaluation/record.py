@@ -35,6 +35,17 @@ class Evaluation:
     iou_per_class: dict[str, float]
     images: int
 
+    def mlflow_metrics(self) -> dict[str, float]:
+        """The scores as MLflow metrics named by split and protocol
+        (``val_miou/official-whole-flip``, ``val_iou/official-whole-flip/Road``)."""
+        key = f"{self.split}_%s/{self.protocol}"
+        metrics = {key % "miou": self.miou, key % "pixel_acc": self.pixel_acc}
+        return metrics | {
+            f"{key % 'iou'}/{name}": v
+            for name, v in self.iou_per_class.items()
+            if not math.isnan(v)
+        }
+
     def to_json(self) -> str:
         """Strict JSON: a class absent from truth and prediction has IoU ``null``, never NaN."""
         data = asdict(self)

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts.modelfile import read_model_info
-from pipeline.artifacts.tracking import git_state, logged_model_uri
+from pipeline.artifacts.tracking import (
+    git_state,
+    log_scores,
+    logged_model_uri,
+    run_weights,
+    weights_run,
+)
 from pipeline.config import ConfigError, Params, RegisterParams
 from pipeline.errors import DataError, ModelError, ServiceError, first_line
 from pipeline.evaluation.record import REPORT, Evaluation
@@ -79,22 +85,47 @@ def summary(p: Params, tracking_uri: str) -> str:
     )
 
 
-def mlflow_model_uri(model_uri: str) -> tuple[str, str]:
-    """An MLflow model URI and its run id for an evaluated model (a model.pt names its run)."""
+def mlflow_model_uri(model_uri: str, evaluation: Evaluation) -> tuple[str, str]:
+    """An MLflow model URI and its run id for an evaluated model. A training run's weights (a
+    model.pt, which names its run, or ``runs:/<id>/model.pt``) become the served pyfunc here,
+    logged into that run once: the registry holds what is served."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if model_uri.startswith(("models:/", "runs:/")):
+    run_id = weights_run(model_uri)
+    if model_uri.startswith(("models:/", "runs:/")) and not run_id:
         try:
             info = mlflow.models.get_model_info(model_uri)
         except MlflowException as err:
             raise ModelError(model_uri, f"not an MLflow model ({first_line(err)})") from None
         return model_uri, info.run_id or ""
-    run_id = str(read_model_info(model_uri).meta.get("mlflow_run_id", ""))
-    uri = logged_model_uri(run_id) if run_id else None
+    run_id = run_id or str(read_model_info(model_uri).meta.get("mlflow_run_id", ""))
+    if not run_id:
+        raise ModelError(model_uri, "has no MLflow run to register it from (trained without one)")
+    uri = logged_model_uri(run_id)
     if uri is None:
-        raise ModelError(model_uri, "no MLflow model was logged for it (mlflow.log_model: false?)")
+        weights = Path(model_uri) if not model_uri.startswith("runs:/") else run_weights(run_id)
+        if weights is None or not weights.is_file():
+            raise ModelError(model_uri, "its run holds no model.pt (mlflow.log_model: false?)")
+        uri = log_into_run(run_id, weights, evaluation)
     return uri, run_id
+
+
+def log_into_run(run_id: str, weights: Path, evaluation: Evaluation) -> str:
+    """The served pyfunc of ``weights`` logged into run ``run_id`` (whose status it keeps), the
+    evaluation's scores on the logged model's page."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.artifacts.serving import log_served_model
+
+    client = MlflowClient()
+    status = client.get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id):
+        info = log_served_model(weights, read_model_info(weights), evaluation.miou)
+    client.set_terminated(run_id, status)  # leaving start_run marked it FINISHED
+    log_scores(mlflow.get_tracking_uri(), str(info.model_uri), evaluation.mlflow_metrics())
+    return str(info.model_uri)
 
 
 def version_tags(evaluation: Evaluation, run_id: str) -> dict[str, str]:
@@ -209,7 +240,7 @@ def _register(
 
     name = params.name or f"danet-{evaluation.dataset}"
     check_name(name, "register.name")
-    model_uri, run_id = mlflow_model_uri(evaluation.model_uri)
+    model_uri, run_id = mlflow_model_uri(evaluation.model_uri, evaluation)
     tags = version_tags(evaluation, run_id)
     champion = alias_version(client, name, CHAMPION)
     champion_tags = dict(champion.tags) if champion else None

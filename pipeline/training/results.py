@@ -138,11 +138,11 @@ def write_outputs(
 
 
 def log_outputs(job: TrainJob, out: Path, summary: RunSummary, tracking: MlflowParams) -> None:
-    """The artifacts of ``out``, the model and the summary metrics into the run; marks it FINISHED."""
+    """The artifacts of ``out``, the weights (``model.pt``) and the summary metrics into the run;
+    marks it FINISHED. The served pyfunc is built from that file when it is registered."""
     import mlflow
 
-    from pipeline.artifacts.modelfile import read_model_info
-    from pipeline.artifacts.tracking import log_model, tracking_uri
+    from pipeline.artifacts.tracking import tracking_uri
 
     best = summary.best
     with tracking_uri(job.tracking_uri), mlflow.start_run(run_id=job.mlflow_run_id):
@@ -150,8 +150,8 @@ def log_outputs(job: TrainJob, out: Path, summary: RunSummary, tracking: MlflowP
         for name in OUTPUT_FILES:
             if (out / name).exists():
                 mlflow.log_artifact(str(out / name))
-        if tracking.log_model:
-            log_model(out / "model.pt", read_model_info(out / "model.pt"), best[VAL_MIOU])
+        if tracking.log_model:  # the weights only: loading them runs no code (weights_only)
+            mlflow.log_artifact(str(out / "model.pt"))
         # in-training validation = the whole-image protocol (argmax of the logits)
         mlflow.set_tags({VAL_MIOU: f"{best[VAL_MIOU]:.4f}", "eval_protocol": Protocol().name})
 
