@@ -53,3 +53,24 @@ def test_metrics_survive_mlflow_going_down(
     assert not tracker.buffer and tracker.down_since is None
     assert [s for k, s in client.sent if k == "loss"] == [1, 2, 3, 4]  # none lost, none twice
     assert [r.iteration for r in tracker.history.steps] == [1, 2, 3, 4]
+
+
+def test_an_evaluation_keeps_its_reported_names_and_old_checkpoints_read() -> None:
+    """metrics.json of train.out names the scores as Ray, Tune and MLflow get them (val_miou);
+    a history.json written before the record's fields were renamed still loads."""
+    from pipeline.training.records import EvalRecord, History
+    from pipeline.training.results import _scores
+
+    e = EvalRecord(
+        1, 10, miou=0.5, pixel_acc=0.8, mean_acc=0.6, train_loss=1.0, iou_per_class=[0.5]
+    )
+    assert _scores(e) == {
+        "val_miou": 0.5,
+        "val_pixel_acc": 0.8,
+        "val_mean_acc": 0.6,
+        "epoch": 1,
+        "iteration": 10,
+    }
+    old = '{"steps": [], "evals": [{"epoch": 1, "iteration": 10, "val_miou": 0.5, "val_pixel_acc": 0.8, "val_mean_acc": 0.6, "train_loss": 1.0, "iou_per_class": [0.5]}]}'
+    assert History.from_json(old).evals == [e]
+    assert History.from_json(History([], [e]).to_json()).best() == e

@@ -58,7 +58,8 @@ class RunSummary:
 
 
 def _scores(e: EvalRecord) -> dict[str, float]:
-    return {k: v for k, v in asdict(e).items() if k != "iou_per_class" and k != "train_loss"}
+    """An evaluation as metrics.json holds it: the names it is reported under (``val_miou``)."""
+    return {k: v for k, v in e.metrics().items() if k != "train_loss"}
 
 
 def write_curves(directory: Path, history: History) -> None:
