@@ -35,13 +35,17 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 	$(VENV)/bin/danet summary
 
-# Fast tests first (seconds), then the slow end-to-end ones (minutes): a broken unit fails early.
+# Fast tests first (seconds, TEST_WORKERS processes through pytest-xdist), then the slow
+# end-to-end ones (minutes) one at a time: each trains on every core, two at once only compete
+# (measured: no faster, BENCHMARKS.md), and a multi-node Ray cluster's head would be joined by
+# any other test's ray.init(). A broken unit fails early.
+TEST_WORKERS ?= 2
 test: $(DEV_STAMP)
-	$(VENV)/bin/pytest -m "not slow"
+	$(VENV)/bin/pytest -m "not slow" -n $(TEST_WORKERS)
 	$(VENV)/bin/pytest -m slow
 
 test-fast: $(DEV_STAMP)
-	$(VENV)/bin/pytest -m "not slow"
+	$(VENV)/bin/pytest -m "not slow" -n $(TEST_WORKERS)
 
 # The README's commands, run as written on a tiny copy of the pipeline (also part of `make test`).
 readme-check: $(DEV_STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -74,3 +75,23 @@ def test_an_evaluation_keeps_its_reported_names_and_old_checkpoints_read() -> No
     old = '{"steps": [], "evals": [{"epoch": 1, "iteration": 10, "val_miou": 0.5, "val_pixel_acc": 0.8, "val_mean_acc": 0.6, "train_loss": 1.0, "iou_per_class": [0.5]}]}'
     assert History.from_json(old).evals == [e]
     assert History.from_json(History([], [e]).to_json()).best() == e
+
+
+def test_lineage_is_dirty_for_code_not_for_the_lock_file_dvc_rewrites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from pipeline.artifacts.tracking import git_state
+
+    for name in ("dvc.lock", "train.py"):
+        (tmp_path / name).write_text("v1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "one"]):
+        subprocess.run([*git, *args], cwd=tmp_path, check=True, capture_output=True)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    (tmp_path / "dvc.lock").write_text("v2\n")  # dvc repro wrote its results
+    commit, dirty = git_state()
+    assert len(commit) == 40 and not dirty
+    (tmp_path / "train.py").write_text("v2\n")  # the code differs from the commit
+    assert git_state() == (commit, True)

@@ -146,7 +146,8 @@ def retire_run(uri: str, experiment: str, run_name: str) -> None:
 
 def git_state() -> tuple[str, bool]:
     """The project's git commit and whether its working tree differs from it ("unknown", False
-    outside a repository)."""
+    outside a repository). ``dvc.lock`` does not count: ``dvc repro`` rewrites it as the stages
+    run, so it records this pipeline's results, not what they were made from."""
     import subprocess
 
     root = os.environ.get("DVC_ROOT") or os.getcwd()
@@ -159,7 +160,8 @@ def git_state() -> tuple[str, bool]:
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
-    return commit.stdout.strip(), bool(status.stdout.strip())
+    changed = [line for line in status.stdout.splitlines() if Path(line[3:]).name != "dvc.lock"]
+    return commit.stdout.strip(), bool(changed)
 
 
 def log_lineage(uri: str, run_id: str, source: str, name: str, digest: str, code: str) -> None:
