@@ -31,7 +31,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
 from bench.peak import peak_bf16
-from danet import build_danet
 from danet.metrics import summarize
 from danet.model import SegmentationModel, Segmenter
 from pipeline.config import Params, load_params
@@ -40,12 +39,11 @@ from pipeline.data.manifest import load_manifest, shard_refs
 from pipeline.evaluation.evaluate import evaluate_model, protocol_of
 from pipeline.training.job import TrainJob, prepare_job
 from pipeline.training.loop import (
-    build_optimizer,
     poly_schedule,
     to_device,
     train_steps,
 )
-from pipeline.training.worker import build_loss
+from pipeline.training.session import backbone_weights, build_loss, open_session
 
 
 def parse() -> argparse.Namespace:
@@ -81,13 +79,9 @@ def setup(args: argparse.Namespace) -> tuple[Params, TrainJob, torch.device]:
 def build(
     job: TrainJob, device: torch.device
 ) -> tuple[SegmentationModel, Any, torch.optim.Optimizer]:
-    torch.manual_seed(job.train.seed)
-    core = build_danet(job.model.to_danet_config(job.num_classes)).to(device)
-    if job.train.channels_last:
-        core = core.to(memory_format=torch.channels_last)
-    model = torch.compile(core) if job.train.compile else core
-    t = job.train
-    return core, model, build_optimizer(core, t.lr, t.momentum, t.weight_decay, t.head_lr_mult)
+    """The model and optimizer of the training session the Ray worker drives (one rank)."""
+    run = open_session(job, device=device, weights=backbone_weights(job.model))
+    return run.core, run.model, run.optimizer
 
 
 def batch_fn(job: TrainJob, gpu: bool) -> Any:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from pipeline.training.checkpoint import (
     TrainState,
     checkpoint_dirs,
     finished_checkpoint,
+    load_checkpoint,
     load_latest,
     prune_untracked,
     save_checkpoint,
@@ -78,60 +81,59 @@ def test_prune_keeps_what_ray_tracks_and_finished_reads_progress(tmp_path: Path)
     assert finished_checkpoint(str(tmp_path)) is None
 
 
-def _train(device: torch.device, iterations: range, state: TrainState | None) -> TrainState:
-    """DANet-R18d (dropout on) for ``iterations`` of seeded random batches, from ``state``."""
-    from danet import DANetConfig, build_danet
-    from danet.losses import segmentation_loss
-    from pipeline.training.loop import build_optimizer, poly_schedule, train_steps
+class Stop(Exception):
+    """Ends a session at a report, as a killed worker would after its checkpoint."""
 
-    torch.manual_seed(0)
-    model = build_danet(DANetConfig(num_classes=5, backbone="resnet18d")).to(device)
-    optimizer = build_optimizer(model, 0.01, 0.9, 1e-4, 10.0)
-    scheduler = poly_schedule(optimizer, 6, 0.9)
-    if state is not None:
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        torch.set_rng_state(state.rng[0])
-        if state.cuda_rng:
-            torch.cuda.set_rng_state(state.cuda_rng[0], device)
-    for i in iterations:  # the data of iteration i does not depend on where training started
-        g = torch.Generator().manual_seed(i)
-        batch = (
-            torch.randn(2, 3, 32, 32, generator=g),
-            torch.randint(0, 5, (2, 32, 32), generator=g),
-        )
-        train_steps(model, [batch], optimizer, scheduler, segmentation_loss, device)
-    cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
-    return TrainState(
-        model.state_dict(),
-        optimizer.state_dict(),
-        scheduler.state_dict(),
-        0,
-        0,
-        iterations.stop,
-        [torch.get_rng_state()],
-        cuda,
+
+def _session(
+    shards: Path, out: Path, device: str, start: Path | None = None, stop_at: int = 0
+) -> tuple[Any, list[Path]]:
+    """The training session of a tiny job (2 epochs of 2 iterations, an evaluation each) from the
+    checkpoint ``start``; every report writes a checkpoint into ``out``; ``stop_at`` > 0 stops
+    after that many reports."""
+    from pipeline.config import DataParams, ModelParams, TrainParams
+    from pipeline.training.job import prepare_job
+    from pipeline.training.session import open_session, restore, snapshot, train_epochs
+
+    job = prepare_job(
+        ModelParams(backbone="resnet18d"),
+        DataParams(shards=str(shards), crop_size=32, shuffle_buffer=4),
+        TrainParams(batch_size=2, epochs=2, iters_per_epoch=2, eval_every_epochs=1),
     )
+    run = open_session(job, device=torch.device(device))
+    if start is not None:
+        restore(run, *load_checkpoint(start, run.device))
+    written: list[Path] = []
+
+    def report(session: Any, metrics: dict[str, float]) -> None:
+        folder = out / f"checkpoint_{session.iteration:03d}"
+        folder.mkdir(parents=True)
+        cuda = [torch.cuda.get_rng_state(run.device)] if run.device.type == "cuda" else []
+        save_checkpoint(folder, snapshot(session, cuda_rng=cuda), session.history, 4)
+        written.append(folder)
+        if len(written) == stop_at:
+            raise Stop
+
+    with contextlib.suppress(Stop):
+        train_epochs(run, None, report)
+    return run, written
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_resumed_training_equals_uninterrupted_bitwise(tmp_path: Path, device: str) -> None:
-    """3 iterations, a checkpoint through the files, 3 more == 6 in one go: weights, optimizer
-    momentum, schedule, and the dropout RNG (CPU and CUDA). On CUDA with cuDNN deterministic."""
-    dev = torch.device(device)
+def test_resumed_training_equals_uninterrupted_bitwise(
+    tiny_shards: Path, tmp_path: Path, device: str
+) -> None:
+    """The Ray-free training session (the one the Ray worker drives), stopped after its first
+    checkpoint and resumed from the file, equals one run straight through: weights, optimizer
+    momentum, schedule, the data stream's position and the dropout RNG (CPU and CUDA; on CUDA
+    with cuDNN deterministic)."""
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    straight = _train(dev, range(6), None)
-    half = _train(dev, range(3), None)
-    folder = tmp_path / "checkpoint_000"
-    folder.mkdir()
-    save_checkpoint(folder, half, History(), 6)
-    found = load_latest(None, str(tmp_path), dev)
-    assert found is not None
-    loaded = found[0]
-    loaded.rng = [r.cpu() for r in loaded.rng]
-    loaded.cuda_rng = [r.cpu() for r in loaded.cuda_rng]
-    resumed = _train(dev, range(3, 6), loaded)
-    for key, value in straight.model.items():
-        assert torch.equal(value, resumed.model[key]), key
-    assert resumed.scheduler["last_epoch"] == straight.scheduler["last_epoch"] == 6
+    straight, _ = _session(tiny_shards, tmp_path / "straight", device)
+    _, written = _session(tiny_shards, tmp_path / "stopped", device, stop_at=1)
+    assert [p.name for p in written] == ["checkpoint_002"]
+    resumed, _ = _session(tiny_shards, tmp_path / "resumed", device, start=written[0])
+    for key, value in straight.core.state_dict().items():
+        assert torch.equal(value, resumed.core.state_dict()[key]), key
+    assert resumed.iteration == straight.iteration == 4 and resumed.epoch == straight.epoch == 2
+    assert resumed.history.evals == straight.history.evals and len(straight.history.evals) == 2
+    assert resumed.best is not None and resumed.best.miou == straight.history.best().miou

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cluster import check_tracking_for, connect_ray, storage_uri
-from pipeline.config import ConfigError, DataParams, MlflowParams, ModelParams, TrainParams
+from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams
 from pipeline.errors import (
     PipelineError,
     TrainingDiverged,
@@ -38,6 +38,7 @@ from pipeline.training.checkpoint import (
 )
 from pipeline.training.job import TrainJob, code_digest, default_run_name, flat_params, prepare_job
 from pipeline.training.results import RunSummary, log_outputs, write_outputs
+from pipeline.training.session import backbone_weights
 from pipeline.training.worker import train_worker
 
 log = logging.getLogger(__name__)
@@ -75,28 +76,12 @@ def _is_lost(err: BaseException) -> bool:
     return isinstance(err, RayActorError) or isinstance(health, RayActorError)
 
 
-def backbone_weights(model: ModelParams) -> dict[str, Any] | None:
-    """ImageNet weights for the backbone, fetched once here (``pretrained``: through timm, which
-    needs the network or its cache; ``pretrained_path``: a local file) and shipped to the workers
-    through Ray's object store: nodes need no network and no copy of the file."""
-    import timm
-    import torch
-
-    try:
-        if model.pretrained_path:
-            return dict(torch.load(model.pretrained_path, map_location="cpu", weights_only=True))
-        if model.pretrained:
-            return dict(timm.create_model(model.backbone, pretrained=True).state_dict())
-    except (OSError, RuntimeError, ValueError) as err:
-        name = "model.pretrained_path" if model.pretrained_path else "model.pretrained"
-        raise ConfigError(
-            f"{name}: the backbone's ImageNet weights cannot be loaded ({first_line(err)})"
-        ) from None
-    return None
-
-
 def fit(
-    job: TrainJob, run_name: str, callbacks: list[Any] | None = None, weights: Any = None
+    job: TrainJob,
+    run_name: str,
+    callbacks: list[Any] | None = None,
+    weights: Any = None,
+    fault: tuple[int, int, str] | None = None,
 ) -> Any:
     """One Ray Train run of ``job`` (resumed when ``run_name`` has checkpoints): its Result.
     ``weights``: the backbone's pretrained weights in Ray's object store, or None."""
@@ -107,7 +92,12 @@ def fit(
     storage = storage_uri(train.storage_path)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": job, "run_dir": f"{storage}/{run_name}", "weights": weights},
+        train_loop_config={
+            "job": job,
+            "run_dir": f"{storage}/{run_name}",
+            "weights": weights,
+            "fault": fault,  # a test seam only (pipeline/training/worker.py crash_once)
+        },
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
@@ -195,13 +185,12 @@ def train_run(
         job,
         tracking_uri=uri,
         mlflow_run_id=run_id,
-        fault=fault,
         system_metrics_every=tracking.system_metrics_every,
         prediction_images=tracking.num_prediction_images,
     )
     weights = backbone_weights(job.model)
     try:
-        result = fit(job, run_name, weights=ray_put(weights))
+        result = fit(job, run_name, weights=ray_put(weights), fault=fault)
     except BaseException:
         mlt.end_run(uri, run_id, "FAILED")
         raise

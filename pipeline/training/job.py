@@ -77,7 +77,6 @@ class TrainJob:
     mlflow_run_id: str = ""
     system_metrics_every: float = 0.0  # s between rank 0's samples of its node's CPU/GPU; 0 off
     prediction_images: int = 0  # overlays logged at every evaluation
-    fault: tuple[int, int, str] | None = None  # test hook: (epoch, rank, marker file) -> crash once
 
     @property
     def num_classes(self) -> int:

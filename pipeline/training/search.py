@@ -37,10 +37,11 @@ from pipeline.config import (
 from pipeline.locks import exclusive
 from pipeline.outputs import check_output, check_outside
 from pipeline.training.checkpoint import delete_run
-from pipeline.training.driver import backbone_weights, ray_put
+from pipeline.training.driver import ray_put
 from pipeline.training.job import TrainJob, default_run_name, flat_params, prepare_job
 from pipeline.training.records import VAL_MIOU
 from pipeline.training.search_summary import SearchSummary, summarize_search, trial_record
+from pipeline.training.session import backbone_weights
 from pipeline.training.trial import SearchJob, trial_train, tune_trial
 
 log = logging.getLogger(__name__)

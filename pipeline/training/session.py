@@ -1,0 +1,306 @@
+"""A training session without Ray: build the model, optimizer, loss and data streams of a job
+on one rank, restore it from a checkpoint's content, train in stretches that end at checkpoint
+boundaries, evaluate, and snapshot where it stands. The Ray Train worker
+(pipeline/training/worker.py) drives it on every rank and reports to Ray; bench/ and the fast
+tests drive it in one process.
+
+Where a run stands is the session's ``epoch`` and ``batch`` (the batch within the epoch) and the
+scheduler's step count (``iteration``); ``train_epochs`` alone moves them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from danet import build_danet
+from danet.losses import Ohem, class_weights, segmentation_loss
+from danet.metrics import summarize
+from danet.model import SegmentationModel
+from pipeline.config import ConfigError, ModelParams
+from pipeline.data.loader import EvalStream, TrainStream, eval_loader, train_loader
+from pipeline.errors import first_line
+from pipeline.training.checkpoint import TrainState
+from pipeline.training.job import TrainJob
+from pipeline.training.loop import (
+    BatchFn,
+    LossFn,
+    build_optimizer,
+    poly_schedule,
+    to_device,
+    train_steps,
+    validate,
+)
+from pipeline.training.records import EvalRecord, History
+from pipeline.training.tracker import Tracker
+
+Prepare = Callable[[nn.Module], nn.Module]  # the model onto its device (DDP under Ray Train)
+Report = Callable[["Session", dict[str, float]], None]  # at an evaluation or checkpoint boundary
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best evaluation of a run so far: its val mIoU, the weights and the confusion matrix."""
+
+    miou: float
+    weights: dict[str, torch.Tensor]
+    confusion: torch.Tensor
+
+
+@dataclass
+class Session:
+    """One rank's training: the model, its optimizer and schedule, the data, where it stands."""
+
+    job: TrainJob
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module  # as it is stepped: DDP and/or compiled
+    core: SegmentationModel  # the plain module inside
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: LossFn
+    stream: TrainStream
+    loader: DataLoader
+    val_loader: DataLoader
+    batch_fn: BatchFn = to_device
+    history: History = field(default_factory=History)
+    epoch: int = 0
+    batch: int = 0
+    best: Best | None = None  # the best evaluation so far
+
+    @property
+    def iteration(self) -> int:
+        return int(self.scheduler.last_epoch)
+
+
+def build_loss(job: TrainJob, device: torch.device) -> LossFn:
+    """The three (or four) weighted cross-entropies, with OHEM and class weights when asked."""
+    t = job.train
+    weight = class_weights(t.class_weights, job.class_pixels, job.class_image_pixels)
+    return functools.partial(
+        segmentation_loss,
+        weights=t.loss_weights,
+        class_weight=weight.to(device) if weight is not None else None,
+        ohem=Ohem(t.ohem_thresh, t.ohem_min_kept) if t.loss == "ohem" else None,
+    )
+
+
+def backbone_weights(model: ModelParams) -> dict[str, Any] | None:
+    """ImageNet weights for the backbone, fetched once here (``pretrained``: through timm, which
+    needs the network or its cache; ``pretrained_path``: a local file) and shipped to the workers
+    through Ray's object store: nodes need no network and no copy of the file."""
+    import timm
+    import torch
+
+    try:
+        if model.pretrained_path:
+            return dict(torch.load(model.pretrained_path, map_location="cpu", weights_only=True))
+        if model.pretrained:
+            return dict(timm.create_model(model.backbone, pretrained=True).state_dict())
+    except (OSError, RuntimeError, ValueError) as err:
+        name = "model.pretrained_path" if model.pretrained_path else "model.pretrained"
+        raise ConfigError(
+            f"{name}: the backbone's ImageNet weights cannot be loaded ({first_line(err)})"
+        ) from None
+    return None
+
+
+def build_model(
+    job: TrainJob,
+    world: int,
+    device: torch.device,
+    weights: Any = None,
+    prepare: Prepare | None = None,
+) -> tuple[nn.Module, SegmentationModel]:
+    """The model as it is stepped (``prepare``d: on its device, DDP when there are several ranks;
+    SyncBN and channels_last when asked) and the plain module inside. ``weights``: the backbone's
+    pretrained weights, instead of a download."""
+    from pipeline.training.finetune import init_from
+
+    config = job.model.to_danet_config(job.num_classes)
+    model = build_danet(dataclasses.replace(config, pretrained=False, pretrained_path=None))
+    if weights is not None:
+        model.backbone.load_weights(weights)
+    if job.model.init_from:
+        init_from(model, job.model.init_from, job.tracking_uri)
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if job.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    wrapped = prepare(model) if prepare is not None else model.to(device)
+    core: SegmentationModel = wrapped.module if hasattr(wrapped, "module") else wrapped  # type: ignore[assignment]
+    return wrapped, core
+
+
+def open_session(
+    job: TrainJob,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | None = None,
+    weights: Any = None,
+    prepare: Prepare | None = None,
+) -> Session:
+    """A job's session on rank ``rank`` of ``world``, at iteration 0."""
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(job.train.seed * 1000 + rank)
+    wrapped, core = build_model(job, world, device, weights, prepare)
+    t = job.train
+    optimizer = build_optimizer(core, t.lr, t.momentum, t.weight_decay, t.head_lr_mult)
+    stream = TrainStream(
+        job.train_shards,
+        batch_size=t.worker_batch,
+        batches_per_epoch=t.iters_per_epoch,
+        augment=job.data,
+        mean=job.mean,
+        std=job.std,
+        rank=rank,
+        world_size=world,
+        seed=t.seed,
+        shuffle_buffer=job.data.shuffle_buffer,
+        gpu_decode=job.data.gpu_decode and device.type == "cuda",
+    )
+    val = EvalStream(job.val_shards, job.mean, job.std, rank=rank, world_size=world)
+    batch_fn: BatchFn = to_device
+    if stream.gpu_decode:
+        from pipeline.data.gpu import decode_batch
+
+        crop, mean, std = job.data.crop_size, job.mean, job.std
+        batch_fn = lambda batch, dev: decode_batch(batch, crop, mean, std, dev)  # noqa: E731
+    return Session(
+        job=job,
+        rank=rank,
+        world=world,
+        device=device,
+        model=torch.compile(wrapped) if t.compile else wrapped,  # type: ignore[arg-type]
+        core=core,
+        optimizer=optimizer,
+        scheduler=poly_schedule(optimizer, t.max_iters, t.poly_power),
+        loss_fn=build_loss(job, device),
+        stream=stream,
+        loader=train_loader(stream, job.data.loader_workers, pin_memory=device.type == "cuda"),
+        val_loader=eval_loader(val, job.data.loader_workers),
+        batch_fn=batch_fn,
+    )
+
+
+def restore(run: Session, state: TrainState, history: History) -> None:
+    """Put the session where a checkpoint says it stood: weights, optimizer, schedule, this
+    rank's RNGs, the position in the data stream, the history and the best evaluation."""
+    run.history = history
+    run.core.load_state_dict(state.model)
+    run.optimizer.load_state_dict(state.optimizer)
+    run.scheduler.load_state_dict(state.scheduler)
+    torch.set_rng_state(state.rng[run.rank].cpu())
+    if state.cuda_rng and run.device.type == "cuda":
+        torch.cuda.set_rng_state(state.cuda_rng[run.rank].cpu(), run.device)
+    run.epoch, run.batch = state.epoch, state.batch
+    if state.best_model is not None and state.best_confusion is not None:
+        run.best = Best(history.best().miou, state.best_model, state.best_confusion)
+
+
+def snapshot(
+    run: Session, rng: list[torch.Tensor] | None = None, cuda_rng: list[torch.Tensor] | None = None
+) -> TrainState:
+    """Where the session stands, as a checkpoint holds it (``rng``: every rank's CPU RNG state;
+    this rank's alone by default)."""
+    return TrainState(
+        model=run.core.state_dict(),
+        optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict(),
+        epoch=run.epoch,
+        batch=run.batch,
+        iteration=run.iteration,
+        rng=rng if rng is not None else [torch.get_rng_state()],
+        cuda_rng=cuda_rng or [],
+        best_model=run.best.weights if run.best else None,
+        best_confusion=run.best.confusion if run.best else None,
+    )
+
+
+def evaluate(run: Session, train_loss: float) -> EvalRecord:
+    cm = validate(run.core, run.val_loader, run.job.num_classes, run.device)
+    result = summarize(cm.matrix)
+    record = EvalRecord(
+        epoch=run.epoch,
+        iteration=run.iteration,
+        train_loss=train_loss,
+        **result,
+    )
+    run.history.evals.append(record)
+    if run.best is None or record.miou > run.best.miou:
+        weights = {k: v.detach().cpu().clone() for k, v in run.core.state_dict().items()}
+        run.best = Best(record.miou, weights, cm.matrix.cpu())
+    return record
+
+
+def stretches(run: Session, tracker: Tracker | None) -> Iterator[float]:
+    """Train the current epoch in stretches that end at checkpoint boundaries; yields the mean
+    loss of each stretch, after which the run stands at a boundary or the epoch's end."""
+    t = run.job.train
+    run.stream.set_epoch(run.epoch, skip=run.batch)
+    batches = iter(run.loader)
+    done = run.batch
+    while done < t.iters_per_epoch:
+        n = t.iters_per_epoch - done
+        if t.checkpoint_every:
+            n = min(n, t.checkpoint_every - run.iteration % t.checkpoint_every)
+        summary = train_steps(
+            run.model,
+            itertools.islice(batches, n),
+            run.optimizer,
+            run.scheduler,
+            run.loss_fn,
+            run.device,
+            bf16=t.bf16,
+            channels_last=t.channels_last,
+            grad_clip=t.grad_clip,
+            on_log=tracker.step if tracker else None,
+            log_every=t.log_every,
+            world_size=run.world,
+            batch_fn=run.batch_fn,
+        )
+        done += n
+        run.batch = done
+        yield summary.loss
+
+
+def train_epochs(
+    run: Session,
+    tracker: Tracker | None,
+    report: Report,
+    before_epoch: Callable[[Session], None] | None = None,
+) -> None:
+    """Train to the job's last epoch: evaluate when an epoch due for it ends, then ``report``
+    its metrics (the caller checkpoints); at a ``checkpoint_every`` boundary ``report`` the
+    iteration alone. ``before_epoch``: a test seam (a worker that dies at an epoch)."""
+    t = run.job.train
+    while run.epoch < t.epochs:
+        if before_epoch is not None:
+            before_epoch(run)
+        for loss in stretches(run, tracker):
+            epoch_done = run.batch == t.iters_per_epoch
+            due = (run.epoch + 1) % t.eval_every_epochs == 0 or run.epoch + 1 == t.epochs
+            if epoch_done and due:
+                record = evaluate(run, loss)
+                if tracker:
+                    tracker.evaluation(record)
+                    tracker.overlays(run.core, run.device, record.iteration)
+                run.epoch, run.batch = run.epoch + 1, 0
+                report(run, record.metrics())
+            elif t.checkpoint_every and run.iteration % t.checkpoint_every == 0:
+                if epoch_done:
+                    run.epoch, run.batch = run.epoch + 1, 0
+                report(run, {"iteration": run.iteration})
+        if run.batch == t.iters_per_epoch:  # an epoch that ended without a report
+            run.epoch, run.batch = run.epoch + 1, 0
