@@ -24,7 +24,7 @@ from pipeline.artifacts.modelfile import read_model_info
 from pipeline.artifacts.tracking import (
     git_state,
     log_scores,
-    logged_model_uri,
+    model_run,
     run_weights,
     weights_run,
 )
@@ -99,15 +99,18 @@ def mlflow_model_uri(model_uri: str, evaluation: Evaluation) -> tuple[str, str]:
         except MlflowException as err:
             raise ModelError(model_uri, f"not an MLflow model ({first_line(err)})") from None
         return model_uri, info.run_id or ""
-    run_id = run_id or str(read_model_info(model_uri).meta.get("mlflow_run_id", ""))
-    if not run_id:
+    found = model_run(
+        model_uri
+    )  # the one reference -> run look-up (pipeline/artifacts/tracking.py)
+    if found is None:
         raise ModelError(model_uri, "has no MLflow run to register it from (trained without one)")
-    uri = logged_model_uri(run_id)
-    if uri is None:
-        weights = Path(model_uri) if not model_uri.startswith("runs:/") else run_weights(run_id)
-        if weights is None or not weights.is_file():
-            raise ModelError(model_uri, "its run holds no model.pt (mlflow.log_model: false?)")
-        uri = log_into_run(run_id, weights, evaluation)
+    run_id, model_id = found
+    if model_id is not None:
+        return f"models:/{model_id}", run_id
+    weights = Path(model_uri) if not model_uri.startswith("runs:/") else run_weights(run_id)
+    if weights is None or not weights.is_file():
+        raise ModelError(model_uri, "its run holds no model.pt (mlflow.log_model: false?)")
+    uri = log_into_run(run_id, weights, evaluation)
     return uri, run_id
 
 
