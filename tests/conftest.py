@@ -11,12 +11,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from danet import DANetConfig, build_danet
 from pipeline.artifacts.modelfile import ModelInfo, save_model_file
+from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams
 from pipeline.data.manifest import load_manifest
 from pipeline.data.readers.synthetic import SyntheticReader
 from pipeline.data.shard import shard_dataset
@@ -155,6 +157,48 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         finally:
             process.terminate()
             process.wait(timeout=30)
+
+
+def mean_of(iou_per_class: Any) -> float:
+    """The mean of per-class IoUs (a mapping or a list; None or NaN = a class never present):
+    what an mIoU must equal, checked instead of a bare 0 <= mIoU <= 1."""
+    values = iou_per_class.values() if isinstance(iou_per_class, dict) else iou_per_class
+    present = [float(v) for v in values if v is not None and v == v]
+    return sum(present) / len(present)
+
+
+TinyParams = tuple[ModelParams, DataParams, TrainParams, MlflowParams]
+
+
+def tiny_params(
+    tmp: Path,
+    shards: str | Path,
+    train: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    mlflow: dict[str, Any] | None = None,
+) -> TinyParams:
+    """The one params factory of the tests: DANet-R18d on 32-pixel crops, 2 epochs of 2
+    iterations with an evaluation each, one single-CPU worker, no retries, the run's storage,
+    outputs and SQLite store in ``tmp``; each test overrides what it is about."""
+    base: dict[str, Any] = {
+        "batch_size": 2,
+        "epochs": 2,
+        "iters_per_epoch": 2,
+        "eval_every_epochs": 1,
+        "log_every": 2,
+        "num_workers": 1,
+        "cpus_per_worker": 1,
+        "max_failures": 0,
+        "storage_path": str(tmp / "ray"),
+        "out": str(tmp / "out"),
+    }
+    tracking = {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "num_prediction_images": 1}
+    return (
+        ModelParams(backbone="resnet18d"),
+        DataParams(**{"shards": str(shards), "crop_size": 32, "shuffle_buffer": 4, **(data or {})}),
+        TrainParams(**{**base, **(train or {})}),
+        MlflowParams(**{**tracking, **(mlflow or {})}),
+    )
 
 
 def synthetic_shards(out: Path, train: int, val: int, max_count: int, **reader: int) -> Path:

@@ -91,15 +91,12 @@ def _session(
     """The training session of a tiny job (2 epochs of 2 iterations, an evaluation each) from the
     checkpoint ``start``; every report writes a checkpoint into ``out``; ``stop_at`` > 0 stops
     after that many reports."""
-    from pipeline.config import DataParams, ModelParams, TrainParams
     from pipeline.training.job import prepare_job
     from pipeline.training.session import open_session, restore, snapshot, train_epochs
+    from tests.conftest import tiny_params
 
-    job = prepare_job(
-        ModelParams(backbone="resnet18d"),
-        DataParams(shards=str(shards), crop_size=32, shuffle_buffer=4),
-        TrainParams(batch_size=2, epochs=2, iters_per_epoch=2, eval_every_epochs=1),
-    )
+    model, data, train, _ = tiny_params(out, shards)
+    job = prepare_job(model, data, train)
     run = open_session(job, device=torch.device(device))
     if start is not None:
         restore(run, *load_checkpoint(start, run.device))

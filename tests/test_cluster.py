@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from pipeline.cluster import check_tracking_for
-from pipeline.config import ConfigError, DataParams, MlflowParams, ModelParams, TrainParams
+from pipeline.config import ConfigError
 from pipeline.data.readers.synthetic import SyntheticReader
 from pipeline.data.shard import shard_dataset
+from tests.conftest import tiny_params
 
 
 def test_a_cluster_needs_a_tracking_server() -> None:
@@ -77,22 +78,23 @@ def test_multi_node_training_survives_a_lost_node(
     shards = f"{s3_bucket}/cluster-shards"
     reader = SyntheticReader(num_samples={"train": 8, "val": 2}, width=64, height=48)
     shard_dataset(reader, ("train", "val"), shards, max_count=4)
-    train = TrainParams(
-        batch_size=4,
-        epochs=4,
-        iters_per_epoch=2,
-        eval_every_epochs=2,
-        log_every=2,
-        num_workers=2,
-        cpus_per_worker=1,
-        placement_strategy="STRICT_SPREAD",
-        max_failures=2,
-        checkpoint_every=1,
-        checkpoints_to_keep=2,
-        storage_path=f"{s3_bucket}/cluster-ray",
-        out=str(tmp_path / "out"),
-        ray_address=cluster.address,
-        run_name="multi-node",
+    model, data, train, mlflow = tiny_params(
+        tmp_path,
+        shards,
+        train={
+            "batch_size": 4,
+            "epochs": 4,
+            "eval_every_epochs": 2,
+            "num_workers": 2,
+            "placement_strategy": "STRICT_SPREAD",
+            "max_failures": 2,
+            "checkpoint_every": 1,
+            "checkpoints_to_keep": 2,
+            "storage_path": f"{s3_bucket}/cluster-ray",
+            "ray_address": cluster.address,
+            "run_name": "multi-node",
+        },
+        mlflow={"tracking_uri": mlflow_server, "system_metrics_every": 0},
     )
     removed = threading.Event()
     killer = threading.Thread(
@@ -101,12 +103,7 @@ def test_multi_node_training_survives_a_lost_node(
         daemon=True,
     )
     killer.start()
-    summary = run_training(
-        ModelParams(backbone="resnet18d"),
-        DataParams(shards=shards, crop_size=32, shuffle_buffer=4),
-        train,
-        MlflowParams(tracking_uri=mlflow_server, num_prediction_images=1, system_metrics_every=0),
-    )
+    summary = run_training(model, data, train, mlflow)
     assert removed.is_set(), "the run ended before a node could be removed"
     assert summary.final["iteration"] == 8
     run = MlflowClient(mlflow_server).get_run(summary.mlflow_run_id)

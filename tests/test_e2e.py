@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import mean_of
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "synthetic": {"num_samples": {"train": 12, "val": 4}, "width": 64, "height": 48},
@@ -95,7 +97,8 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
         and registered["champion_uri"] == "models:/danet-synthetic@champion"
     )
     evaluation = json.loads((repo / "outputs/eval/metrics.json").read_text())
-    assert evaluation["protocol"] == "official-whole-flip" and 0 <= evaluation["miou"] <= 1
+    assert evaluation["protocol"] == "official-whole-flip" and evaluation["images"] == 4
+    assert evaluation["miou"] == pytest.approx(mean_of(evaluation["iou_per_class"]))
     assert (repo / "outputs/tune/best_params.yaml").is_file()
 
     again = run("dvc repro", repo)

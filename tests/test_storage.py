@@ -9,12 +9,13 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline.config import DataParams, EvaluateParams, MlflowParams, ModelParams, TrainParams
+from pipeline.config import EvaluateParams
 from pipeline.data.loader import read_shard
 from pipeline.data.manifest import load_manifest, shard_refs
 from pipeline.data.readers.synthetic import SyntheticReader
 from pipeline.data.shard import shard_dataset
 from pipeline.errors import DataError
+from tests.conftest import mean_of, tiny_params
 
 
 def reader(seed: int = 0) -> SyntheticReader:
@@ -78,25 +79,9 @@ def test_train_and_evaluate_from_s3(s3_bucket: str, tmp_path: Path, ray_cluster:
 
     url = f"{s3_bucket}/train-shards"
     shard_dataset(reader(), ("train", "val"), url, max_count=4)
-    train = TrainParams(
-        batch_size=2,
-        epochs=2,
-        iters_per_epoch=2,
-        eval_every_epochs=1,
-        log_every=2,
-        num_workers=1,
-        cpus_per_worker=1,
-        max_failures=0,
-        storage_path=f"{s3_bucket}/ray",
-        out=str(tmp_path / "out"),
-    )
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = run_training(
-        ModelParams(backbone="resnet18d"),
-        DataParams(shards=url, crop_size=32, shuffle_buffer=4),
-        train,
-        MlflowParams(tracking_uri=uri, num_prediction_images=1),
-    )
+    params = tiny_params(tmp_path, url, train={"storage_path": f"{s3_bucket}/ray"})
+    uri = params[3].tracking_uri
+    summary = run_training(*params)
     assert summary.final["iteration"] == 4
     assert checkpoint_dirs(
         f"{s3_bucket}/ray/{summary.run_name}"
@@ -107,5 +92,6 @@ def test_train_and_evaluate_from_s3(s3_bucket: str, tmp_path: Path, ray_cluster:
         ),
         uri,
     )
-    assert evaluation.images == 3 and 0 <= evaluation.miou <= 1
+    assert evaluation.images == 3
+    assert evaluation.miou == pytest.approx(mean_of(evaluation.iou_per_class))
     assert evaluation.split_sha256 == load_manifest(url).split_digest("val")

@@ -8,14 +8,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import (
-    DataParams,
     EvaluateParams,
-    MlflowParams,
-    ModelParams,
     RegisterParams,
-    TrainParams,
 )
-from tests.conftest import synthetic_shards
+from tests.conftest import synthetic_shards, tiny_params
 
 
 @pytest.mark.slow
@@ -30,30 +26,20 @@ def test_train_evaluate_register_against_a_tracking_server(
     from pipeline.training.driver import run_training
 
     shards = synthetic_shards(tmp_path / "shards", 6, 2, max_count=3)
-    train = TrainParams(
-        batch_size=2,
-        epochs=2,
-        iters_per_epoch=3,
-        eval_every_epochs=1,
-        log_every=3,
-        num_workers=1,
-        cpus_per_worker=1,
-        max_failures=0,
-        storage_path=str(tmp_path / "ray"),
-        out=str(tmp_path / "out"),
+    tracking = {
+        "tracking_uri": mlflow_server,
+        "experiment": "server-test",
+        "num_prediction_images": 2,
+        "system_metrics_every": 1,
+    }
+    model, data, train, mlflow_params = tiny_params(
+        tmp_path,
+        shards,
+        train={"iters_per_epoch": 3, "log_every": 3},
+        data={"shuffle_buffer": 64},
+        mlflow=tracking,
     )
-    tracking = MlflowParams(
-        tracking_uri=mlflow_server,
-        experiment="server-test",
-        num_prediction_images=2,
-        system_metrics_every=1,
-    )
-    summary = run_training(
-        ModelParams(backbone="resnet18d"),
-        DataParams(shards=str(shards), crop_size=32),
-        train,
-        tracking,
-    )
+    summary = run_training(model, data, train, mlflow_params)
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(summary.mlflow_run_id)

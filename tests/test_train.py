@@ -26,7 +26,7 @@ from pipeline.training.checkpoint import TrainState, load_checkpoint
 from pipeline.training.driver import run_training
 from pipeline.training.job import prepare_job
 from pipeline.training.results import RunSummary
-from tests.conftest import synthetic_shards
+from tests.conftest import synthetic_shards, tiny_params
 
 runner = CliRunner()
 Configs = tuple[ModelParams, DataParams, TrainParams, MlflowParams]
@@ -40,26 +40,16 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def configs(shards: Path, tmp: Path, **train: object) -> Configs:
+    """Two workers, 3 epochs of 3 iterations (tests.conftest.tiny_params otherwise)."""
     values: dict[str, object] = {
-        "lr": 0.01,
         "batch_size": 4,  # 2 per worker
         "epochs": 3,
         "iters_per_epoch": 3,
         "log_every": 3,
-        "eval_every_epochs": 1,
         "num_workers": 2,
-        "cpus_per_worker": 1,
-        "max_failures": 0,
-        "storage_path": str(tmp / "ray"),
-        "out": str(tmp / "out"),
         "seed": 3,
     }
-    return (
-        ModelParams(backbone="resnet18d"),
-        DataParams(shards=str(shards), crop_size=32, shuffle_buffer=4),
-        TrainParams(**{**values, **train}),  # type: ignore[arg-type]
-        MlflowParams(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", num_prediction_images=2),
-    )
+    return tiny_params(tmp, shards, train={**values, **train}, mlflow={"num_prediction_images": 2})
 
 
 def latest_state(storage: Path, run_name: str) -> TrainState:
@@ -98,7 +88,9 @@ def test_two_worker_run_learns_and_writes_outputs(uninterrupted: tuple[Path, Run
         "curves.png",
     }
     assert json.loads((out / "metrics.json").read_text()) == dataclasses.asdict(summary)
-    assert 0 < summary.best["val_miou"] <= 1
+    with open(out / "val_curve.csv") as f:  # the best of the evaluations, as they were logged
+        curve = [float(row["miou"]) for row in csv.DictReader(f)]
+    assert len(curve) == 3 and summary.best["val_miou"] == pytest.approx(max(curve), abs=1e-5)
     with open(out / "train_curve.csv") as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f)]
     assert len(losses) == 3 and losses[-1] < losses[0]  # one log line per epoch; the loss went down

@@ -26,28 +26,16 @@ from pipeline.config import (
 )
 from pipeline.training.search import run_search
 from pipeline.training.search_summary import Trial, format_trials, write_summary
-from tests.conftest import synthetic_shards
+from tests.conftest import synthetic_shards, tiny_params
 
 
 def configs(tmp: Path) -> tuple[ModelParams, DataParams, TrainParams, MlflowParams, TuneParams]:
     shards = tmp / "shards"
     if not shards.exists():
         synthetic_shards(shards, 8, 4, max_count=4)
+    train = {"cpus_per_worker": 2, "out": str(tmp / "train")}
     return (
-        ModelParams(backbone="resnet18d"),
-        DataParams(shards=str(shards), crop_size=32, shuffle_buffer=4),
-        TrainParams(
-            batch_size=2,
-            iters_per_epoch=2,
-            eval_every_epochs=1,
-            log_every=2,
-            num_workers=1,
-            cpus_per_worker=2,
-            max_failures=0,
-            storage_path=str(tmp / "ray"),
-            out=str(tmp / "train"),
-        ),
-        MlflowParams(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", num_prediction_images=1),
+        *tiny_params(tmp, shards, train=train),
         TuneParams(
             lr_min=1e-4,
             lr_max=0.05,
