@@ -248,26 +248,22 @@ def test_finished_run_is_reused_new_code_retrains_and_restart_starts_anew(
 
 
 def train_command(tmp: Path, shards: Path, **train: object) -> list[str]:
+    """``danet train`` of tiny_params with a checkpoint per iteration, as a params file."""
     values = {
-        "batch_size": 2,
         "epochs": 6,
-        "iters_per_epoch": 2,
         "eval_every_epochs": 3,
         "log_every": 1,
         "checkpoint_every": 1,
         "checkpoints_to_keep": 2,
-        "cpus_per_worker": 1,
-        "max_failures": 0,
-        "storage_path": str(tmp / "ray"),
-        "out": str(tmp / "out"),
         "run_name": "signals",
         **train,
     }
+    model, data, train_params, mlflow = tiny_params(tmp, shards, train=values)
     params = {
-        "model": {"backbone": "resnet18d"},
-        "data": {"shards": str(shards), "crop_size": 32, "shuffle_buffer": 4},
-        "train": values,
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "num_prediction_images": 1},
+        "model": dataclasses.asdict(model),
+        "data": dataclasses.asdict(data),
+        "train": dataclasses.asdict(train_params),
+        "mlflow": dataclasses.asdict(mlflow),
     }
     (tmp / "params.yaml").write_text(json.dumps(params))
     return [
