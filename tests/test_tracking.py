@@ -69,12 +69,8 @@ def test_train_evaluate_register_against_a_tracking_server(
     assert scored["val_miou/official-whole-flip"] == pytest.approx(evaluation.miou)
     assert "val_iou/official-whole-flip/Road" in scored
     mlflow.set_tracking_uri(mlflow_server)
-    (logged,) = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], output_format="list"
-    )
-    assert {m.key for m in logged.metrics} >= {
-        "val_miou/official-whole-flip"
-    }  # on the model's page
+    experiments = [run.info.experiment_id]
+    assert not mlflow.search_logged_models(experiment_ids=experiments, output_format="list")
 
     (tmp_path / "eval.json").write_text(evaluation.to_json())
     result = register(
@@ -86,6 +82,10 @@ def test_train_evaluate_register_against_a_tracking_server(
         result.alias == "champion" and version.run_id == summary.mlflow_run_id
     )  # linked to its run
     assert version.tags["data_sha256"] == evaluation.split_sha256
+    # register logged the served model into the run, the scores on the model's page
+    (logged,) = mlflow.search_logged_models(experiment_ids=experiments, output_format="list")
+    assert {m.key for m in logged.metrics or []} >= {"val_miou/official-whole-flip"}
+    assert client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
 
 
 def test_an_active_experiment_left_by_the_caller_does_not_block_resuming_a_run(
