@@ -96,7 +96,8 @@ def load(
     overrides += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
     p = load_params(params, overrides, preset)
     LOADED["mlflow.tracking_uri"] = p.mlflow.tracking_uri  # named by a fault of its database
-    check_outputs(p, {k: getattr(getattr(p, k.split(".")[0]), k.split(".")[1]) for k in writes})
+    named = {k: getattr(getattr(p, k.split(".")[0]), k.split(".")[1]) for k in writes}
+    check_outputs(p, {k: v for k, v in named.items() if v})  # "" = not given: the stage says so
     return p
 
 

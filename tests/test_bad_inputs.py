@@ -735,6 +735,16 @@ CASES = [
         overlap("synthetic.out", "shards", "shards"),
     ),
     Case(
+        "synthetic scenes without an output folder",
+        ["synthetic"],
+        r"synthetic.out: give the folder to write \(--out\)",
+    ),
+    Case(
+        "predict without a model",
+        ["predict", "camvid/val"],
+        r"predict.model: give the model to predict with \(--model\)",
+    ),
+    Case(
         "synthetic scenes onto the training output",
         ["synthetic", "--out", "previous/train"],
         overlap("synthetic.out", "previous/train", "train.out"),
