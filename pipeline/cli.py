@@ -287,6 +287,40 @@ def predict(
 
 
 @app.command()
+def export(
+    ctx: typer.Context,
+    params: ParamsOption = Path("params.yaml"),
+    sets: SetOption = None,
+    model: Annotated[str | None, opt("model.pt, MLflow run id, runs:/ or models:/ URI")] = None,
+    format: Annotated[str | None, opt("onnx")] = None,
+    out: Annotated[str | None, opt("the .onnx file to write (replaced atomically)")] = None,
+    quantize: Annotated[
+        str | None, opt("none or int8 (calibrated on export.calibration_shards)")
+    ] = None,
+    attention: Annotated[str | None, opt("fused (ONNX Runtime, no N x N map) or standard")] = None,
+) -> None:
+    """A model as an ONNX file: input image RGB [0, 1], output logits; INT8 on request (params: export)."""
+    from pipeline.artifacts.export import export_model
+
+    with one_line_errors():
+        p = load(
+            ctx,
+            params,
+            sets,
+            ("export.out",),
+            **{
+                "export.model": model,
+                "export.format": format,
+                "export.out": out,
+                "export.quantize": quantize,
+                "export.attention": attention,
+            },
+        )
+        result = export_model(p.export, tracking_uri(p))
+    typer.echo(result.describe())
+
+
+@app.command()
 def summary(
     ctx: typer.Context, params: ParamsOption = Path("params.yaml"), sets: SetOption = None
 ) -> None:

@@ -299,6 +299,26 @@ class PredictParams(Section):
 
 
 @dataclass(frozen=True)
+class ExportParams(Section):
+    """``danet export``: a model as an ONNX file for ONNX Runtime, TensorRT, OpenVINO, ..."""
+
+    NAME = "export"
+    model: str = ""  # model.pt, run id, runs:/ or models:/ URI
+    out: str = "outputs/export/model.onnx"
+    format: str = param("onnx", choices=("onnx",))
+    # fused: ONNX Runtime's MultiHeadAttention, no N x N map (1024x2048 fits in memory);
+    # standard: MatMul/Softmax, any runtime, holds the map (4 GiB per 1024x2048 image)
+    attention: str = param("fused", choices=("fused", "standard"))
+    opset: int = param(18, ge=17, le=23)
+    quantize: str = param("none", choices=("none", "int8"))
+    # int8: static quantization calibrated on images of these shards
+    calibration_shards: str = "data/shards"
+    calibration_split: str = "train"
+    calibration_images: int = param(32, ge=1)
+    calibration_method: str = param("minmax", choices=("minmax", "percentile", "entropy"))
+
+
+@dataclass(frozen=True)
 class Params:
     """Every param of the pipeline: one field per params.yaml section."""
 
@@ -312,6 +332,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     register: RegisterParams = field(default_factory=RegisterParams)
     predict: PredictParams = field(default_factory=PredictParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
 
 SECTIONS: dict[str, type[Section]] = {

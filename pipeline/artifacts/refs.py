@@ -1,6 +1,7 @@
 """Resolve a model reference to an inference module and its class table.
 
-A reference is a ``model.pt`` file written by training, an MLflow run id (its served model once
+A reference is a ``model.pt`` file written by training, an ``.onnx`` file written by ``danet
+export`` (run by ONNX Runtime), an MLflow run id (its served model once
 registered, else the weights it logged), ``runs:/<run_id>/model.pt`` (those weights),
 ``runs:/<run_id>/model``, a logged-model URI ``models:/m-...``, or a registry URI such as
 ``models:/danet-synthetic@champion`` or ``models:/danet-synthetic/3``.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from pipeline.artifacts.modelfile import load_model_file, palette_of
@@ -38,16 +40,25 @@ class LoadedModel:
     dataset: str
     ref: str
     uri: str  # where it came from, normalised (file path or MLflow model URI)
+    weights: Path | None = None  # the local model.pt (or .onnx) the module was built from
 
 
-def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
-    """Load ``ref``; a missing file, unknown run or registry entry, or corrupt file is one line."""
+def load_model(ref: str, tracking_uri: str = "", device: torch.device | None = None) -> LoadedModel:
+    """Load ``ref``; a missing file, unknown run or registry entry, or corrupt file is one line.
+    ``device`` matters only to an ONNX file (its ONNX Runtime provider)."""
     path = Path(ref)
+    if path.suffix == ".onnx" and not ref.startswith(("models:/", "runs:/")):
+        from pipeline.artifacts.onnxfile import load_onnx
+
+        onnx_module, exported = load_onnx(path, device)
+        return LoadedModel(
+            onnx_module, exported.classes, exported.palette, exported.dataset, ref, str(path), path
+        )
     if not ref.startswith(("models:/", "runs:/")) and (
         path.suffix in (".pt", ".pth") or path.exists()
     ):
         module, info = load_model_file(path)
-        return LoadedModel(module, info.classes, info.palette, info.dataset, ref, str(path))
+        return LoadedModel(module, info.classes, info.palette, info.dataset, ref, str(path), path)
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -62,7 +73,9 @@ def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
                     raise ModelError(ref, "no MLflow run with this id holds a model")
                 module, info = load_model_file(weights)
                 uri = f"runs:/{run_id}/{WEIGHTS_ARTIFACT}"
-                return LoadedModel(module, info.classes, info.palette, info.dataset, ref, uri)
+                return LoadedModel(
+                    module, info.classes, info.palette, info.dataset, ref, uri, Path(weights)
+                )
             if found is not None:
                 uri = found
             elif not ref.startswith(("models:/", "runs:/")):
@@ -85,5 +98,11 @@ def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
     if list(info.classes) != list(meta["classes"]):
         raise ModelError(ref, "the logged model's class metadata differs from its model.pt")
     return LoadedModel(
-        module, info.classes, palette_of(meta["palette"]), meta.get("dataset", ""), ref, uri
+        module,
+        info.classes,
+        palette_of(meta["palette"]),
+        meta.get("dataset", ""),
+        ref,
+        uri,
+        weights,
     )

@@ -148,7 +148,7 @@ def run_evaluation(
     shards = shard_refs(manifest, params.split)
     protocol = protocol_of(params)
     device = pick_device(params.device, "evaluate.device")
-    model = load_model(ref, tracking_uri)
+    model = load_model(ref, tracking_uri, device)
     if list(model.classes) != list(manifest.classes):
         raise ConfigError(
             f"{ref}: the model has {len(model.classes)} classes ({', '.join(model.classes[:3])}, ...) but "

@@ -51,8 +51,8 @@ def predict_from_params(
 
     if not params.model:
         raise ConfigError("predict.model: give the model to predict with (--model)")
-    model = load_model(params.model, tracking_uri)
     device = pick_device(params.device, "predict.device")
+    model = load_model(params.model, tracking_uri, device)
     return predict_files(model, inputs, Path(params.out), params, device)
 
 

@@ -1,0 +1,114 @@
+"""An exported ``.onnx`` model as an inference module: ONNX Runtime behind the torch module
+interface (RGB in [0, 1] (B, 3, H, W) -> logits), so evaluation, prediction and serving run it
+through the same protocol code (danet/inference.py) as the torch model.
+
+``danet export`` writes the metadata read here (``METADATA``): the class names, palette, dataset
+and the source model's reference and digest. A file without it was not written by ``danet
+export`` and is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.artifacts.onnxgraph import INPUT, OUTPUT
+from pipeline.errors import ModelError, first_line
+
+METADATA = ("classes", "palette", "dataset", "source_ref", "source_sha256")
+CUDA = "CUDAExecutionProvider"
+
+
+def session_options(threads: int = 0) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers etc.
+    return options
+
+
+def providers_for(device: torch.device) -> list[str]:
+    """CUDA when the device is a GPU and this ONNX Runtime build has it, else the CPU."""
+    import onnxruntime as ort
+
+    if device.type == "cuda" and CUDA in ort.get_available_providers():
+        return [CUDA, "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxModule(nn.Module):
+    """An ONNX Runtime session as a module. It has no parameters: ``.to()`` and ``.eval()``
+    change nothing; inputs are copied to the host and outputs come back on the input's device.
+    Pickled as the file's bytes (a Ray task gets a working copy)."""
+
+    def __init__(self, model: bytes | str | Path, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        super().__init__()
+        self.providers = providers or ["CPUExecutionProvider"]
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(
+            source, sess_options=session_options(), providers=self.providers
+        )
+        self._bytes = model if isinstance(model, bytes) else None
+        self._path = None if isinstance(model, bytes) else str(model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        image = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        (logits,) = self.session.run([OUTPUT], {INPUT: image})
+        return torch.from_numpy(logits).to(x.device)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        data = self._bytes if self._bytes is not None else Path(str(self._path)).read_bytes()
+        return (OnnxModule, (data, self.providers))
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    """What ``danet export`` wrote into the file's metadata."""
+
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    dataset: str
+    meta: dict[str, str]  # every metadata entry, as written
+
+
+def read_onnx_info(session: Any, path: str | Path) -> OnnxInfo:
+    meta: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
+    missing = [key for key in METADATA if key not in meta]
+    if missing:
+        raise ModelError(
+            path, f"an ONNX file without {missing[0]!r} metadata (not from danet export)"
+        )
+    try:
+        classes = tuple(str(c) for c in json.loads(meta["classes"]))
+        palette = tuple((int(c[0]), int(c[1]), int(c[2])) for c in json.loads(meta["palette"]))
+    except (ValueError, TypeError, IndexError) as err:
+        raise ModelError(path, f"unreadable class metadata ({first_line(err)})") from None
+    names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    if names[0] != [INPUT] or OUTPUT not in names[1]:
+        raise ModelError(path, f"expects input {INPUT!r} and output {OUTPUT!r}, has {names}")
+    if len(palette) != len(classes):
+        raise ModelError(path, f"{len(classes)} class names and {len(palette)} colours")
+    return OnnxInfo(classes, palette, meta["dataset"], meta)
+
+
+def load_onnx(path: str | Path, device: torch.device | None = None) -> tuple[OnnxModule, OnnxInfo]:
+    """An ONNX file from ``danet export`` -> its inference module and metadata; a missing,
+    corrupt or foreign file is one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(path, "model file does not exist")
+    try:
+        module = OnnxModule(path, providers_for(device or torch.device("cpu")))
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+        raise ModelError(path, f"not a valid ONNX model ({first_line(err)})") from None
+    return module, read_onnx_info(module.session, path)
