@@ -108,6 +108,16 @@ def check_output(out: str | Path, name: str) -> None:
         raise ServiceError(f"{name} {out}: cannot write here ({parent} is not a writable folder)")
 
 
+def check_file_output(out: str | Path, name: str) -> None:
+    """``check_output`` for an output file: a folder in its place, or an unwritable parent."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"{name} {out}: is a folder, not a file")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ServiceError(f"{name} {out}: cannot write here ({parent} is not a writable folder)")
+
+
 def check_outside(out: str | Path, inputs: Mapping[str, str | Path]) -> None:
     """Refuse an output equal to, inside or containing one of the stage's inputs.
 

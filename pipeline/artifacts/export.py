@@ -32,7 +32,7 @@ from pipeline.artifacts.onnxgraph import INPUT, OUTPUT, export_onnx
 from pipeline.artifacts.refs import LoadedModel, load_model
 from pipeline.config import ConfigError, ExportParams
 from pipeline.errors import DataError
-from pipeline.outputs import atomic_file, check_output, check_outside
+from pipeline.outputs import atomic_file, check_file_output, check_outside
 
 PROBE = (1, 3, 96, 128)  # the probe image's shape: stride 8 -> 12 x 16 features
 FLOAT_TOLERANCE = 1e-3  # max |logits| difference of the float export on the probe
@@ -210,7 +210,7 @@ def export_model(params: ExportParams, tracking_uri: str = "") -> Exported:
     out = Path(params.out)
     if out.suffix != ".onnx":
         raise ConfigError(f"export.out {params.out}: must end in .onnx")
-    check_output(out, "export.out")
+    check_file_output(out, "export.out")
     check_outside(out, {"export.model": params.model})
     if params.quantize == "int8":
         check_outside(out, {"export.calibration_shards": params.calibration_shards})
