@@ -145,7 +145,8 @@ def test_batches_go_through_one_session_and_it_pickles(exported: Path) -> None:
 def test_a_random_danet_resnet50d_matches_torch_at_two_sizes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = DANetConfig(num_classes=19, backbone="resnet50d")
-    model = with_attention(build_danet(config))
+    model = build_danet(config)
+    with_attention(model)
     segmenter = Segmenter(model, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).eval()
     path = tmp_path / "r50.onnx"
     export_onnx(segmenter, path, "fused")
