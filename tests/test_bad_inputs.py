@@ -165,6 +165,21 @@ def empty_split(data: dict) -> None:
     }  # fmt: skip
 
 
+def foreign_onnx(path: Path) -> None:
+    """A valid ONNX graph (image -> logits, an Identity) without danet export's metadata."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = ["N", 3, "H", "W"]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["logits"])],
+        "foreign",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
 def foreign_model(tmp: Path) -> None:
     torch.save({"weights": torch.zeros(3)}, tmp / "model.pt")
 
@@ -315,6 +330,7 @@ TUNE = ["tune", "--params", "params.yaml"]
 EVALUATE = ["evaluate", "--params", "params.yaml"]
 REGISTER = ["register", "--params", "params.yaml"]
 PREDICT = ["predict", "--model", "model.pt"]
+EXPORT = ["export", "--model", "model.pt", "--out", "exported/model.onnx"]
 OVERLAP = r"{name} {out} overlaps \S*{other}\S* .*{where}: choose another location"
 
 
@@ -879,6 +895,57 @@ CASES = [
         [*PREDICT, "--out", "predicted", "camvid/val"],
         r".*model\.pt: not a valid DANet model file",
         code_carrying_model,
+    ),
+    # danet export, and .onnx models where a model goes
+    Case("export without a model", ["export", "--out", "m.onnx"], r"export\.model: give the model"),
+    Case(
+        "export to a file that is not .onnx",
+        [*EXPORT, "--out", "notes.txt"],
+        r"export\.out notes\.txt: must end in \.onnx",
+    ),
+    Case(
+        "export onto a folder",
+        [*EXPORT, "--out", "previous.onnx"],
+        r"export\.out previous\.onnx: is a folder, not a file",
+        lambda tmp: (tmp / "previous.onnx").mkdir(),
+    ),
+    Case(
+        "export into the shards",
+        [*EXPORT, "--out", "shards/model.onnx"],
+        overlap("export.out", "shards/model.onnx", "shards"),
+    ),
+    Case(
+        "export to an unknown format",
+        [*EXPORT, "--format", "tflite"],
+        r"export\.format must be one of",
+    ),
+    Case(
+        "export with an unknown attention form",
+        [*EXPORT, "--attention", "flash"],
+        r"export\.attention must be one of",
+    ),
+    Case(
+        "export a corrupt model file",
+        EXPORT,
+        r".*model\.pt: not a valid DANet model file",
+        write("model.pt", b"not a checkpoint"),
+    ),
+    Case(
+        "INT8 export calibrated on missing shards",
+        [*EXPORT, "--quantize", "int8", "--set", "export.calibration_shards=nowhere"],
+        r".*nowhere.*shard manifest does not exist",
+    ),
+    Case(
+        "evaluate a corrupt ONNX file",
+        [*EVALUATE, "--model", "m.onnx"],
+        r"m\.onnx: not a valid ONNX model",
+        write("m.onnx", b"\x08\x07garbage"),
+    ),
+    Case(
+        "predict with an ONNX file danet export did not write",
+        ["predict", "--model", "m.onnx", "--out", "predicted", "camvid/val"],
+        r"m\.onnx: an ONNX file without 'classes' metadata \(not from danet export\)",
+        lambda tmp: foreign_onnx(tmp / "m.onnx"),
     ),
     Case(
         "model with NaN weights",

@@ -134,6 +134,14 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
         if reason is None:
             run(block, repo)
     assert (repo / "dvc_plots" / "index.html").is_file()
+    # The champion's INT8 ONNX file (the README's `danet export`) in a Python that has only
+    # onnxruntime, numpy and pillow: the README's block, as written
+    from tests.test_export import readme_python, run_bare_python
+
+    printed = run_bare_python(readme_python(), repo, tmp_path)
+    assert (repo / "street_mask.png").is_file() and "{" in printed
+    evaluated = json.loads((repo / "outputs/eval-int8/metrics.json").read_text())
+    assert evaluated["model"] == "outputs/export/model-int8.onnx"
     assert len(list((repo / "outputs" / "predict").glob("*_mask.png"))) == 4
     experiments = run("dvc exp show --json", repo)
     assert '"lr": 0.005' in experiments.replace(

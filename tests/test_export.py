@@ -272,3 +272,67 @@ def test_int8_val_miou_is_within_one_point_of_float(tmp_path: Path) -> None:
     print(json.dumps({"miou": scores}))  # pytest -s shows it (BENCHMARKS.md)
     assert scores["none"] > 0.25, scores  # it learned something
     assert scores["int8"] >= scores["none"] - 0.01, scores
+
+
+BARE = ("onnxruntime", "numpy", "numpy.libs", "PIL", "pillow.libs")  # and nothing else
+
+
+def readme_python() -> str:
+    """The README's one ```python block: running an exported file without torch or the project."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = re.findall(r"<!-- readme-check: bare python -->\n```python\n(.*?)```", readme, re.S)
+    return block
+
+
+def run_bare_python(code: str, cwd: Path, tmp: Path) -> str:
+    """``code`` in a Python that sees the standard library, onnxruntime, numpy and pillow only:
+    no site-packages (``-I -S``), one folder on the path holding links to those three."""
+    import site
+    import subprocess
+    import sys
+
+    packages = Path(site.getsitepackages()[0])
+    bare = tmp / "bare-site"
+    bare.mkdir(exist_ok=True)
+    for name in BARE:
+        if (packages / name).exists() and not (bare / name).exists():
+            (bare / name).symlink_to(packages / name)
+    prelude = (
+        f"import sys; sys.path.insert(0, {str(bare)!r})\n"
+        "for name in ('torch', 'danet', 'pipeline', 'mlflow', 'onnx'):\n"
+        "    try:\n"
+        "        __import__(name)\n"
+        "    except ImportError:\n"
+        "        continue\n"
+        "    raise SystemExit(f'{name} is importable: not a bare Python')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", prelude + code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_readme_runs_an_exported_file_with_onnxruntime_numpy_and_pillow_alone(
+    exported: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    (tmp_path / "outputs" / "export").mkdir(parents=True)
+    (tmp_path / "outputs" / "export" / "model-int8.onnx").write_bytes(exported.read_bytes())
+    image = scenes([(72, 96)])[0]
+    Image.fromarray(image).save(tmp_path / "street.png")
+    printed = run_bare_python(readme_python(), tmp_path, tmp_path)
+    mask = np.asarray(Image.open(tmp_path / "street_mask.png"))
+    assert mask.shape == (72, 96, 3)
+    with torch.no_grad():
+        labels = load_model(str(exported)).module(to_input(image)).argmax(1)[0].numpy()
+    palette = np.array(load_model(str(exported)).palette, dtype=np.uint8)
+    assert np.array_equal(mask, palette[labels])  # the torch module's labels, in the palette
+    assert sum(eval(printed).values()) == pytest.approx(1.0, abs=0.01)
