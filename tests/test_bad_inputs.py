@@ -170,7 +170,7 @@ def foreign_onnx(path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    shape = ["N", 3, "H", "W"]
+    shape: list[str | int | None] = ["N", 3, "H", "W"]
     graph = helper.make_graph(
         [helper.make_node("Identity", ["image"], ["logits"])],
         "foreign",
