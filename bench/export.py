@@ -12,9 +12,10 @@ standard (MatMul/Softmax) attention, which holds the N x N map. Each row runs in
 ``peak_mib`` is that process's peak RSS and ``above_idle_mib`` the part above the loaded model.
 Timed over ``--repeats`` passes after one warm-up pass. ``gflops`` is the eager fp32 forward's
 FLOP count (torch.utils.flop_counter, multiply-add = 2) and ``of_peak`` the achieved FLOP/s over
-the CPU's fp32 peak, ``--peak-gflops`` (default: a 4096^3 fp32 matmul's rate measured first with the same
-threads, the practical peak; this machine's nominal one is 2 cores x 2.6 GHz x 32 fp32
-FLOP/cycle = 166 GFLOP/s before boost). Prints one JSON line per row, then the ratios
+the CPU's fp32 peak, ``--peak-gflops`` (default this machine's: 2 cores x 2.6 GHz x 32 fp32
+FLOP/cycle = 166 GFLOP/s at the base clock; a 4096^3 fp32 matmul's rate is printed beside it,
+``sgemm_gflops``). ``--rows`` picks rows; the GPU rows (``GPU_ROWS``, bench/gpu.sh export) need
+a CUDA device and onnxruntime-gpu. Prints one JSON line per row, then the ratios
 against eager fp32.
 """
 
@@ -34,6 +35,27 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
 ROWS = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ort-fp32-standard")
+# the GPU rows (bench/gpu.sh export): torch on CUDA, ONNX Runtime's CUDA and TensorRT providers
+GPU_ROWS = ("torch-cuda-fp32", "torch-cuda-bf16", "ort-cuda-fp32", "ort-trt-fp16", "ort-trt-int8")
+FILE_OF = {
+    "ort-fp32": "fused",
+    "ort-int8": "int8",
+    "ort-fp32-standard": "standard",
+    "ort-cuda-fp32": "fused",
+    "ort-trt-fp16": "standard",  # TensorRT has no com.microsoft ops
+    "ort-trt-int8": "int8-standard",
+}
+PROVIDERS: dict[str, list] = {
+    "ort-cuda-fp32": ["CUDAExecutionProvider"],
+    "ort-trt-fp16": [
+        ("TensorrtExecutionProvider", {"trt_fp16_enable": True}),
+        "CUDAExecutionProvider",
+    ],
+    "ort-trt-int8": [
+        ("TensorrtExecutionProvider", {"trt_int8_enable": True}),
+        "CUDAExecutionProvider",
+    ],
+}
 
 
 def peak_mib() -> float:
@@ -89,19 +111,22 @@ def run_row(row: str, size: tuple[int, int], args: argparse.Namespace, files: di
 
         from pipeline.devices import cpu_has_bf16
 
-        module = load_torch(args.model)
-        x = torch.from_numpy(image).contiguous(memory_format=torch.channels_last)
+        device = "cuda" if "cuda" in row else "cpu"
+        module = load_torch(args.model).to(device)
+        x = torch.from_numpy(image).to(device).contiguous(memory_format=torch.channels_last)
         module = module.to(memory_format=torch.channels_last)
-        bf16 = row == "torch-bf16"
-        if bf16 and not cpu_has_bf16():
+        bf16 = row.endswith("bf16")
+        if bf16 and device == "cpu" and not cpu_has_bf16():
             return {"row": row, "skipped": "this CPU has no native bf16"}
 
         def forward() -> None:
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 module(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
 
         idle = peak_mib()
-        if row == "torch-fp32":
+        if row in ("torch-fp32", "torch-cuda-fp32"):
             counter = FlopCounterMode(display=False)
             with counter:
                 forward()  # the warm-up pass, counted
@@ -114,7 +139,8 @@ def run_row(row: str, size: tuple[int, int], args: argparse.Namespace, files: di
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         options.log_severity_level = 3
-        session = ort.InferenceSession(files[row], options, providers=["CPUExecutionProvider"])
+        providers = PROVIDERS.get(row, ["CPUExecutionProvider"])
+        session = ort.InferenceSession(files[FILE_OF[row]], options, providers=providers)
         feed = {"image": np.ascontiguousarray(image)}
 
         def forward() -> None:
@@ -138,26 +164,30 @@ def run_row(row: str, size: tuple[int, int], args: argparse.Namespace, files: di
     }
 
 
-def export_files(args: argparse.Namespace, folder: Path) -> dict[str, str]:
-    """The three ONNX files of the rows, exported once."""
+def export_files(args: argparse.Namespace, rows: list[str], folder: Path) -> dict[str, str]:
+    """The ONNX files the ``rows`` need (fused, standard, int8, int8-standard), exported once."""
     from pipeline.artifacts.export import calibration_images, probe_image, quantize_int8
     from pipeline.artifacts.onnxgraph import export_onnx
     from pipeline.config import ExportParams
 
     module = load_torch(args.model)
-    files = {
-        "ort-fp32": str(folder / "fused.onnx"),
-        "ort-fp32-standard": str(folder / "standard.onnx"),
-        "ort-int8": str(folder / "int8.onnx"),
-    }
-    export_onnx(module, Path(files["ort-fp32"]), "fused")
-    export_onnx(module, Path(files["ort-fp32-standard"]), "standard")
-    if args.shards:
-        params = ExportParams(calibration_shards=args.shards, calibration_images=args.calibration)
-        images = calibration_images(params)
-    else:
-        images = [probe_image((1, 3, 360, 480), seed=i) for i in range(args.calibration)]
-    quantize_int8(Path(files["ort-fp32"]), Path(files["ort-int8"]), images, "minmax")
+    needed = {FILE_OF[r] for r in rows if r in FILE_OF}
+    files = {name: str(folder / f"{name}.onnx") for name in needed}
+    for attention in ("fused", "standard"):
+        if attention in needed or f"int8{'-standard' * (attention == 'standard')}" in needed:
+            export_onnx(module, folder / f"{attention}.onnx", attention)
+            files[attention] = str(folder / f"{attention}.onnx")
+    if {"int8", "int8-standard"} & needed:
+        if args.shards:
+            params = ExportParams(
+                calibration_shards=args.shards, calibration_images=args.calibration
+            )
+            images = calibration_images(params)
+        else:
+            images = [probe_image((1, 3, 360, 480), seed=i) for i in range(args.calibration)]
+        for name, source in (("int8", "fused"), ("int8-standard", "standard")):
+            if name in needed:
+                quantize_int8(Path(files[source]), Path(files[name]), images, "minmax")
     return files
 
 
@@ -170,7 +200,7 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--peak-gflops", type=float, default=0.0, help="0: measure sgemm")
+    parser.add_argument("--peak-gflops", type=float, default=2 * 2.6 * 32, help="fp32 peak")
     parser.add_argument("--row", default="", help=argparse.SUPPRESS)  # a child: one row
     parser.add_argument("--files", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,12 +209,15 @@ def main() -> None:
         print(json.dumps(run_row(args.row, sizes[0], args, json.loads(args.files))))  # type: ignore[arg-type]
         return
     rows = [r for r in args.rows.split(",") if r]
-    if not args.peak_gflops:
-        args.peak_gflops = sgemm_gflops(args.threads)
-    print(json.dumps({"peak_gflops": round(args.peak_gflops, 1), "threads": args.threads}))
+    sgemm = sgemm_gflops(args.threads) if not any("cuda" in r or "trt" in r for r in rows) else None
+    print(
+        json.dumps(
+            {"peak_gflops": args.peak_gflops, "sgemm_gflops": sgemm, "threads": args.threads}
+        )
+    )
     with tempfile.TemporaryDirectory(prefix="bench-export-") as folder:
         start = time.perf_counter()
-        files = export_files(args, Path(folder))
+        files = export_files(args, rows, Path(folder))
         print(json.dumps({"exported_s": round(time.perf_counter() - start, 1)}), flush=True)
         for size in args.sizes.split(","):
             results: dict[str, dict] = {}
@@ -198,7 +231,7 @@ def main() -> None:
                     result = json.loads(done.stdout.strip().splitlines()[-1])
                 results[row] = result
                 print(json.dumps(result), flush=True)
-            base = results.get("torch-fp32", {})
+            base = results.get("torch-fp32") or results.get("torch-cuda-fp32") or {}
             flops = base.get("gflops")
             summary: dict[str, Any] = {"size": size, "x_vs_torch_fp32": {}, "of_peak": {}}
             for row, r in results.items():

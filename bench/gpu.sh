@@ -5,9 +5,10 @@
 #   source .device/env.sh && bash bench/gpu.sh speed      # PAM table, steps at 768 + MFU, inference
 #   source .device/env.sh && bash bench/gpu.sh loader     # steps at 352 + MFU, loader wall vs step
 #   source .device/env.sh && bash bench/gpu.sh camvid     # CamVid val mIoU after 8 minutes
+#   source .device/env.sh && bash bench/gpu.sh export     # ONNX: torch vs ORT CUDA / TensorRT
 # Output also goes to $OUT (when set) as gpu-<part>.log.
 set -uo pipefail
-part=${1:?usage: bench/gpu.sh speed|camvid}
+part=${1:?usage: bench/gpu.sh speed|loader|camvid|export}
 shards=${SHARDS:-.device/camvid}
 log=${OUT:-/tmp}/gpu-$part.log
 python - <<'P' | tee "$log"
@@ -35,6 +36,15 @@ loader)
     timeout 140 python bench/time_to_accuracy.py --shards "$shards" --preset camvid --budget 90 \
       --calibrate 20 --set model.backbone=$backbone --set data.loader_workers=12 | tail -1 | tee -a "$log"
   done
+  ;;
+export)
+  # issue 20's GPU rows at 360x480 and 1024x2048, batch 1: torch fp32/bf16 on CUDA, ONNX Runtime's
+  # CUDA provider (fused attention) and TensorRT fp16/int8 (standard attention). Needs
+  # onnxruntime-gpu (and onnx, onnxscript to export) on the device: pip install them from
+  # .device/wheels when prepare.sh put them there.
+  ls .device/wheels/onnxruntime_gpu-*.whl >/dev/null 2>&1 && pip install -q --no-deps .device/wheels/onnx*.whl
+  timeout 500 python bench/export.py --rows torch-cuda-fp32,torch-cuda-bf16,ort-cuda-fp32,ort-trt-fp16,ort-trt-int8 \
+    --repeats 10 | tee -a "$log"
   ;;
 camvid)
   # issue 8's recipe from scratch: 8 minutes of training, then val whole image + flip

@@ -87,3 +87,18 @@ def test_speed_benchmarks_run_at_tiny_sizes() -> None:
     assert all(m["images_per_s"] > 0 and m["size"] == "32x64" for m in measured)
     step = run_bench("train_step.py", "--no-ray", "--crop", "32", "--batch", "2", "--steps", "1")
     assert "FCN / DANet speed" in step
+
+
+@pytest.mark.slow
+def test_export_benchmark_runs_at_a_tiny_size() -> None:
+    """bench/export.py's rows at 64x96: every one prints its speed and memory, and the ratios."""
+    lines = run_bench(
+        "export.py", "--sizes", "64x96", "--repeats", "1", "--calibration", "1",
+        "--rows", "torch-fp32,ort-fp32,ort-int8",
+    ).splitlines()  # fmt: skip
+    measured = [json.loads(line) for line in lines if line.startswith("{")]
+    rows = {m["row"]: m for m in measured if "row" in m}
+    assert set(rows) == {"torch-fp32", "ort-fp32", "ort-int8"}
+    assert all(r["images_per_s"] > 0 and r["peak_mib"] > 0 for r in rows.values())
+    assert rows["torch-fp32"]["gflops"] > 0
+    assert set(measured[-1]["x_vs_torch_fp32"]) == set(rows)
