@@ -19,8 +19,8 @@ from danet.model import Segmenter
 from pipeline.artifacts.export import export_model, file_sha256
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file, save_model_file
 from pipeline.artifacts.onnxfile import OnnxModule
+from pipeline.artifacts.onnxfile import load_any_model as load_model
 from pipeline.artifacts.onnxgraph import export_onnx
-from pipeline.artifacts.refs import load_model
 from pipeline.config import EvaluateParams, ExportParams
 from pipeline.data.manifest import load_manifest
 from pipeline.data.readers.scene import render_scene

@@ -215,9 +215,9 @@ def export_model(params: ExportParams, tracking_uri: str = "") -> Exported:
     if params.quantize == "int8":
         check_outside(out, {"export.calibration_shards": params.calibration_shards})
     start = time.perf_counter()
-    model = load_model(params.model, tracking_uri)
-    if model.weights is not None and model.weights.suffix == ".onnx":
+    if Path(params.model).suffix == ".onnx":
         raise ConfigError(f"export.model {params.model}: already an ONNX file")
+    model = load_model(params.model, tracking_uri)
     images = calibration_images(params) if params.quantize == "int8" else []
     assert model.weights is not None
     meta = metadata(model, params, file_sha256(model.weights))

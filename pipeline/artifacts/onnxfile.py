@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.artifacts.onnxgraph import INPUT, OUTPUT
+from pipeline.artifacts.refs import LoadedModel, load_model
 from pipeline.errors import ModelError, first_line
 
 METADATA = ("classes", "palette", "dataset", "source_ref", "source_sha256")
@@ -112,3 +113,19 @@ def load_onnx(path: str | Path, device: torch.device | None = None) -> tuple[Onn
     except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
         raise ModelError(path, f"not a valid ONNX model ({first_line(err)})") from None
     return module, read_onnx_info(module.session, path)
+
+
+def is_onnx(ref: str) -> bool:
+    return Path(ref).suffix == ".onnx" and not ref.startswith(("models:/", "runs:/"))
+
+
+def load_any_model(
+    ref: str, tracking_uri: str = "", device: torch.device | None = None
+) -> LoadedModel:
+    """What evaluation and prediction load: an ``.onnx`` file from ``danet export`` (ONNX
+    Runtime, on ``device``'s provider) or any reference ``load_model`` takes. Training and
+    fine-tuning load through ``load_model`` alone, so this module is not part of their code."""
+    if not is_onnx(ref):
+        return load_model(ref, tracking_uri)
+    module, info = load_onnx(ref, device)
+    return LoadedModel(module, info.classes, info.palette, info.dataset, ref, ref, Path(ref))

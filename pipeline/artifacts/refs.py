@@ -1,7 +1,6 @@
 """Resolve a model reference to an inference module and its class table.
 
-A reference is a ``model.pt`` file written by training, an ``.onnx`` file written by ``danet
-export`` (run by ONNX Runtime), an MLflow run id (its served model once
+A reference is a ``model.pt`` file written by training, an MLflow run id (its served model once
 registered, else the weights it logged), ``runs:/<run_id>/model.pt`` (those weights),
 ``runs:/<run_id>/model``, a logged-model URI ``models:/m-...``, or a registry URI such as
 ``models:/danet-synthetic@champion`` or ``models:/danet-synthetic/3``.
@@ -14,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from pipeline.artifacts.modelfile import load_model_file, palette_of
@@ -43,17 +41,10 @@ class LoadedModel:
     weights: Path | None = None  # the local model.pt (or .onnx) the module was built from
 
 
-def load_model(ref: str, tracking_uri: str = "", device: torch.device | None = None) -> LoadedModel:
+def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
     """Load ``ref``; a missing file, unknown run or registry entry, or corrupt file is one line.
-    ``device`` matters only to an ONNX file (its ONNX Runtime provider)."""
+    (``.onnx`` files: ``pipeline.artifacts.onnxfile.load_any_model``.)"""
     path = Path(ref)
-    if path.suffix == ".onnx" and not ref.startswith(("models:/", "runs:/")):
-        from pipeline.artifacts.onnxfile import load_onnx
-
-        onnx_module, exported = load_onnx(path, device)
-        return LoadedModel(
-            onnx_module, exported.classes, exported.palette, exported.dataset, ref, str(path), path
-        )
     if not ref.startswith(("models:/", "runs:/")) and (
         path.suffix in (".pt", ".pth") or path.exists()
     ):

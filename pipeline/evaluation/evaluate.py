@@ -24,7 +24,8 @@ from tqdm import tqdm
 from danet.inference import Protocol, infer, to_input
 from danet.metrics import ConfusionMatrix, summarize
 from pipeline.artifacts.modelfile import read_model_info
-from pipeline.artifacts.refs import LoadedModel, load_model
+from pipeline.artifacts.onnxfile import load_any_model
+from pipeline.artifacts.refs import LoadedModel
 from pipeline.config import ConfigError, EvaluateParams, Params
 from pipeline.data.loader import read_shard
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
@@ -148,7 +149,7 @@ def run_evaluation(
     shards = shard_refs(manifest, params.split)
     protocol = protocol_of(params)
     device = pick_device(params.device, "evaluate.device")
-    model = load_model(ref, tracking_uri, device)
+    model = load_any_model(ref, tracking_uri, device)
     if list(model.classes) != list(manifest.classes):
         raise ConfigError(
             f"{ref}: the model has {len(model.classes)} classes ({', '.join(model.classes[:3])}, ...) but "

@@ -46,13 +46,13 @@ def predict_from_params(
     params: PredictParams, inputs: Sequence[str | Path], tracking_uri: str
 ) -> PredictReport:
     """``danet predict``: the images of ``inputs`` through ``params.model`` into ``params.out``."""
-    from pipeline.artifacts.refs import load_model
+    from pipeline.artifacts.onnxfile import load_any_model
     from pipeline.devices import pick_device
 
     if not params.model:
         raise ConfigError("predict.model: give the model to predict with (--model)")
     device = pick_device(params.device, "predict.device")
-    model = load_model(params.model, tracking_uri, device)
+    model = load_any_model(params.model, tracking_uri, device)
     return predict_files(model, inputs, Path(params.out), params, device)
 
 
