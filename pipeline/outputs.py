@@ -103,9 +103,7 @@ def check_output(out: str | Path, name: str) -> None:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{name} {out}: exists and is not a folder")
-    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ServiceError(f"{name} {out}: cannot write here ({parent} is not a writable folder)")
+    check_writable(next((p for p in [path, *path.parents] if p.exists()), Path(".")), out, name)
 
 
 def check_file_output(out: str | Path, name: str) -> None:
@@ -113,7 +111,11 @@ def check_file_output(out: str | Path, name: str) -> None:
     path = Path(out)
     if path.is_dir():
         raise ConfigError(f"{name} {out}: is a folder, not a file")
-    parent = next((p for p in path.parents if p.exists()), Path("."))
+    check_writable(next((p for p in path.parents if p.exists()), Path(".")), out, name)
+
+
+def check_writable(parent: Path, out: str | Path, name: str) -> None:
+    """The nearest existing folder of an output must be a folder this process can write."""
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ServiceError(f"{name} {out}: cannot write here ({parent} is not a writable folder)")
 
