@@ -225,6 +225,9 @@ def register(
     sets: SetOption = None,
     eval_metrics: Annotated[str | None, opt("metrics.json written by danet evaluate")] = None,
     name: Annotated[str | None, opt("registered model name (default danet-<dataset>)")] = None,
+    onnx: Annotated[
+        str | None, opt("danet export files of these weights to serve too, comma-separated")
+    ] = None,
 ) -> None:
     """Register the evaluated model in MLflow; move the champion alias only if it wins (params: register)."""
     from pipeline.registry.register import register as do_register
@@ -235,7 +238,11 @@ def register(
             params,
             sets,
             ("register.out",),
-            **{"register.eval_metrics": eval_metrics, "register.name": name},
+            **{
+                "register.eval_metrics": eval_metrics,
+                "register.name": name,
+                "register.onnx": split_list(onnx),
+            },
         )
         result = do_register(p.register, tracking_uri(p))
     typer.echo(result.describe())

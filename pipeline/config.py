@@ -282,6 +282,8 @@ class RegisterParams(Section):
     name: str = param("", name=True)  # "" = danet-<dataset>
     eval_metrics: str = "outputs/eval/metrics.json"
     out: str = "outputs/register/registered.json"
+    # danet export files of the registered weights, served on request (params.runtime)
+    onnx: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -948,6 +948,24 @@ CASES = [
         lambda tmp: foreign_onnx(tmp / "m.onnx"),
     ),
     Case(
+        "register with an ONNX file that does not exist",
+        [*REGISTER, "--onnx", "nowhere.onnx"],
+        r"nowhere\.onnx: model file does not exist",
+        evaluation_of("models:/m/1"),
+    ),
+    Case(
+        "register with a file that is not ONNX",
+        [*REGISTER, "--onnx", "notes.md"],
+        r"register\.onnx notes\.md: not an \.onnx file",
+        evaluation_of("models:/m/1"),
+    ),
+    Case(
+        "register with an ONNX file danet export did not write",
+        [*REGISTER, "--onnx", "m.onnx"],
+        r"m\.onnx: an ONNX file without 'classes' metadata",
+        both(evaluation_of("models:/m/1"), lambda tmp: foreign_onnx(tmp / "m.onnx")),
+    ),
+    Case(
         "model with NaN weights",
         EVALUATE,
         r".*model\.pt: weight .* holds NaN or infinite values",

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -85,6 +86,30 @@ def test_readme_marks_what_it_cannot_run() -> None:
 
 
 @pytest.mark.slow
+def served_labels(repo: Path, runtimes: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The champion's pyfunc on one example PNG, per ``params.runtime``: the label maps."""
+    import base64
+    import io
+
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline.artifacts.tracking import tracking_uri
+
+    image = next((repo / "data/examples/images/val").glob("*.png")).read_bytes()
+    with tracking_uri(f"sqlite:///{repo / 'mlflow.db'}"):
+        model = mlflow.pyfunc.load_model("models:/danet-synthetic@champion")
+        answers = {
+            r: model.predict(pd.DataFrame({"image": [image]}), params={"runtime": r})
+            for r in runtimes
+        }
+    return {
+        r: np.asarray(Image.open(io.BytesIO(base64.b64decode(a["labels"][0]))))
+        for r, a in answers.items()
+    }
+
+
 def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "project")
 
@@ -142,6 +167,14 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     assert (repo / "street_mask.png").is_file() and "{" in printed
     evaluated = json.loads((repo / "outputs/eval-int8/metrics.json").read_text())
     assert evaluated["model"] == "outputs/export/model-int8.onnx"
+    # the README's `danet register --onnx`: the champion now serves both files on request
+    registered = json.loads((repo / "outputs/register/registered.json").read_text())
+    assert registered["runtimes"] == "torch,onnx,onnx-int8", registered
+    assert registered["alias"] == "champion", registered
+    served = served_labels(repo, ("torch", "onnx", "onnx-int8"))
+    assert served["torch"].shape == served["onnx-int8"].shape
+    assert np.array_equal(served["torch"], served["onnx"])
+    assert np.mean(served["torch"] == served["onnx-int8"]) > 0.95
     assert len(list((repo / "outputs" / "predict").glob("*_mask.png"))) == 4
     experiments = run("dvc exp show --json", repo)
     assert '"lr": 0.005' in experiments.replace(

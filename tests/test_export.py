@@ -336,3 +336,98 @@ def test_the_readme_runs_an_exported_file_with_onnxruntime_numpy_and_pillow_alon
     palette = np.array(load_model(str(exported)).palette, dtype=np.uint8)
     assert np.array_equal(mask, palette[labels])  # the torch module's labels, in the palette
     assert sum(eval(printed).values()) == pytest.approx(1.0, abs=0.01)
+
+
+def registered_evaluation(tmp: Path, run_id: str, miou: float = 0.4) -> Path:
+    from pipeline.evaluation.record import Evaluation
+
+    record = Evaluation(
+        model=f"runs:/{run_id}/model.pt",
+        model_uri=f"runs:/{run_id}/model.pt",
+        dataset="synthetic",
+        split="val",
+        split_sha256="abc",
+        protocol="official-whole",
+        miou=miou,
+        pixel_acc=0.9,
+        mean_acc=0.5,
+        iou_per_class={"Sky": miou},
+        images=4,
+    )
+    path = tmp / f"metrics-{run_id[:6]}.json"
+    path.write_text(record.to_json())
+    return path
+
+
+def test_register_attaches_the_onnx_file_and_the_pyfunc_serves_it_on_request(
+    exported: Path, model_file: Path, shards: Path, tmp_path: Path
+) -> None:
+    """register.onnx: the file of exactly these weights goes into the served model, a version
+    that serves torch and onnx becomes the champion in place of the same model without it, and
+    the pyfunc answers the same label maps through ONNX Runtime with params.runtime=onnx."""
+    import base64
+    import io
+
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from pipeline.artifacts.serving import RequestError
+    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.config import RegisterParams
+    from pipeline.errors import DataError
+    from pipeline.registry.register import register
+    from tests.conftest import use_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "other").mkdir()
+    other = write_model_file(tmp_path / "other" / "model.pt", shards, seed=9)
+    with tracking_uri(uri):
+        use_experiment(uri, "synthetic")
+        runs = {}
+        for name, weights in (("exported", model_file), ("other", other)):
+            with mlflow.start_run() as run:
+                mlflow.log_artifact(str(weights))  # as training logs its weights
+            runs[name] = run.info.run_id
+    metrics = registered_evaluation(tmp_path, runs["exported"])
+    out = str(tmp_path / "registered.json")
+
+    def reg(onnx: tuple[str, ...], metrics: Path = metrics):
+        return register(RegisterParams(eval_metrics=str(metrics), out=out, onnx=onnx), uri)
+
+    plain = reg(())
+    assert (plain.version, plain.alias, plain.runtimes) == ("1", "champion", "torch")
+    attached = reg((str(exported),))
+    assert (attached.version, attached.alias, attached.runtimes) == ("2", "champion", "torch,onnx")
+    assert "the champion's model and evaluation" in attached.reason
+    assert reg((str(exported),)).version == "2"  # the same files again: no third version
+    back = reg(())  # the version without ONNX does not take the champion back
+    assert (back.version, back.alias, back.champion_version) == ("1", "challenger", "2")
+    with pytest.raises(DataError, match="exported from another model"):
+        reg((str(exported),), registered_evaluation(tmp_path, runs["other"], 0.9))
+    client = MlflowClient(uri)
+    assert len(client.search_model_versions("name = 'danet-synthetic'")) == 2  # nothing kept
+    version = client.get_model_version("danet-synthetic", "2")
+    assert version.tags["runtimes"] == "torch,onnx"
+    assert version.tags["onnx_sha256"] == f"onnx={file_sha256(exported)}"
+
+    image = scenes([(60, 80)])[0]
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    request = pd.DataFrame({"image": [buffer.getvalue()]})
+    with tracking_uri(uri):
+        served = mlflow.pyfunc.load_model("models:/danet-synthetic@champion")
+        info = mlflow.models.get_model_info("models:/danet-synthetic@champion")
+        labels = {
+            runtime: served.predict(request, params={"runtime": runtime})["labels"][0]
+            for runtime in ("torch", "onnx")
+        }
+        with pytest.raises(RequestError, match=r"no such file .*torch, onnx"):
+            served.predict(request, params={"runtime": "onnx-int8"})
+    assert labels["torch"] == labels["onnx"]  # the same PNG of train ids
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(labels["onnx"]))))
+    assert decoded.shape == (60, 80)
+    assert info.metadata["runtimes"] == ["torch", "onnx"]
+    assert info.metadata["sha256"]["model.pt"] == file_sha256(model_file)
+    assert "runtime" in {p.name for p in info.signature.params.params}

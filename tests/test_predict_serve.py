@@ -123,7 +123,8 @@ def test_logged_model_takes_images_and_returns_label_maps(
     assert np.array_equal(labels, expected_labels(model_file, image))
     assert (out["height"][0], out["width"][0]) == (40, 56)
     assert info.signature.inputs.input_names() == ["image"]
-    assert {p.name for p in info.signature.params.params} == {"mode", "crop", "flip", "slide_above"}
+    params = {p.name for p in info.signature.params.params}
+    assert params == {"mode", "crop", "flip", "slide_above", "runtime"}
     assert info.metadata["classes"][0] == "Sky" and len(info.metadata["palette"]) == 11
     assert info.saved_input_example_info is not None
     loaded = load_model("models:/danet-serve@champion", uri)  # the raw torch module for Python

@@ -52,6 +52,17 @@ def test_decide_each_case(new: dict[str, str], alias: str, reason: str) -> None:
     assert decide(None, new) == (CHAMPION, "no champion yet")
 
 
+def test_the_champions_model_registered_again_with_onnx_files_takes_over() -> None:
+    """The same run and evaluation serving more runtimes replaces the champion's version; with
+    fewer it does not (a later register without register.onnx keeps the ONNX champion)."""
+    torch_only = tags(0.5, source_run_id="r1", runtimes="torch")
+    with_onnx = tags(0.5, source_run_id="r1", runtimes="torch,onnx,onnx-int8")
+    assert decide(torch_only, with_onnx)[0] == CHAMPION
+    assert "served by torch,onnx,onnx-int8" in decide(torch_only, with_onnx)[1]
+    assert decide(with_onnx, torch_only)[0] == CHALLENGER
+    assert decide(torch_only, {**with_onnx, "source_run_id": "r2"})[0] == CHALLENGER  # a tie
+
+
 def log_model(uri: str, dataset: str = "synthetic") -> str:
     """A tiny logged model (with a run) as training logs it; returns its model URI."""
     import mlflow

@@ -18,7 +18,6 @@ shards; the attention (its energies and softmax) and the resize stay float.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.artifacts.modelfile import file_sha256
 from pipeline.artifacts.onnxgraph import INPUT, OUTPUT, export_onnx
 from pipeline.artifacts.refs import LoadedModel, load_model
 from pipeline.config import ConfigError, ExportParams
@@ -56,14 +56,6 @@ class Exported:
             f"{self.megabytes:.1f} MB, {self.seconds:.0f} s; probe: max |dlogits| "
             f"{self.probe_max_abs:.2g}, labels agree on {self.probe_agreement:.2%})"
         )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def probe_image(shape: tuple[int, ...] = PROBE, seed: int = 0) -> np.ndarray:

@@ -9,6 +9,7 @@ shards' and code's digests). Loaded with ``weights_only=True``: a model file can
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -134,3 +135,12 @@ def load_model_file(path: str | Path) -> tuple[Segmenter, ModelInfo]:
 
 def palette_of(values: Sequence[Sequence[int]]) -> tuple[tuple[int, int, int], ...]:
     return tuple((int(c[0]), int(c[1]), int(c[2])) for c in values)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file (a model.pt, an exported .onnx), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -2,11 +2,13 @@
 
 A request is a table with a column ``image`` holding PNG or JPEG bytes -- base64 strings in
 MLflow's JSON scoring protocol -- and optional ``params``: ``mode`` (whole | slide), ``crop``,
-``flip``, ``slide_above`` (whole image up to that long side, sliding window beyond). The answer
-has, per image, ``labels`` (a single-channel PNG of train ids, base64), ``height`` and
-``width``; the class names and palette are the model's metadata (and ``classes.json``). The
-logged model also carries ``model.pt``, the raw weights, for Python users
-(pipeline/artifacts/modelfile.py reads it).
+``flip``, ``slide_above`` (whole image up to that long side, sliding window beyond) and
+``runtime``: ``torch`` (the weights), or ``onnx`` / ``onnx-int8`` (ONNX Runtime on the float or
+INT8 file of ``danet export``, where ``danet register`` attached one: ``register.onnx``), the
+same protocols either way. The answer has, per image, ``labels`` (a single-channel PNG of train
+ids, base64), ``height`` and ``width``; the class names and palette are the model's metadata (and
+``classes.json``). The logged model also carries ``model.pt``, the raw weights, for Python users
+(pipeline/artifacts/modelfile.py reads it), and the attached ``.onnx`` files.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,10 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "crop": _PREDICT.crop,
     "flip": _PREDICT.flip,
     "slide_above": _PREDICT.slide_above,
+    "runtime": "torch",
 }
+TORCH = "torch"
+RUNTIMES = (TORCH, "onnx", "onnx-int8")  # the weights; ONNX Runtime on a float or INT8 export
 
 
 class RequestError(MlflowException):
@@ -76,6 +82,10 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
     options = {**DEFAULT_PARAMS, **(params or {})}
     if options["mode"] not in ("auto", "whole", "slide"):
         raise RequestError(f"params.mode must be auto, whole or slide, got {options['mode']!r}")
+    if options["runtime"] not in RUNTIMES:
+        raise RequestError(
+            f"params.runtime must be {', '.join(RUNTIMES)}, got {options['runtime']!r}"
+        )
     for key, low in (("crop", 16), ("slide_above", 0)):
         if not isinstance(options[key], int) or options[key] < low:
             raise RequestError(f"params.{key} must be an integer >= {low}, got {options[key]!r}")
@@ -92,22 +102,34 @@ def encode_labels(labels: np.ndarray) -> str:
 
 
 class LabelMapModel(PythonModel):
-    """MLflow pyfunc around a ``model.pt``: encoded images -> label maps."""
+    """MLflow pyfunc around a ``model.pt`` and the ONNX files attached to it: encoded images ->
+    label maps."""
 
     def load_context(self, context: Any) -> None:
-        self.segmenter, self.info = load_model_file(context.artifacts["model"])
         self.device = pick_device()
-        self.segmenter.to(self.device)
+        segmenter, self.info = load_model_file(context.artifacts["model"])
+        self.segmenters: dict[str, Any] = {TORCH: segmenter.to(self.device)}
+        attached = [k for k in RUNTIMES if k in context.artifacts]
+        if attached:  # ONNX Runtime only where a file is attached: a torch-only model needs none
+            from pipeline.artifacts.onnxfile import load_onnx
+
+            for key in attached:
+                self.segmenters[key] = load_onnx(context.artifacts[key], self.device)[0]
 
     def label(self, image: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         keys = ("mode", "crop", "flip", "slide_above")  # a request's other params are not ours
         protocol = protocol_for(image.shape[:2], **{k: params[k] for k in keys})
-        return label_map(self.segmenter, image, protocol, self.device)
+        return label_map(self.segmenters[params["runtime"]], image, protocol, self.device)
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         import pandas as pd
 
         options = check_params(params or {})
+        if options["runtime"] not in self.segmenters:
+            raise RequestError(
+                f"params.runtime {options['runtime']!r}: this model has no such file (it has "
+                f"{', '.join(self.segmenters)}; danet register attaches ONNX files: register.onnx)"
+            )
         if "image" not in getattr(model_input, "columns", ()):
             raise RequestError("the request has no column 'image' (PNG or JPEG bytes, base64)")
         rows = []
@@ -140,6 +162,7 @@ def signature_and_example(info: ModelInfo) -> tuple[Any, Any]:
             ParamSpec("crop", "long", DEFAULT_PARAMS["crop"]),
             ParamSpec("flip", "boolean", DEFAULT_PARAMS["flip"]),
             ParamSpec("slide_above", "long", DEFAULT_PARAMS["slide_above"]),
+            ParamSpec("runtime", "string", DEFAULT_PARAMS["runtime"]),
         ]
     )
     signature = ModelSignature(
@@ -156,10 +179,18 @@ def signature_and_example(info: ModelInfo) -> tuple[Any, Any]:
     return signature, pd.DataFrame({"image": [buffer.getvalue()]})
 
 
-def log_served_model(model_file: Path, info: ModelInfo, val_miou: float) -> Any:
+def log_served_model(
+    model_file: Path,
+    info: ModelInfo,
+    val_miou: float,
+    onnx: Mapping[str, Path] | None = None,
+    digests: Mapping[str, str] | None = None,
+) -> Any:
     """Log ``model_file`` into the active run as the served model: this module's pyfunc, which
     takes encoded images and returns label maps, with a signature and an input example, the
     weights (``model.pt``) for Python users, and the classes and palette as metadata.
+    ``onnx`` maps runtimes (``onnx``, ``onnx-int8``) to exported files served on request, and
+    ``digests`` the weights and each file to their sha256 (the metadata's ``sha256``).
     ``danet register`` logs it (the registry holds what is served), not training."""
     import json
     import tempfile
@@ -170,12 +201,23 @@ def log_served_model(model_file: Path, info: ModelInfo, val_miou: float) -> Any:
     signature, example = signature_and_example(info)
     root = Path(__file__).resolve().parents[2]
     classes = {"classes": list(info.classes), "palette": [list(c) for c in info.palette]}
+    onnx = dict(onnx or {})
+    requirements = []
+    if onnx:
+        import onnxruntime
+
+        requirements = [f"onnxruntime=={onnxruntime.__version__}"]
+    runtimes = {"runtimes": [TORCH, *onnx], "sha256": dict(digests or {})}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "classes.json").write_text(json.dumps(classes, indent=2))
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=LabelMapModel(),
-            artifacts={"model": str(model_file), "classes": str(Path(tmp) / "classes.json")},
+            artifacts={
+                "model": str(model_file),
+                "classes": str(Path(tmp) / "classes.json"),
+                **{key: str(path) for key, path in onnx.items()},
+            },
             signature=signature,
             input_example=example,
             code_paths=[str(root / "danet"), str(root / "pipeline")],
@@ -187,6 +229,7 @@ def log_served_model(model_file: Path, info: ModelInfo, val_miou: float) -> Any:
                 "pillow",
                 "pandas",
                 "pyyaml",
+                *requirements,
             ],
-            metadata={**classes, "dataset": info.dataset, "val_miou": val_miou},
+            metadata={**classes, "dataset": info.dataset, "val_miou": val_miou, **runtimes},
         )

@@ -20,24 +20,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts.modelfile import read_model_info
-from pipeline.artifacts.tracking import (
-    git_state,
-    log_scores,
-    model_run,
-    run_weights,
-    weights_run,
-)
+from pipeline.artifacts.tracking import git_state
 from pipeline.config import ConfigError, Params, RegisterParams
-from pipeline.errors import DataError, ModelError, ServiceError, first_line
+from pipeline.errors import DataError, ServiceError, first_line
 from pipeline.evaluation.record import REPORT, Evaluation
 from pipeline.locks import exclusive
 from pipeline.outputs import atomic_file
+from pipeline.registry.served import (
+    TORCH,
+    Attachment,
+    mlflow_model_uri,
+    read_attachments,
+    served_onnx,
+)
 from pipeline.schema import check_name
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 COMPARABLE = ("dataset", "split", "data_sha256", "eval_protocol")  # tags that must be equal
+SAME_MODEL = ("source_run_id", "val_miou", *COMPARABLE)  # one model, one evaluation
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,13 @@ class Registration:
     champion_version: str
     champion_val_miou: float
     champion_uri: str
+    runtimes: str = TORCH  # what the version serves: torch, onnx, onnx-int8 (params.runtime)
 
     def describe(self) -> str:
         """What ``danet register`` prints."""
         return (
             f"{self.name} version {self.version} -> @{self.alias}: {self.reason}\n"
+            f"serves: {self.runtimes.replace(',', ', ')} (request params.runtime)\n"
             f"champion: {self.champion_uri} (version {self.champion_version}, "
             f"val mIoU {self.champion_val_miou:.4f})"
         )
@@ -85,53 +88,11 @@ def summary(p: Params, tracking_uri: str) -> str:
     )
 
 
-def mlflow_model_uri(model_uri: str, evaluation: Evaluation) -> tuple[str, str]:
-    """An MLflow model URI and its run id for an evaluated model. A training run's weights (a
-    model.pt, which names its run, or ``runs:/<id>/model.pt``) become the served pyfunc here,
-    logged into that run once: the registry holds what is served."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    run_id = weights_run(model_uri)
-    if model_uri.startswith(("models:/", "runs:/")) and not run_id:
-        try:
-            info = mlflow.models.get_model_info(model_uri)
-        except MlflowException as err:
-            raise ModelError(model_uri, f"not an MLflow model ({first_line(err)})") from None
-        return model_uri, info.run_id or ""
-    found = model_run(
-        model_uri
-    )  # the one reference -> run look-up (pipeline/artifacts/tracking.py)
-    if found is None:
-        raise ModelError(model_uri, "has no MLflow run to register it from (trained without one)")
-    run_id, model_id = found
-    if model_id is not None:
-        return f"models:/{model_id}", run_id
-    weights = Path(model_uri) if not model_uri.startswith("runs:/") else run_weights(run_id)
-    if weights is None or not weights.is_file():
-        raise ModelError(model_uri, "its run holds no model.pt (mlflow.log_model: false?)")
-    uri = log_into_run(run_id, weights, evaluation)
-    return uri, run_id
-
-
-def log_into_run(run_id: str, weights: Path, evaluation: Evaluation) -> str:
-    """The served pyfunc of ``weights`` logged into run ``run_id`` (whose status it keeps), the
-    evaluation's scores on the logged model's page."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.artifacts.serving import log_served_model
-
-    client = MlflowClient()
-    status = client.get_run(run_id).info.status
-    with mlflow.start_run(run_id=run_id):
-        info = log_served_model(weights, read_model_info(weights), evaluation.miou)
-    client.set_terminated(run_id, status)  # leaving start_run marked it FINISHED
-    log_scores(mlflow.get_tracking_uri(), str(info.model_uri), evaluation.mlflow_metrics())
-    return str(info.model_uri)
-
-
-def version_tags(evaluation: Evaluation, run_id: str) -> dict[str, str]:
+def version_tags(
+    evaluation: Evaluation, run_id: str, onnx: dict[str, str] | None = None
+) -> dict[str, str]:
+    """A version's tags; ``onnx`` maps the attached runtimes to their files' sha256."""
+    onnx = onnx or {}
     return {
         "dataset": evaluation.dataset,
         "split": evaluation.split,
@@ -140,6 +101,8 @@ def version_tags(evaluation: Evaluation, run_id: str) -> dict[str, str]:
         "val_miou": f"{evaluation.miou:.6f}",
         "git_commit": git_state()[0],
         "source_run_id": run_id,
+        "runtimes": ",".join([TORCH, *onnx]),
+        "onnx_sha256": ",".join(f"{k}={v}" for k, v in onnx.items()),
     }
 
 
@@ -152,6 +115,18 @@ def decide(champion_tags: dict[str, str] | None, tags: dict[str, str]) -> tuple[
         return (
             CHAMPION,
             f"the champion's val mIoU {champion_tags.get('val_miou')!r} is not a number",
+        )
+    same = tags.get("source_run_id") and all(
+        champion_tags.get(k) == tags.get(k) for k in SAME_MODEL
+    )
+    if same:  # the champion's model and evaluation, registered again (with other ONNX files)
+        had = set(champion_tags.get("runtimes", TORCH).split(","))
+        if had <= set(tags["runtimes"].split(",")):
+            return CHAMPION, f"the champion's model and evaluation, served by {tags['runtimes']}"
+        return (
+            CHALLENGER,
+            f"the champion's model and evaluation, served by {champion_tags.get('runtimes')} "
+            f"there and {tags['runtimes']} here",
         )
     for key in COMPARABLE:
         if champion_tags.get(key) != tags[key]:
@@ -182,8 +157,9 @@ def find_version(client: Any, name: str, tags: dict[str, str]) -> Any:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
-    keys = ("source_run_id", "val_miou", *COMPARABLE)
-    return next((v for v in versions if all(v.tags.get(k) == tags[k] for k in keys)), None)
+    keys = (*SAME_MODEL, "onnx_sha256")
+    found = (v for v in versions if all(v.tags.get(k, "") == tags[k] for k in keys))
+    return next(found, None)
 
 
 def alias_version(client: Any, name: str, alias: str) -> Any:
@@ -202,6 +178,7 @@ def register(params: RegisterParams, tracking_uri: str) -> Registration:
     from pipeline.artifacts.tracking import tracking_uri as using
 
     evaluation = Evaluation.read(Path(params.eval_metrics))
+    attachments = read_attachments(params.onnx)  # each file checked before MLflow is touched
     store = tracking_uri.removeprefix("sqlite:///") if "sqlite:" in tracking_uri else tracking_uri
     with (
         # one register at a time on this host; a server's registry: the champion's compare-and-set
@@ -212,7 +189,7 @@ def register(params: RegisterParams, tracking_uri: str) -> Registration:
         client = MlflowClient(tracking_uri)
         undo: list[tuple[str, Any]] = []
         try:
-            result = _register(params, evaluation, client, undo)
+            result = _register(params, evaluation, attachments, client, undo)
             tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
         except BaseException:
             rollback(client, params.name or f"danet-{evaluation.dataset}", undo)
@@ -237,14 +214,18 @@ def rollback(client: Any, name: str, undo: list[tuple[str, Any]]) -> None:
 
 
 def _register(
-    params: RegisterParams, evaluation: Evaluation, client: Any, undo: list[tuple[str, Any]]
+    params: RegisterParams,
+    evaluation: Evaluation,
+    attachments: list[Attachment],
+    client: Any,
+    undo: list[tuple[str, Any]],
 ) -> Registration:
     import mlflow
 
     name = params.name or f"danet-{evaluation.dataset}"
     check_name(name, "register.name")
-    model_uri, run_id = mlflow_model_uri(evaluation.model_uri, evaluation)
-    tags = version_tags(evaluation, run_id)
+    model_uri, run_id = mlflow_model_uri(evaluation.model_uri, evaluation, attachments)
+    tags = version_tags(evaluation, run_id, served_onnx(model_uri))
     champion = alias_version(client, name, CHAMPION)
     champion_tags = dict(champion.tags) if champion else None
     version = find_version(client, name, tags)
@@ -282,6 +263,7 @@ def _register(
         champion_version=champion_version,
         champion_val_miou=champion_miou,
         champion_uri=f"models:/{name}@{CHAMPION}",
+        runtimes=tags["runtimes"],
     )
 
 

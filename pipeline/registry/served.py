@@ -1,0 +1,169 @@
+"""What a registered version serves: the pyfunc of a training run's weights, logged into that
+run (pipeline/artifacts/serving.py), with the ONNX files of ``register.onnx`` when asked.
+
+A run holds one served model per set of attached files, found again by their digests (the
+model's ``sha256`` metadata), so registering the same run twice logs nothing twice. An ONNX file
+is attached only when its ``source_sha256`` (``danet export`` writes it) is the digest of the
+weights being registered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts.modelfile import file_sha256, read_model_info
+from pipeline.artifacts.tracking import log_scores, model_run, run_weights, weights_run
+from pipeline.config import ConfigError
+from pipeline.errors import DataError, ModelError, first_line
+from pipeline.evaluation.record import Evaluation
+
+WEIGHTS = "model.pt"  # the weights' entry in a served model's sha256 metadata
+TORCH = "torch"  # the runtime of the weights (pipeline/artifacts/serving.py RUNTIMES)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """An ONNX file of ``register.onnx``, read and checked before MLflow is touched."""
+
+    runtime: str  # onnx | onnx-int8: the request's params.runtime that it serves
+    path: Path
+    sha256: str
+    source_sha256: str  # the digest of the weights it was exported from
+
+
+def read_attachments(files: Sequence[str]) -> list[Attachment]:
+    """``register.onnx``: each a ``danet export`` file (missing, corrupt, foreign: one line
+    naming it), at most one float (``onnx``) and one INT8 (``onnx-int8``)."""
+    from pipeline.artifacts.onnxfile import load_onnx
+
+    found: dict[str, Attachment] = {}
+    for name in files:
+        path = Path(name)
+        if path.suffix != ".onnx":
+            raise ConfigError(f"register.onnx {path}: not an .onnx file (danet export writes one)")
+        _, info = load_onnx(path)
+        runtime = "onnx-int8" if info.meta.get("quantize") == "int8" else "onnx"
+        if runtime in found:
+            raise ConfigError(
+                f"register.onnx: {found[runtime].path} and {path} are both {runtime} exports: "
+                "attach one float and one INT8 file at most"
+            )
+        found[runtime] = Attachment(runtime, path, file_sha256(path), info.meta["source_sha256"])
+    return list(found.values())
+
+
+def check_sources(attachments: Sequence[Attachment], weights: Path) -> str:
+    """The weights' sha256, which every attachment must have been exported from."""
+    expected = file_sha256(weights)
+    for item in attachments:
+        if item.source_sha256 != expected:
+            raise DataError(
+                item.path,
+                f"exported from another model (sha256 {item.source_sha256[:12]}), not the "
+                f"registered one ({weights.name}, sha256 {expected[:12]}): export that model again",
+            )
+    return expected
+
+
+def mlflow_model_uri(
+    model_uri: str, evaluation: Evaluation, attachments: Sequence[Attachment] = ()
+) -> tuple[str, str]:
+    """An MLflow model URI and its run id for an evaluated model. A training run's weights (a
+    model.pt, which names its run, or ``runs:/<id>/model.pt``) become the served pyfunc here,
+    logged into that run once for each set of ``attachments`` (ONNX files exported from these
+    weights): the registry holds what is served."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run_id = weights_run(model_uri)
+    weights: Path | None = None
+    if model_uri.startswith(("models:/", "runs:/")) and not run_id:
+        try:
+            info = mlflow.models.get_model_info(model_uri)
+        except MlflowException as err:
+            raise ModelError(model_uri, f"not an MLflow model ({first_line(err)})") from None
+        if not attachments:
+            return model_uri, info.run_id or ""
+        if not info.run_id:
+            raise ModelError(model_uri, "has no MLflow run to log it with its ONNX files into")
+        from pipeline.artifacts.refs import load_model
+
+        run_id, weights = info.run_id, load_model(model_uri).weights  # its model.pt, downloaded
+    else:
+        found = model_run(model_uri)  # the reference -> run look-up (pipeline/artifacts/tracking)
+        if found is None:
+            raise ModelError(
+                model_uri, "has no MLflow run to register it from (trained without one)"
+            )
+        run_id = found[0]
+        weights = Path(model_uri) if not model_uri.startswith("runs:/") else None
+    digests = {item.runtime: item.sha256 for item in attachments}
+    if attachments:  # checked before a served model is looked for or logged
+        weights = weights or run_weights(run_id)
+        if weights is None or not weights.is_file():
+            raise ModelError(model_uri, "its run holds no model.pt to check the ONNX files against")
+        check_sources(attachments, weights)
+    served = served_model(run_id, digests)
+    if served is not None:
+        return served, run_id
+    weights = weights or run_weights(run_id)
+    if weights is None or not weights.is_file():
+        raise ModelError(model_uri, "its run holds no model.pt (mlflow.log_model: false?)")
+    return log_into_run(run_id, weights, evaluation, attachments), run_id
+
+
+def onnx_digests(meta: dict[str, Any]) -> dict[str, str]:
+    """A served model's attached ONNX files, runtime -> sha256, from its metadata."""
+    return {k: str(v) for k, v in (meta.get("sha256") or {}).items() if k != WEIGHTS}
+
+
+def served_onnx(model_uri: str) -> dict[str, str]:
+    import mlflow
+
+    return onnx_digests(mlflow.models.get_model_info(model_uri).metadata or {})
+
+
+def served_model(run_id: str, onnx: dict[str, str]) -> str | None:
+    """The URI of a served model logged into ``run_id`` with exactly the ONNX files of digests
+    ``onnx`` (``{}``: none), newest first; None when there is none yet."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment_id = mlflow.get_run(run_id).info.experiment_id
+        models = mlflow.search_logged_models(
+            experiment_ids=[experiment_id],
+            filter_string=f"source_run_id = '{run_id}'",
+            output_format="list",
+        )  # newest first
+        for model in models:
+            meta = mlflow.models.get_model_info(model.model_uri).metadata or {}
+            if "classes" in meta and onnx_digests(meta) == onnx:
+                return str(model.model_uri)
+    except MlflowException:
+        return None
+    return None
+
+
+def log_into_run(
+    run_id: str, weights: Path, evaluation: Evaluation, attachments: Sequence[Attachment] = ()
+) -> str:
+    """The served pyfunc of ``weights`` (and the ``attachments``) logged into run ``run_id``
+    (whose status it keeps), the evaluation's scores on the logged model's page."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.artifacts.serving import log_served_model
+
+    client = MlflowClient()
+    status = client.get_run(run_id).info.status
+    onnx = {item.runtime: item.path for item in attachments}
+    digests = {WEIGHTS: file_sha256(weights), **{a.runtime: a.sha256 for a in attachments}}
+    with mlflow.start_run(run_id=run_id):
+        info = log_served_model(weights, read_model_info(weights), evaluation.miou, onnx, digests)
+    client.set_terminated(run_id, status)  # leaving start_run marked it FINISHED
+    log_scores(mlflow.get_tracking_uri(), str(info.model_uri), evaluation.mlflow_metrics())
+    return str(info.model_uri)
