@@ -85,7 +85,6 @@ def test_readme_marks_what_it_cannot_run() -> None:
     assert sum(reason is None for _, reason in blocks) >= 3
 
 
-@pytest.mark.slow
 def served_labels(repo: Path, runtimes: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The champion's pyfunc on one example PNG, per ``params.runtime``: the label maps."""
     import base64
@@ -110,6 +109,7 @@ def served_labels(repo: Path, runtimes: tuple[str, ...]) -> dict[str, np.ndarray
     }
 
 
+@pytest.mark.slow
 def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     repo = copy_project(tmp_path / "project")
 
