@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.errors import ConfigError
-from pipeline.paramsfile import apply_override, preset_path, read_yaml
+from pipeline.paramsfile import apply_override, preset_path, read_yaml, set_key
 from pipeline.schema import Section, hints, param, require
+from pipeline.searchspace import RENAMED, check_space
 
 S = TypeVar("S", bound="Section")
 
@@ -218,12 +219,15 @@ class MlflowParams(Section):
 
 @dataclass(frozen=True)
 class TuneParams(Section):
-    """Ray Tune over the base lr (log-uniform) and the crop size (choice), ASHA on val mIoU."""
+    """Ray Tune: ``space`` maps params keys (dotted, as ``--set``) to distributions; a random or
+    Optuna (TPE) searcher; ASHA on val mIoU or no early stopping."""
 
     NAME = "tune"
-    lr_min: float = param(0.005, gt=0)
-    lr_max: float = param(0.02, gt=0)
-    crop_sizes: tuple[int, ...] = param((80, 96), ge=16)
+    space: dict[str, dict[str, Any]] = param(
+        {"train.lr": {"loguniform": [0.005, 0.02]}, "data.crop_size": {"choice": [80, 96]}}
+    )
+    search_alg: str = param("random", choices=("random", "optuna"))
+    scheduler: str = param("asha", choices=("asha", "none"))
     num_samples: int = param(2, ge=1)
     max_concurrent: int = param(2, ge=1)
     epochs: int = param(2, ge=1)  # per trial; replaces train.epochs
@@ -236,11 +240,8 @@ class TuneParams(Section):
     out: str = "outputs/tune"
 
     def check(self) -> None:
-        require(
-            self.lr_min <= self.lr_max,
-            f"tune.lr_min/lr_max must satisfy min <= max, got {self.lr_min}, {self.lr_max}",
-        )
-        require(bool(self.crop_sizes), "tune.crop_sizes must list at least one crop size")
+        fields = {k: [f.name for f in dataclasses.fields(v)] for k, v in SECTIONS.items()}  # type: ignore[arg-type]
+        check_space(self.space, self.search_alg, fields)
 
 
 @dataclass(frozen=True)
@@ -351,10 +352,20 @@ def section_from_mapping(cls: type[S], values: Any) -> S:
         raise ConfigError(f"{cls.NAME} must be a mapping of params, got {values!r}")
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     if unknown := sorted(set(values) - set(names)):
+        if (hint := RENAMED.get(f"{cls.NAME}.{unknown[0]}")) is not None:
+            raise ConfigError(f"{cls.NAME}.{unknown[0]} is gone: {hint}")
         raise ConfigError(
             f"{cls.NAME}.{unknown[0]} is not a known param; known: {', '.join(names)}"
         )
     return cls(**values)
+
+
+def with_values(sections: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``sections`` (by name) with dotted ``values`` set as ``--set`` does, rebuilt and checked."""
+    raw = {name: dataclasses.asdict(section) for name, section in sections.items()}
+    for key, value in values.items():
+        set_key(raw, key, value, key)
+    return {name: section_from_mapping(SECTIONS[name], raw[name]) for name in raw}
 
 
 def params_from_mapping(raw: Any, where: str = "params") -> Params:

@@ -47,10 +47,16 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         raise ConfigError(f"--set {assignment}: the value is not valid YAML") from None
+    set_key(raw, key.strip(), value, f"--set {assignment}")
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """``raw[section][key]...`` = ``value`` for a dotted ``key``, creating mappings on the way."""
+    parts = key.split(".")
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {assignment}: {part} is not a mapping")
+            raise ConfigError(f"{where}: {part} is not a mapping")
         node = child
     node[parts[-1]] = value

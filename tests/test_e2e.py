@@ -29,8 +29,9 @@ TINY = {
     "data": {"crop_size": 32, "shuffle_buffer": 4},
     "train": {"batch_size": 2, "epochs": 2, "iters_per_epoch": 3, "eval_every_epochs": 1,
               "log_every": 3, "cpus_per_worker": 2},
-    "tune": {"lr_min": 0.005, "lr_max": 0.02, "crop_sizes": [32, 48], "num_samples": 2,
-             "epochs": 2},
+    "tune": {"space": {"train.lr": {"loguniform": [0.005, 0.02]},
+                       "data.crop_size": {"choice": [32, 48]}},
+             "num_samples": 2, "epochs": 2},
     "mlflow": {"num_prediction_images": 1},
     "evaluate": {"num_overlays": 1},
 }  # fmt: skip

@@ -77,7 +77,7 @@ def test_preset_is_valid_and_complete(path: Path) -> None:
     p.model.to_danet_config(CLASSES[p.shard.dataset])  # backbone, grid
     assert p.data.train_split in p.shard.splits and p.data.val_split in p.shard.splits
     assert p.evaluate.split == p.data.val_split
-    assert p.data.crop_size in p.tune.crop_sizes
+    assert p.data.crop_size in p.tune.space["data.crop_size"]["choice"]
     # the DVC paths are the default ones, so a preset runs through dvc.yaml as is
     assert (p.shard.out, p.data.shards, p.train.out) == (
         "data/shards",

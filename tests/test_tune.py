@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -37,9 +38,10 @@ def configs(tmp: Path) -> tuple[ModelParams, DataParams, TrainParams, MlflowPara
     return (
         *tiny_params(tmp, shards, train=train),
         TuneParams(
-            lr_min=1e-4,
-            lr_max=0.05,
-            crop_sizes=(32, 48),
+            space={
+                "train.lr": {"loguniform": [1e-4, 0.05]},
+                "data.crop_size": {"choice": [32, 48]},
+            },
             num_samples=3,
             max_concurrent=1,
             epochs=3,
@@ -67,9 +69,10 @@ def test_search_stops_one_trial_early_and_keeps_the_best(tmp_path: Path, ray_clu
     out = tmp_path / "tune"
     params = yaml.safe_load((out / "best_params.yaml").read_text())
     loaded = load_params(out / "best_params.yaml")  # a params file of its own: --params takes it
-    assert (loaded.train.lr, loaded.data.crop_size) == (params["train"]["lr"], best.crop_size)
-    assert params["train"]["lr"] == pytest.approx(best.lr, rel=1e-5)
-    assert params["data"]["crop_size"] == best.crop_size in (32, 48)
+    crop = best.values["data.crop_size"]
+    assert (loaded.train.lr, loaded.data.crop_size) == (params["train"]["lr"], crop)
+    assert params["train"]["lr"] == pytest.approx(best.values["train.lr"], rel=1e-5)
+    assert params["data"]["crop_size"] == crop in (32, 48)
     assert (out / "model.pt").is_file() and (out / "metrics.json").is_file()
 
     from mlflow.tracking import MlflowClient
@@ -91,18 +94,100 @@ def test_search_stops_one_trial_early_and_keeps_the_best(tmp_path: Path, ray_clu
     assert again.best == summary.best
 
 
-def test_bad_search_params_are_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"tune.lr_min/lr_max must satisfy min <= max"):
-        TuneParams(lr_min=0.1, lr_max=0.01)
-    with pytest.raises(ConfigError, match=r"tune.crop_sizes\[0\] must be >= 16"):
-        TuneParams(crop_sizes=(8,))
+@pytest.mark.slow
+def test_an_optuna_search_over_lr_and_weight_decay_runs_and_resumes(
+    tmp_path: Path, ray_cluster: None
+) -> None:
+    """tune.search_alg optuna (TPE, seeded) over two params of the recipe, no early stopping:
+    each trial trains with its draw (its MLflow run's params say so), best_params.yaml holds
+    the winner's values, and the same search started again is restored, not rerun."""
+    import dataclasses
+
+    from mlflow.tracking import MlflowClient
+
+    model, data, train, tracking, tune = configs(tmp_path)
+    space = {
+        "train.lr": {"loguniform": [1e-3, 0.05]},
+        "train.weight_decay": {"loguniform": [1e-5, 1e-3]},
+    }
+    tune = dataclasses.replace(
+        tune, space=space, search_alg="optuna", scheduler="none", num_samples=2, epochs=1
+    )
+    summary = run_search(model, data, train, tracking, tune)
+    trials = summary.trials
+    assert len(trials) == 2 and not any(t.error or t.stopped_early for t in trials), trials
+    for t in trials:
+        assert set(t.values) == set(space) and t.evaluations == 1
+        assert 1e-3 <= t.values["train.lr"] <= 0.05
+        assert 1e-5 <= t.values["train.weight_decay"] <= 1e-3
+    assert trials[0].values != trials[1].values
+    loaded = load_params(tmp_path / "tune" / "best_params.yaml")
+    best = summary.best.values
+    assert loaded.train.weight_decay == pytest.approx(best["train.weight_decay"], rel=1e-5)
+    assert loaded.train.lr == pytest.approx(best["train.lr"], rel=1e-5)
+
+    client = MlflowClient(tracking.tracking_uri)
+    parent = client.get_run(summary.mlflow_parent_run_id)
+    assert parent.data.params["tune.search_alg"] == "optuna"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    drawn = {float(c.data.params["train.weight_decay"]) for c in children}
+    assert drawn == {t.values["train.weight_decay"] for t in trials}
+
+    again = run_search(model, data, train, tracking, tune)
+    assert [t.values for t in again.trials] == [t.values for t in trials]
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({}, r"tune.space must name at least one params key"),
+        ({"train.lr": {"loguniform": [0.1, 0.01]}}, r"tune.space.train.lr.loguniform must be \[low, high\]"),
+        ({"train.lr": {"loguniform": [0, 0.01]}}, r"low > 0 <= high, got \[0, 0.01\]"),
+        ({"train.lr": {"normal": [0, 1]}}, r"tune.space.train.lr must be one of \{loguniform \| uniform"),
+        ({"train.lr": [0.01, 0.02]}, r"tune.space.train.lr must be a mapping"),
+        ({"train.warmup": {"choice": [1]}}, r"tune.space.train.warmup: train.warmup is not a known param"),
+        ({"lr": {"choice": [1]}}, r"tune.space.lr: not a params key a trial can change"),
+        ({"evaluate.flip": {"choice": [True]}}, r"tune.space.evaluate.flip: not a params key"),
+        ({"model.backbone": {"choice": ["resnet50d"]}}, r"holds model.backbone fixed \(the trials start"),
+        ({"train.epochs": {"choice": [3]}}, r"tune.epochs and tune.eval_every_epochs set"),
+        ({"data.crop_size": {"randint": [32.5, 48]}}, r"randint must be \[low, high\], two integers"),
+        ({"data.crop_size": {"choice": []}}, r"tune.space.data.crop_size.choice must be a non-empty list"),
+    ],
+)  # fmt: skip
+def test_a_bad_search_space_is_one_line(space: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TuneParams(space=space)
+
+
+def test_old_search_keys_name_the_new_one(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("tune: {lr_min: 0.001}\n")
+    with pytest.raises(ConfigError, match=r"^tune.lr_min is gone: use tune.space, e.g. \{train.lr"):
+        load_params(tmp_path / "p.yaml")
+
+
+def test_grid_needs_the_random_searcher() -> None:
+    with pytest.raises(ConfigError, match=r"grid is for tune.search_alg random"):
+        TuneParams(space={"train.lr": {"grid": [0.01]}}, search_alg="optuna")
+
+
+def test_values_a_trial_could_draw_are_checked_against_the_params(tmp_path: Path) -> None:
+    """Every choice and both ends of a range, set on the real params before any trial runs: a
+    value of the wrong type, outside a param's rule or a crop the loader cannot cut."""
     model, data, train, tracking, tune = configs(tmp_path)
     import dataclasses
 
-    with pytest.raises(
-        ConfigError, match=r"tune.crop_sizes: data.crop_size 512 is larger than any crop"
-    ):
-        run_search(model, data, train, tracking, dataclasses.replace(tune, crop_sizes=(32, 512)))
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"data.crop_size": {"choice": [32, 512]}}, r"tune.space.data.crop_size 512: data.crop_size 512 is larger than any crop"),
+        ({"data.crop_size": {"uniform": [32, 48]}}, r"tune.space.data.crop_size 32.0: data.crop_size must be an integer, got 32.0"),
+        ({"train.momentum": {"uniform": [0.5, 1.5]}}, r"tune.space.train.momentum 1.5: train.momentum must be < 1"),
+        ({"train.loss": {"choice": ["ce", "dice"]}}, r"tune.space.train.loss 'dice': train.loss must be one of ce \| ohem"),
+        ({"train.loss_weights.pam": {"uniform": [-1, 1]}}, r"train.loss_weights.pam must be >= 0, got -1"),
+    ]  # fmt: skip
+    for space, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            run_search(model, data, train, tracking, dataclasses.replace(tune, space=space))
 
 
 def test_trials_take_the_search_cadence_and_cpus() -> None:
@@ -137,7 +222,12 @@ def test_ctrl_c_stops_a_search_in_seconds_and_it_then_resumes(tmp_path: Path) ->
             "out": "train",
         },
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "num_prediction_images": 1},
-        "tune": {"crop_sizes": [32], "num_samples": 1, "max_concurrent": 1, "epochs": 3},
+        "tune": {
+            "space": {"data.crop_size": {"choice": [32]}},
+            "num_samples": 1,
+            "max_concurrent": 1,
+            "epochs": 3,
+        },
     }
     (tmp_path / "params.yaml").write_text(json.dumps(params))
     command = [str(Path(sys.executable).parent / "danet"), "tune", "--set", "tune.out=tune"]
@@ -177,10 +267,18 @@ def test_ctrl_c_stops_a_search_in_seconds_and_it_then_resumes(tmp_path: Path) ->
 def test_best_params_is_a_params_file(tmp_path: Path) -> None:
     """best_params.yaml loads as params (``danet train --params``); the trial and its score
     are comments."""
-    best = Trial("1", "s-trial-1", 0.0123456789, 48, 2, 0.5, False, "", "checkpoint_0")
-    write_summary(tmp_path, best, [best])
+    values = {"train.lr": 0.0123456789, "data.crop_size": 48, "train.loss_weights.pam": 0.5}
+    best = Trial("1", "s-trial-1", values, 2, 0.5, False, "", "checkpoint_0")
+    from pipeline.training.trial import SearchJob, trial_job
+
+    model, data, train, _, _ = configs(tmp_path)
+    from pipeline.training.job import prepare_job
+
+    search = SearchJob(prepare_job(model, data, train), "s", str(tmp_path), "e", "", {})
+    write_summary(tmp_path, best, [best], trial_job(search, values))
     text = (tmp_path / "best_params.yaml").read_text()
     loaded = load_params(tmp_path / "best_params.yaml")
     assert (loaded.train.lr, loaded.data.crop_size) == (0.0123457, 48)
+    assert loaded.train.loss_weights["pam"] == 0.5 and loaded.train.loss_weights["out"] == 1.0
     assert text.startswith("# the best trial of the search: s-trial-1, val mIoU 0.500000\n")
-    assert json.loads((tmp_path / "trials.json").read_text())[0]["lr"] == 0.0123456789
+    assert json.loads((tmp_path / "trials.json").read_text())[0]["values"] == values

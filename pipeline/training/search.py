@@ -1,14 +1,18 @@
-"""Ray Tune search over the two knobs DANet is most sensitive to: base learning rate and crop size.
+"""Ray Tune search over ``tune.space``: any params keys of the recipe (model, data, train), each
+with a distribution (``loguniform``, ``uniform``, ``randint`` (both ends included), ``choice``,
+``grid``), sampled at random (Tune's variant generator, which also expands grids) or by Optuna's
+TPE (``tune.search_alg: optuna``, seeded, under a concurrency limit); the default space is the
+two knobs DANet is most sensitive to, base learning rate and crop size.
 
 Each trial is a function that builds and fits its own ``TorchTrainer`` (the current Train V2 +
 Tune API; a trainer passed to ``Tuner`` fails) with Tune's ``TuneReportCallback``, so every
 evaluation of the Train run reaches Tune as one result. ASHA stops trials whose val mIoU falls
-below the rung's cut-off; the trial's Ray Train job is then torn down through Ray's state API,
+below the rung's cut-off (``tune.scheduler: asha``; ``none`` runs every trial to the end); the trial's Ray Train job is then torn down through Ray's state API,
 which needs ``ray[default]`` and the dashboard (``connect_ray`` starts it for a local Ray).
 
 MLflow: a parent run per search, one nested run per trial (tag ``mlflow.parentRunId``). The
 search is named after its identity (the trials' and the search space's): started again with the
-same identity, ``Tuner.restore`` resumes it, and each unfinished trial's Train run resumes from its
+same identity, ``Tuner.restore`` resumes it (the searcher's state with it), and each unfinished trial's Train run resumes from its
 own last checkpoint. What the finished search writes is pipeline/training/search_summary.py's; one trial is
 pipeline/training/trial.py.
 """
@@ -28,14 +32,17 @@ from typing import Any
 
 from pipeline.cluster import check_tracking_for, connect_ray, storage_uri
 from pipeline.config import (
+    ConfigError,
     DataParams,
     MlflowParams,
     ModelParams,
     TrainParams,
     TuneParams,
+    with_values,
 )
 from pipeline.locks import exclusive
 from pipeline.outputs import check_output, check_outside
+from pipeline.searchspace import candidates
 from pipeline.training.checkpoint import delete_run
 from pipeline.training.driver import ray_put
 from pipeline.training.job import TrainJob, default_run_name, flat_params, prepare_job
@@ -73,8 +80,7 @@ def prepare_search(
     """
     from pipeline.artifacts import tracking as mlt
 
-    data = dataclasses.replace(data, crop_size=max(tune.crop_sizes))
-    job = prepare_job(model, data, trial_train(train, tune), crop_from="tune.crop_sizes")
+    job = check_space(model, data, trial_train(train, tune), tune)
     check_output(tune.out, "tune.out")
     check_outside(tune.out, {"data.shards": data.shards})
     uri = mlt.resolve_tracking_uri(tracking.tracking_uri)
@@ -104,11 +110,59 @@ def prepare_search(
     )
 
 
+def check_space(
+    model: ModelParams, data: DataParams, train: TrainParams, tune: TuneParams
+) -> TrainJob:
+    """The base job, checked with each value that bounds ``tune.space`` (every choice or grid
+    point, both ends of a range) set in turn: a value a trial could draw and not run is one line
+    now, not a failed trial later."""
+    base = {"model": model, "data": data, "train": train}
+    for key, values in candidates(tune.space).items():
+        for value in values:
+            where = f"tune.space.{key} {value!r}"
+            try:
+                sections = with_values(base, {key: value})
+                prepare_job(sections["model"], sections["data"], sections["train"], crop_from=where)
+            except ConfigError as err:
+                message = str(err)
+                raise ConfigError(
+                    message if message.startswith(where) else f"{where}: {message}"
+                ) from None
+    first = with_values(base, {key: values[0] for key, values in candidates(tune.space).items()})
+    return prepare_job(first["model"], first["data"], first["train"])
+
+
+def param_space(tune: TuneParams) -> dict[str, Any]:
+    """``tune.space`` as Ray Tune's search space (randint's upper end included, as written)."""
+    from ray import tune as rt
+
+    make = {
+        "loguniform": lambda a: rt.loguniform(a[0], a[1]),
+        "uniform": lambda a: rt.uniform(a[0], a[1]),
+        "randint": lambda a: rt.randint(a[0], a[1] + 1),
+        "choice": lambda a: rt.choice(list(a)),
+        "grid": lambda a: rt.grid_search(list(a)),
+    }
+    return {
+        key: make[kind](args) for key, spec in tune.space.items() for kind, args in spec.items()
+    }
+
+
+def searcher(tune: TuneParams) -> Any:
+    """Random sampling (and grids), or Optuna's TPE, seeded; at most ``max_concurrent`` trials."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if tune.search_alg == "random":
+        return BasicVariantGenerator(random_state=tune.seed, max_concurrent=tune.max_concurrent)
+    from ray.tune.search.optuna import OptunaSearch
+
+    return ConcurrencyLimiter(OptunaSearch(seed=tune.seed), max_concurrent=tune.max_concurrent)
+
+
 def make_tuner(search: SearchJob, tune: TuneParams, storage: str, evaluations: int) -> Any:
     """A new Tuner, or the search's own restored one when it was started before."""
     from ray import tune as rt
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     # The trial only drives its Train run: the Train workers hold the CPUs/GPUs. Ray refuses an
     # empty request, so the trial asks for memory alone.
@@ -119,27 +173,26 @@ def make_tuner(search: SearchJob, tune: TuneParams, storage: str, evaluations: i
     if rt.Tuner.can_restore(path):
         log.info("[tune] resuming search %s from %s", search.search_name, path)
         return rt.Tuner.restore(path, trainable, resume_errored=True)
-    scheduler = ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=evaluations,
-        grace_period=min(tune.grace_period, evaluations),
-        reduction_factor=tune.reduction_factor,
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=evaluations,
+            grace_period=min(tune.grace_period, evaluations),
+            reduction_factor=tune.reduction_factor,
+        )
+        if tune.scheduler == "asha"
+        else FIFOScheduler()
     )
     return rt.Tuner(
         trainable,
-        param_space={
-            "lr": rt.loguniform(tune.lr_min, tune.lr_max),
-            "crop_size": rt.choice(list(tune.crop_sizes)),
-        },
+        param_space=param_space(tune),
         tune_config=rt.TuneConfig(
             metric=VAL_MIOU,
             mode="max",
             num_samples=tune.num_samples,
             max_concurrent_trials=tune.max_concurrent,
             scheduler=scheduler,
-            search_alg=BasicVariantGenerator(
-                random_state=tune.seed, max_concurrent=tune.max_concurrent
-            ),
+            search_alg=searcher(tune),
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=rt.RunConfig(name=search.search_name, storage_path=storage),

@@ -18,7 +18,13 @@ from pipeline.outputs import atomic_write_text
 from pipeline.training.driver import finalize
 from pipeline.training.records import VAL_MIOU
 from pipeline.training.results import RunSummary
-from pipeline.training.trial import SearchJob, trial_job, trial_run_name
+from pipeline.training.trial import (
+    SearchJob,
+    describe_values,
+    plain,
+    trial_job,
+    trial_run_name,
+)
 
 
 @dataclass
@@ -27,8 +33,7 @@ class Trial:
 
     trial_id: str
     run_name: str
-    lr: float
-    crop_size: int
+    values: dict[str, Any]  # the trial's draw from tune.space: dotted params key -> value
     evaluations: int
     best_val_miou: float
     stopped_early: bool
@@ -50,8 +55,9 @@ class SearchSummary:
         """What ``danet tune`` prints: the trials' table, then the best."""
         best = self.best
         return (
-            f"{format_trials(self.trials, best)}\nsearch {self.search}: best lr {best.lr:.4g}, "
-            f"crop {best.crop_size}, val mIoU {best.best_val_miou:.4f} -> {out}/best_params.yaml"
+            f"{format_trials(self.trials, best)}\nsearch {self.search}: best "
+            f"{describe_values(best.values)}, val mIoU {best.best_val_miou:.4f} -> "
+            f"{out}/best_params.yaml"
         )
 
 
@@ -63,8 +69,7 @@ def trial_record(result: Any, search: SearchJob, evaluations: int) -> Trial:
     return Trial(
         trial_id=trial_id,
         run_name=trial_run_name(search.search_name, trial_id),
-        lr=float(result.config["lr"]),
-        crop_size=int(result.config["crop_size"]),
+        values={key: plain(value) for key, value in result.config.items()},
         evaluations=len(scores),
         best_val_miou=max(scores) if scores else float("nan"),
         stopped_early=result.error is None and 0 < len(scores) < evaluations,
@@ -91,14 +96,14 @@ def summarize_search(
         first = next((t.error for t in trials if t.error), "no trial reported a result")
         raise TrainingFailed(f"tune: every trial failed ({first}); nothing was written")
     best = max(done, key=lambda t: t.best_val_miou)
-    job = trial_job(search, best.lr, best.crop_size, _trial_run_id(client, search, best))
+    job = trial_job(search, best.values, _trial_run_id(client, search, best))
     checkpoint = Checkpoint(
         f"{search.trial_storage}/{best.run_name}/{Path(best.latest_checkpoint).name}"
     )
     with checkpoint.as_directory() as latest:  # every checkpoint holds the trial's best weights
         metrics = finalize(Path(latest), job, best.run_name, out, tracking)
     summary = SearchSummary(search.search_name, best, trials, search.parent_run_id, metrics)
-    write_summary(out, best, trials)
+    write_summary(out, best, trials, job)
     log_search(search, best, out)
     return summary
 
@@ -110,11 +115,8 @@ def log_search(search: SearchJob, best: Trial, out: Path) -> None:
 
     with tracking_uri(search.job.tracking_uri), mlflow.start_run(run_id=search.parent_run_id):
         mlflow.log_metric("best_val_miou", best.best_val_miou)
-        tags = {
-            "best_trial": best.run_name,
-            "best_lr": f"{best.lr:.6g}",
-            "best_crop_size": str(best.crop_size),
-        }
+        tags = {"best_trial": best.run_name}
+        tags.update({f"best.{key}": str(value) for key, value in best.values.items()})
         mlflow.set_tags(tags)
         mlflow.log_artifact(str(out / "best_params.yaml"))
         mlflow.log_artifact(str(out / "trials.json"))
@@ -145,13 +147,30 @@ def _close_trial_run(client: Any, search: SearchJob, trial: Trial) -> None:
         client.set_terminated(run_id, "FINISHED")
 
 
-def write_summary(out: Path, best: Trial, trials: list[Trial]) -> None:
+def best_params(values: dict[str, Any], job: Any = None) -> dict[str, Any]:
+    """The searched values as a params mapping: ``{"train.lr": 0.01}`` -> ``{"train": {"lr":
+    0.01}}``; a key of a mapping param (``train.loss_weights.pam``) writes that whole mapping as
+    the trial ran it (``job``'s sections), so the file is complete on its own."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        section, name, *sub = key.split(".")
+        if sub and job is not None:
+            value = dict(getattr(getattr(job, section), name))
+        elif sub:
+            value = {sub[0]: value}
+        out.setdefault(section, {})[name] = (
+            float(f"{value:.6g}") if isinstance(value, float) else value
+        )
+    return out
+
+
+def write_summary(out: Path, best: Trial, trials: list[Trial], job: Any = None) -> None:
     """``best_params.yaml`` (the best trial's params: a params file of its own, or the values to
     copy into params.yaml) and ``trials.json`` next to the model."""
-    params = {"train": {"lr": float(f"{best.lr:.6g}")}, "data": {"crop_size": best.crop_size}}
     header = (  # comments: the file stays a params file (danet train --params best_params.yaml)
         f"# the best trial of the search: {best.run_name}, val mIoU {best.best_val_miou:.6f}\n"
     )
+    params = best_params(best.values, job)
     for name, text in (
         ("best_params.yaml", header + yaml.safe_dump(params, sort_keys=False)),
         ("trials.json", json.dumps([asdict(t) for t in trials], indent=2) + "\n"),
@@ -160,12 +179,20 @@ def write_summary(out: Path, best: Trial, trials: list[Trial]) -> None:
 
 
 def format_trials(trials: list[Trial], best: Trial) -> str:
-    lines = [f"{'trial':<12} {'lr':>9} {'crop':>5} {'evals':>5} {'best mIoU':>9}  status"]
+    keys = list(best.values)
+    width = {k: max(len(k), 9) for k in keys}
+
+    def cell(value: Any, key: str) -> str:
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        return f"{text:>{width[key]}}"
+
+    head = " ".join(f"{k:>{width[k]}}" for k in keys)
+    lines = [f"{'trial':<12} {head} {'evals':>5} {'best mIoU':>9}  status"]
     for t in trials:
         status = t.error or ("stopped early (ASHA)" if t.stopped_early else "completed")
         mark = " <- best" if t.trial_id == best.trial_id else ""
+        row = " ".join(cell(t.values.get(k), k) for k in keys)
         lines.append(
-            f"{t.trial_id:<12} {t.lr:9.4g} {t.crop_size:5d} {t.evaluations:5d} "
-            f"{t.best_val_miou:9.4f}  {status}{mark}"
+            f"{t.trial_id:<12} {row} {t.evaluations:5d} {t.best_val_miou:9.4f}  {status}{mark}"
         )
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""One trial of a search: its job (the base job with the trial's lr and crop size), its
-MLflow run nested under the search's, and the Ray Train run that reports each evaluation to
+"""One trial of a search: its job (the base job with the trial's values of ``tune.space`` set),
+its MLflow run nested under the search's, and the Ray Train run that reports each evaluation to
 Tune (``TuneReportCallback``)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import TrainParams, TuneParams
+from pipeline.config import TrainParams, TuneParams, with_values
 from pipeline.training.driver import fit
 from pipeline.training.job import TrainJob
 
@@ -21,7 +21,7 @@ TRIAL_TAG = "danet.tune_trial"
 class SearchJob:
     """What every trial needs, pickled to the trial actors."""
 
-    job: TrainJob  # the base job: lr and crop size are replaced per trial
+    job: TrainJob  # the base job: each trial sets its values of tune.space
     search_name: str
     trial_storage: str  # absolute: trials run with another working directory
     experiment: str
@@ -30,15 +30,28 @@ class SearchJob:
     weights: Any = None  # the backbone's pretrained weights in Ray's object store
 
 
-def trial_job(search: SearchJob, lr: float, crop_size: int, run_id: str = "") -> TrainJob:
-    """The base job with one trial's learning rate and crop size; a trial reports (and
-    checkpoints) at evaluations only, so each Tune result is one evaluation."""
+def trial_job(search: SearchJob, values: dict[str, Any], run_id: str = "") -> TrainJob:
+    """The base job with one trial's values (dotted params keys: ``train.lr``); a trial reports
+    (and checkpoints) at evaluations only, so each Tune result is one evaluation."""
     job = search.job
+    sections = with_values({"model": job.model, "data": job.data, "train": job.train}, values)
     train = dataclasses.replace(
-        job.train, lr=float(lr), storage_path=search.trial_storage, checkpoint_every=0
+        sections["train"], storage_path=search.trial_storage, checkpoint_every=0
     )
-    data = dataclasses.replace(job.data, crop_size=int(crop_size))
-    return dataclasses.replace(job, data=data, train=train, mlflow_run_id=run_id)
+    return dataclasses.replace(
+        job, model=sections["model"], data=sections["data"], train=train, mlflow_run_id=run_id
+    )
+
+
+def plain(value: Any) -> Any:
+    """A sampled value as Python's own type (Tune and Optuna hand out numpy scalars)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def describe_values(values: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+    )
 
 
 def trial_train(train: TrainParams, tune: TuneParams) -> TrainParams:
@@ -62,16 +75,16 @@ def tune_trial(config: dict[str, Any], search: SearchJob) -> None:
 
     from pipeline.artifacts import tracking as mlt
 
-    lr, crop = float(config["lr"]), int(config["crop_size"])
+    values = {key: plain(value) for key, value in config.items()}
     run_name = trial_run_name(search.search_name, ray.tune.get_context().get_trial_id())
     uri = search.job.tracking_uri
-    params = {**search.params, "train.lr": str(lr), "data.crop_size": str(crop)}
+    params = {**search.params, **{key: str(value) for key, value in values.items()}}
     tags = {"mlflow.parentRunId": search.parent_run_id, TRIAL_TAG: run_name}
     run_id = mlt.start_or_resume_run(uri, search.experiment, run_name, params, tags)
-    log.info("[tune] trial %s: lr %.4g, crop %d", run_name, lr, crop)
+    log.info("[tune] trial %s: %s", run_name, describe_values(values))
     try:
         fit(
-            trial_job(search, lr, crop, run_id),
+            trial_job(search, values, run_id),
             run_name,
             callbacks=[TuneReportCallback()],
             weights=search.weights,
