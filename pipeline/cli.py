@@ -143,19 +143,26 @@ def train(
     restart: Annotated[
         bool, typer.Option("--restart", help="delete the run's checkpoints and train it anew")
     ] = False,
+    refit: Annotated[
+        Path | None,
+        opt("a search's tune.out: train its best params (over params.yaml) for the full schedule"),
+    ] = None,
 ) -> None:
     """Train DANet with Ray Train on the shards; resumes a run of the same name (params: model, data, train, mlflow)."""
     from pipeline.training.driver import run_training
+    from pipeline.training.search_summary import read_refit
 
     with one_line_errors():
+        overlay, tags = read_refit(refit) if refit is not None else (None, {})
         p = load(
             ctx,
             params,
             sets,
             ("train.out", "train.storage_path"),
+            overlay=overlay,
             **{"train.ray_address": address, "train.run_name": run_name},
         )
-        summary = run_training(p.model, p.data, p.train, p.mlflow, restart=restart)
+        summary = run_training(p.model, p.data, p.train, p.mlflow, restart=restart, tags=tags)
     typer.echo(summary.describe())
 
 

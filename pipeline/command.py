@@ -79,12 +79,15 @@ def load(
     params: Path,
     sets: Sequence[str] | None,
     writes: Sequence[str] = (),
+    *,
+    overlay: Any = None,  # Any: the flags (**) may hold any value type
     **flags: Any,
 ) -> Params:
     """The command's params: file or preset, ``--set`` overrides, then its own options; the
     params it ``writes`` (``evaluate.out``) are checked to overlap no store (pipeline/stores.py).
 
     ``flags`` maps dotted keys (``shard.root``) to option values; None = not given.
+    ``overlay``: sections' values over the params file, under ``--set`` (``danet train --refit``).
     """
     from pipeline.config import ConfigError, load_params
     from pipeline.stores import check_outputs
@@ -94,7 +97,7 @@ def load(
         raise ConfigError("--preset and --params name two params files: give one")
     overrides = list(sets or [])
     overrides += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
-    p = load_params(params, overrides, preset)
+    p = load_params(params, overrides, preset, overlay)
     LOADED["mlflow.tracking_uri"] = p.mlflow.tracking_uri  # named by a fault of its database
     named = {k: getattr(getattr(p, k.split(".")[0]), k.split(".")[1]) for k in writes}
     check_outputs(p, {k: v for k, v in named.items() if v})  # "" = not given: the stage says so

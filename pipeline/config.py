@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.errors import ConfigError
-from pipeline.paramsfile import apply_override, preset_path, read_yaml, set_key
+from pipeline.paramsfile import apply_override, preset_path, read_yaml
 from pipeline.schema import Section, hints, param, require
 from pipeline.searchspace import RENAMED, check_space
 
@@ -360,14 +360,6 @@ def section_from_mapping(cls: type[S], values: Any) -> S:
     return cls(**values)
 
 
-def with_values(sections: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    """``sections`` (by name) with dotted ``values`` set as ``--set`` does, rebuilt and checked."""
-    raw = {name: dataclasses.asdict(section) for name, section in sections.items()}
-    for key, value in values.items():
-        set_key(raw, key, value, key)
-    return {name: section_from_mapping(SECTIONS[name], raw[name]) for name in raw}
-
-
 def params_from_mapping(raw: Any, where: str = "params") -> Params:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: must be a mapping of sections, got {type(raw).__name__}")
@@ -383,8 +375,10 @@ def load_params(
     path: str | Path | None = "params.yaml",
     overrides: Sequence[str] = (),
     preset: str | None = None,
+    overlay: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Params:
-    """The params of a command: a file (or a preset by name), then ``--set`` overrides.
+    """The params of a command: a file (or a preset by name), an ``overlay`` of sections'
+    values over it (a search's best params), then ``--set`` overrides.
 
     A missing default ``params.yaml`` means the code defaults (which equal params.yaml's); a
     missing file named explicitly is an error.
@@ -394,6 +388,8 @@ def load_params(
         raw: dict[str, Any] = {}
     else:
         raw = read_yaml(source)
+    for section, values in (overlay or {}).items():
+        raw.setdefault(section, {}).update(values)
     for assignment in overrides:
         apply_override(raw, assignment)
     return params_from_mapping(raw, str(source))

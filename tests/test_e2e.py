@@ -31,7 +31,7 @@ TINY = {
               "log_every": 3, "cpus_per_worker": 2},
     "tune": {"space": {"train.lr": {"loguniform": [0.005, 0.02]},
                        "data.crop_size": {"choice": [32, 48]}},
-             "num_samples": 2, "epochs": 2},
+             "num_samples": 2, "epochs": 1},
     "mlflow": {"num_prediction_images": 1},
     "evaluate": {"num_overlays": 1},
 }  # fmt: skip
@@ -125,7 +125,22 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     evaluation = json.loads((repo / "outputs/eval/metrics.json").read_text())
     assert evaluation["protocol"] == "official-whole-flip" and evaluation["images"] == 4
     assert evaluation["miou"] == pytest.approx(mean_of(evaluation["iou_per_class"]))
-    assert (repo / "outputs/tune/best_params.yaml").is_file()
+    # the champion is the refit of the search's best trial: its values, the full schedule, and
+    # its run names the search (MLflow's Source shows the command)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    best = yaml.safe_load((repo / "outputs/tune/best_params.yaml").read_text())
+    origin = json.loads((repo / "outputs/tune/search.json").read_text())
+    version = client.get_model_version_by_alias("danet-synthetic", "champion")
+    refit = client.get_run(version.tags["source_run_id"])
+    assert refit.data.tags["danet.search_run_id"] == origin["search_run_id"]
+    assert refit.data.tags["danet.refit_of_trial"] == origin["best_trial"]
+    assert refit.data.tags["mlflow.source.name"] == "danet train"
+    assert refit.data.tags["mlflow.source.type"] == "LOCAL"
+    assert float(refit.data.params["train.lr"]) == best["train"]["lr"]
+    assert int(refit.data.params["data.crop_size"]) == best["data"]["crop_size"]
+    assert refit.data.params["train.epochs"] == str(TINY["train"]["epochs"])  # not tune.epochs
 
     again = run("dvc repro", repo)
     assert "Running stage" not in again, again[-2000:]  # nothing changed: nothing runs
@@ -154,8 +169,6 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     summary = run("danet summary", repo)
     assert "champion: models:/danet-synthetic@champion" in summary and "mlflow ui" in summary
 
-    from mlflow import MlflowClient
-
     for block, reason in readme_blocks((ROOT / "README.md").read_text()):
         if reason is None:
             run(block, repo)
@@ -178,15 +191,14 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     assert np.mean(served["torch"] == served["onnx-int8"]) > 0.95
     assert len(list((repo / "outputs" / "predict").glob("*_mask.png"))) == 4
     experiments = run("dvc exp show --json", repo)
-    assert '"lr": 0.005' in experiments.replace(
+    assert '"epochs": 20' in experiments.replace(
         "'", '"'
-    )  # the README's `dvc exp run --temp -S train.lr=0.005`
+    )  # the README's `dvc exp run --temp -S train.epochs=20`
     # That experiment ran in a temporary copy of the project (.dvc/tmp/exps) and still trained
     # and checkpointed into the project's own stores (DVC_ROOT), not into the copy's.
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("synthetic")
     assert experiment is not None
-    found = client.search_runs([experiment.experiment_id], "params.`train.lr` = '0.005'")
+    found = client.search_runs([experiment.experiment_id], "params.`train.epochs` = '20'")
     assert [r.info.status for r in found] == ["FINISHED"]
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     assert len(list((repo / "outputs" / "ray_results").glob("danet-*"))) == 2  # both trainings

@@ -282,3 +282,34 @@ def test_best_params_is_a_params_file(tmp_path: Path) -> None:
     assert loaded.train.loss_weights["pam"] == 0.5 and loaded.train.loss_weights["out"] == 1.0
     assert text.startswith("# the best trial of the search: s-trial-1, val mIoU 0.500000\n")
     assert json.loads((tmp_path / "trials.json").read_text())[0]["values"] == values
+
+
+def test_refit_trains_the_searchs_best_params_over_params_yaml(tmp_path: Path) -> None:
+    """``danet train --refit tune.out``: best_params.yaml over the params file, ``--set`` over
+    both; the run's tags name the search, its MLflow run and the trial."""
+    from pipeline.training.search_summary import read_refit
+
+    values = {"train.lr": 0.0123, "data.crop_size": 48}
+    best = Trial("1", "tune-x-1", values, 2, 0.5, False, "", "checkpoint_0")
+    origin = {"search": "tune-x", "search_run_id": "abc", "best_trial": "tune-x-1"}
+    (tmp_path / "tune").mkdir()
+    write_summary(tmp_path / "tune", best, [best], None, origin)
+    (tmp_path / "params.yaml").write_text(
+        "train: {lr: 0.5, momentum: 0.8}\ndata: {crop_size: 96}\n"
+    )
+    overlay, tags = read_refit(tmp_path / "tune")
+    p = load_params(tmp_path / "params.yaml", ["data.crop_size=32"], overlay=overlay)
+    assert (p.train.lr, p.train.momentum, p.data.crop_size) == (0.0123, 0.8, 32)
+    assert tags == {
+        "danet.refit_of_search": "tune-x",
+        "danet.search_run_id": "abc",
+        "danet.refit_of_trial": "tune-x-1",
+    }
+    assert load_params(tmp_path / "params.yaml").train.lr == 0.5  # without --refit: params.yaml
+    with pytest.raises(
+        ConfigError, match=r"^--refit .*nowhere: no best_params.yaml \(run danet tune first\)$"
+    ):
+        read_refit(tmp_path / "nowhere")
+    (tmp_path / "tune" / "search.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"search.json: not written by danet tune"):
+        read_refit(tmp_path / "tune")

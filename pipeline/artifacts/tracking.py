@@ -100,15 +100,24 @@ def start_or_resume_run(
         else client.create_experiment(experiment, artifact_location=artifact_root(uri))
     )
     found_run = named_run(client, experiment_id, run_name)
+    tags = {"mlflow.source.type": "LOCAL", **tags}  # with mlflow.source.name: the UI's Source
     if found_run is not None:
         run_id = found_run.info.run_id
         client.update_run(run_id, status="RUNNING")
+        set_run_tags(uri, run_id, tags)
         return run_id
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
     entries = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(entries), 100):
         client.log_batch(run.info.run_id, params=entries[i : i + 100])
     return run.info.run_id
+
+
+def set_run_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def named_run(client: Any, experiment_id: str, run_name: str) -> Any:

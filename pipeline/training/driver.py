@@ -132,12 +132,14 @@ def run_training(
     tracking: MlflowParams,
     fault: tuple[int, int, str] | None = None,
     restart: bool = False,
+    tags: dict[str, str] | None = None,
 ) -> RunSummary:
     """Train, resume or reuse, and write the DVC outputs; returns metrics.json's content.
 
     The run is named after its identity: one that stopped resumes from its newest checkpoint;
     one that finished is not resumed into a no-op but reused (its outputs written again from its
-    last checkpoint); ``restart`` deletes the run's checkpoints and trains it anew.
+    last checkpoint); ``restart`` deletes the run's checkpoints and trains it anew. ``tags`` go
+    onto its MLflow run, new or found (a refit's link to its search).
     """
     from pipeline.artifacts import tracking as mlt
 
@@ -155,8 +157,8 @@ def run_training(
             delete_run(run_dir)
             mlt.retire_run(uri, experiment, run_name)
         elif (finished := finished_checkpoint(run_dir)) is not None:
-            return reuse(finished, job, run_name, uri, experiment, tracking)
-        return train_run(job, run_name, data, tracking, uri, fault)
+            return reuse(finished, job, run_name, uri, experiment, tracking, tags or {})
+        return train_run(job, run_name, data, tracking, uri, fault, tags or {})
 
 
 def train_run(
@@ -166,6 +168,7 @@ def train_run(
     tracking: MlflowParams,
     uri: str,
     fault: tuple[int, int, str] | None,
+    tags: dict[str, str] | None = None,
 ) -> RunSummary:
     """Train (or resume) the run ``run_name`` and write its outputs; the caller holds its lock."""
     from pipeline.artifacts import tracking as mlt
@@ -174,9 +177,8 @@ def train_run(
     run_dir = f"{storage_uri(train.storage_path)}/{run_name}"
     experiment = tracking.experiment or job.dataset
     connect_ray(train.ray_address)
-    run_id = mlt.start_or_resume_run(
-        uri, experiment, run_name, flat_params(job), {"dataset": job.dataset}
-    )
+    tags = {"dataset": job.dataset, "mlflow.source.name": "danet train", **(tags or {})}
+    run_id = mlt.start_or_resume_run(uri, experiment, run_name, flat_params(job), tags)
     source = data.shards if is_url(data.shards) else str(Path(data.shards).resolve())
     mlt.log_lineage(
         uri, run_id, source, f"{job.dataset}-shards", job.manifest_sha256, code_digest()
@@ -209,7 +211,13 @@ def ray_put(value: Any) -> Any:
 
 
 def reuse(
-    checkpoint: str, job: TrainJob, run_name: str, uri: str, experiment: str, tracking: MlflowParams
+    checkpoint: str,
+    job: TrainJob,
+    run_name: str,
+    uri: str,
+    experiment: str,
+    tracking: MlflowParams,
+    tags: dict[str, str] | None = None,
 ) -> RunSummary:
     """A finished run of the same identity: its outputs again, without training."""
     from ray.train import Checkpoint
@@ -221,6 +229,8 @@ def reuse(
         run_name,
     )
     found = mlt.find_run(uri, experiment, run_name)
+    if found and tags:  # e.g. the same params trained before, now the refit of a search
+        mlt.set_run_tags(uri, found[0], tags)
     job = dataclasses.replace(job, tracking_uri=uri, mlflow_run_id=found[0] if found else "")
     logged = found is not None and found[1] == "FINISHED"  # the artifacts and model are there
     with Checkpoint(checkpoint).as_directory() as latest:

@@ -38,7 +38,6 @@ from pipeline.config import (
     ModelParams,
     TrainParams,
     TuneParams,
-    with_values,
 )
 from pipeline.locks import exclusive
 from pipeline.outputs import check_output, check_outside
@@ -49,7 +48,7 @@ from pipeline.training.job import TrainJob, default_run_name, flat_params, prepa
 from pipeline.training.records import VAL_MIOU
 from pipeline.training.search_summary import SearchSummary, summarize_search, trial_record
 from pipeline.training.session import backbone_weights
-from pipeline.training.trial import SearchJob, trial_train, tune_trial
+from pipeline.training.trial import SearchJob, trial_train, tune_trial, with_values
 
 log = logging.getLogger(__name__)
 TRIAL_MEMORY = 256 * 1024**2  # bytes of Ray's logical "memory" resource per trial driver
@@ -97,7 +96,7 @@ def prepare_search(
             delete_run(folder)
         mlt.retire_run(uri, experiment, name)
     space_params = {f"tune.{k}": str(v) for k, v in asdict(tune).items()}
-    tags = {"dataset": job.dataset, "danet.kind": "tune"}
+    tags = {"dataset": job.dataset, "danet.kind": "tune", "mlflow.source.name": "danet tune"}
     parent = mlt.start_or_resume_run(uri, experiment, name, space_params, tags)
     return SearchJob(
         job=dataclasses.replace(job, tracking_uri=uri),

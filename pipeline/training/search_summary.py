@@ -1,6 +1,8 @@
 """What a finished search leaves: each trial's record and MLflow status, the best trial's
-outputs in ``tune.out`` (as ``danet train`` writes its own), ``best_params.yaml`` (a params file)
-and ``trials.json``, and the typed ``SearchSummary`` that ``danet tune`` prints."""
+outputs in ``tune.out`` (as ``danet train`` writes its own), ``best_params.yaml`` (a params file),
+``search.json`` (which search and trial it came from) and ``trials.json``, and the typed
+``SearchSummary`` that ``danet tune`` prints. ``danet train --refit tune.out`` reads the first
+two back (``read_refit``): the best params over params.yaml, the run linked to the search."""
 
 from __future__ import annotations
 
@@ -103,7 +105,15 @@ def summarize_search(
     with checkpoint.as_directory() as latest:  # every checkpoint holds the trial's best weights
         metrics = finalize(Path(latest), job, best.run_name, out, tracking)
     summary = SearchSummary(search.search_name, best, trials, search.parent_run_id, metrics)
-    write_summary(out, best, trials, job)
+    origin = {
+        "search": search.search_name,
+        "search_run_id": search.parent_run_id,
+        "best_trial": best.run_name,
+        "best_trial_run_id": job.mlflow_run_id,
+        "best_val_miou": best.best_val_miou,
+        "values": best.values,
+    }
+    write_summary(out, best, trials, job, origin)
     log_search(search, best, out)
     return summary
 
@@ -164,9 +174,16 @@ def best_params(values: dict[str, Any], job: Any = None) -> dict[str, Any]:
     return out
 
 
-def write_summary(out: Path, best: Trial, trials: list[Trial], job: Any = None) -> None:
+def write_summary(
+    out: Path,
+    best: Trial,
+    trials: list[Trial],
+    job: Any = None,
+    origin: dict[str, Any] | None = None,
+) -> None:
     """``best_params.yaml`` (the best trial's params: a params file of its own, or the values to
-    copy into params.yaml) and ``trials.json`` next to the model."""
+    copy into params.yaml), ``search.json`` (``origin``: the search and trial) and
+    ``trials.json`` next to the model."""
     header = (  # comments: the file stays a params file (danet train --params best_params.yaml)
         f"# the best trial of the search: {best.run_name}, val mIoU {best.best_val_miou:.6f}\n"
     )
@@ -174,8 +191,35 @@ def write_summary(out: Path, best: Trial, trials: list[Trial], job: Any = None) 
     for name, text in (
         ("best_params.yaml", header + yaml.safe_dump(params, sort_keys=False)),
         ("trials.json", json.dumps([asdict(t) for t in trials], indent=2) + "\n"),
+        ("search.json", json.dumps(origin or {}, indent=2) + "\n"),
     ):
         atomic_write_text(out / name, text)
+
+
+REFIT_TAGS = {  # search.json key -> the refit run's tag
+    "search": "danet.refit_of_search",
+    "search_run_id": "danet.search_run_id",
+    "best_trial": "danet.refit_of_trial",
+}
+
+
+def read_refit(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A finished search's folder (``tune.out``) -> (its best params, as sections' values, for
+    ``load_params``'s overlay; the tags that link the refit run to the search and trial)."""
+    from pipeline.config import ConfigError
+    from pipeline.paramsfile import read_yaml
+
+    files = [folder / "best_params.yaml", folder / "search.json"]
+    if missing := [f for f in files if not f.is_file()]:
+        raise ConfigError(f"--refit {folder}: no {missing[0].name} (run danet tune first)")
+    overlay = read_yaml(files[0])
+    try:
+        origin = json.loads(files[1].read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--refit {files[1]}: not written by danet tune ({err})") from None
+    if not isinstance(origin, dict) or not all(k in origin for k in REFIT_TAGS):
+        raise ConfigError(f"--refit {files[1]}: not written by danet tune (no search named)")
+    return overlay, {tag: str(origin[key]) for key, tag in REFIT_TAGS.items()}
 
 
 def format_trials(trials: list[Trial], best: Trial) -> str:

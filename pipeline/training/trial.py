@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import TrainParams, TuneParams, with_values
+from pipeline.config import SECTIONS, TrainParams, TuneParams, section_from_mapping
+from pipeline.paramsfile import set_key
 from pipeline.training.driver import fit
 from pipeline.training.job import TrainJob
 
@@ -28,6 +30,14 @@ class SearchJob:
     parent_run_id: str
     params: dict[str, str]
     weights: Any = None  # the backbone's pretrained weights in Ray's object store
+
+
+def with_values(sections: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``sections`` (by name) with dotted ``values`` set as ``--set`` does, rebuilt and checked."""
+    raw = {name: dataclasses.asdict(section) for name, section in sections.items()}
+    for key, value in values.items():
+        set_key(raw, key, value, key)
+    return {name: section_from_mapping(SECTIONS[name], raw[name]) for name in raw}
 
 
 def trial_job(search: SearchJob, values: dict[str, Any], run_id: str = "") -> TrainJob:
@@ -79,7 +89,11 @@ def tune_trial(config: dict[str, Any], search: SearchJob) -> None:
     run_name = trial_run_name(search.search_name, ray.tune.get_context().get_trial_id())
     uri = search.job.tracking_uri
     params = {**search.params, **{key: str(value) for key, value in values.items()}}
-    tags = {"mlflow.parentRunId": search.parent_run_id, TRIAL_TAG: run_name}
+    tags = {
+        "mlflow.parentRunId": search.parent_run_id,
+        TRIAL_TAG: run_name,
+        "mlflow.source.name": "danet tune",
+    }
     run_id = mlt.start_or_resume_run(uri, search.experiment, run_name, params, tags)
     log.info("[tune] trial %s: %s", run_name, describe_values(values))
     try:
