@@ -948,6 +948,21 @@ CASES = [
         lambda tmp: foreign_onnx(tmp / "m.onnx"),
     ),
     Case(
+        "refit from a folder no search wrote",
+        [*TRAIN, "--refit", "previous/train"],
+        r"--refit previous/train: no best_params.yaml \(run danet tune first\)",
+    ),
+    Case(
+        "search a key a trial cannot change",
+        [*TUNE, "--set", 'tune.space={"model.backbone": {"choice": ["resnet50d"]}}'],
+        r"tune.space.model.backbone: a search holds model.backbone fixed",
+    ),
+    Case(
+        "search a value no trial could train with",
+        [*TUNE, "--set", 'tune.space={"data.crop_size": {"choice": [32, 4096]}}'],
+        r"tune.space.data.crop_size 4096: data.crop_size 4096 is larger than any crop",
+    ),
+    Case(
         "register with an ONNX file that does not exist",
         [*REGISTER, "--onnx", "nowhere.onnx"],
         r"nowhere\.onnx: model file does not exist",
