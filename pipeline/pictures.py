@@ -114,8 +114,8 @@ def plot_curves(
         its = [s.iteration for s in steps]
         ax_loss.plot(its, [s.loss for s in steps], label="loss (sum of outputs)")
         ax_lr = ax_loss.twinx()
-        ax_lr.plot(its, [s.lr for s in steps], color="tab:gray", linestyle="--", label="head lr")
-        ax_lr.set_ylabel("head learning rate")
+        ax_lr.plot(its, [s.lr for s in steps], color="tab:gray", linestyle="--", label="lr")
+        ax_lr.set_ylabel("base learning rate (the head: x train.head_lr_mult)")
     ax_loss.set_xlabel("iteration")
     ax_loss.set_ylabel("training loss")
     ax_loss.legend(loc="upper right")

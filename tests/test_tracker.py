@@ -47,7 +47,7 @@ def test_metrics_survive_mlflow_going_down(
         clock[0] += 1
         step(3)  # within RETRY_S of the failure: buffered, not tried
     warnings = [r for r in caplog.records if "MLflow unreachable" in r.getMessage()]
-    assert len(warnings) == 1 and len(tracker.buffer) == 6  # loss, lr, images_per_s for 2 and 3
+    assert len(warnings) == 1 and len(tracker.buffer) == 8  # loss, lr, lr_head, images_per_s x 2
     client.down = False
     clock[0] += Tracker.RETRY_S
     step(4)

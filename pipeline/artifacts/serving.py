@@ -185,12 +185,14 @@ def log_served_model(
     val_miou: float,
     onnx: Mapping[str, Path] | None = None,
     digests: Mapping[str, str] | None = None,
+    name: str = "model",
 ) -> Any:
     """Log ``model_file`` into the active run as the served model: this module's pyfunc, which
     takes encoded images and returns label maps, with a signature and an input example, the
     weights (``model.pt``) for Python users, and the classes and palette as metadata.
     ``onnx`` maps runtimes (``onnx``, ``onnx-int8``) to exported files served on request, and
-    ``digests`` the weights and each file to their sha256 (the metadata's ``sha256``).
+    ``digests`` the weights and each file to their sha256 (the metadata's ``sha256``); ``name``
+    is the logged model's (its run's name).
     ``danet register`` logs it (the registry holds what is served), not training."""
     import json
     import tempfile
@@ -211,7 +213,7 @@ def log_served_model(
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "classes.json").write_text(json.dumps(classes, indent=2))
         return mlflow.pyfunc.log_model(
-            name="model",
+            name=name,
             python_model=LabelMapModel(),
             artifacts={
                 "model": str(model_file),

@@ -83,11 +83,18 @@ def artifact_root(uri: str) -> str | None:
 
 
 def start_or_resume_run(
-    uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, str],
+    tags: dict[str, str],
+    title: str = "",
 ) -> str:
     """The id of the MLflow run named ``run_name``: the existing one (resume) or a new one.
 
     ``tags`` may hold ``mlflow.parentRunId`` to nest the run (Tune trials under their search).
+    ``title`` is the name the UI shows (a trial's number and values); the run is found by
+    ``run_name``, its tag.
     """
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
@@ -106,7 +113,8 @@ def start_or_resume_run(
         client.update_run(run_id, status="RUNNING")
         set_run_tags(uri, run_id, tags)
         return run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
+    tags = {RUN_NAME_TAG: run_name, **tags}
+    run = client.create_run(experiment_id, run_name=title or run_name, tags=tags)
     entries = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(entries), 100):
         client.log_batch(run.info.run_id, params=entries[i : i + 100])

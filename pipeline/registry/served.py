@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts.modelfile import file_sha256, read_model_info
-from pipeline.artifacts.tracking import log_scores, model_run, run_weights, weights_run
+from pipeline.artifacts.tracking import (
+    RUN_NAME_TAG,
+    log_scores,
+    model_run,
+    run_weights,
+    weights_run,
+)
 from pipeline.config import ConfigError
 from pipeline.errors import DataError, ModelError, first_line
 from pipeline.evaluation.record import Evaluation
@@ -159,11 +165,14 @@ def log_into_run(
     from pipeline.artifacts.serving import log_served_model
 
     client = MlflowClient()
-    status = client.get_run(run_id).info.status
+    run = client.get_run(run_id)
+    status, name = run.info.status, run.data.tags.get(RUN_NAME_TAG) or "model"
     onnx = {item.runtime: item.path for item in attachments}
     digests = {WEIGHTS: file_sha256(weights), **{a.runtime: a.sha256 for a in attachments}}
     with mlflow.start_run(run_id=run_id):
-        info = log_served_model(weights, read_model_info(weights), evaluation.miou, onnx, digests)
+        info = log_served_model(
+            weights, read_model_info(weights), evaluation.miou, onnx, digests, name
+        )
     client.set_terminated(run_id, status)  # leaving start_run marked it FINISHED
     log_scores(mlflow.get_tracking_uri(), str(info.model_uri), evaluation.mlflow_metrics())
     return str(info.model_uri)

@@ -146,7 +146,8 @@ class _Window:
         return StepRecord(
             iteration=int(scheduler.last_epoch),
             loss=means[0],
-            lr=float(optimizer.param_groups[-1]["lr"]),
+            lr=float(optimizer.param_groups[0]["lr"]),
+            lr_head=float(optimizer.param_groups[-1]["lr"]),
             images_per_s=self.images / seconds if seconds > 0 else 0.0,
             parts=dict(zip(self.names, means[1:], strict=True)),
         )

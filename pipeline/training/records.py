@@ -17,6 +17,7 @@ IMAGES_PER_S = "images_per_s"
 STEP_IMAGES_PER_S = "step_images_per_s"
 LOSS = "loss"
 LR = "lr"
+LR_HEAD = "lr_head"
 
 
 @dataclass
@@ -25,12 +26,14 @@ class StepRecord:
 
     iteration: int
     loss: float
-    lr: float  # the head group's
+    lr: float  # the base learning rate (the backbone's group): train.lr on the poly schedule
     images_per_s: float  # wall clock, loader included, all workers
     parts: dict[str, float] = field(default_factory=dict)  # unweighted loss per output
+    lr_head: float = 0.0  # the head's group: lr x train.head_lr_mult
 
     def metrics(self) -> dict[str, float]:
-        return {LOSS: self.loss, LR: self.lr, IMAGES_PER_S: self.images_per_s} | {
+        rates = {LR: self.lr, LR_HEAD: self.lr_head}
+        return {LOSS: self.loss, **rates, IMAGES_PER_S: self.images_per_s} | {
             f"loss_{k}": v for k, v in self.parts.items()
         }
 

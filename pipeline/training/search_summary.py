@@ -141,7 +141,7 @@ def _trial_run_id(client: Any, search: SearchJob, trial: Trial) -> str:
 
 
 def _close_trial_run(client: Any, search: SearchJob, trial: Trial) -> None:
-    """A trial ASHA stopped was killed mid-run: mark its MLflow run and say why."""
+    """A trial's MLflow run: FINISHED (ASHA's stop tagged ``tune.stopped_early``) or FAILED."""
     run_id = _trial_run_id(client, search, trial)
     if not run_id:
         return
@@ -151,9 +151,8 @@ def _close_trial_run(client: Any, search: SearchJob, trial: Trial) -> None:
     status = client.get_run(run_id).info.status
     if trial.error:
         client.set_terminated(run_id, "FAILED")
-    elif trial.stopped_early:  # its trainer may have ended the run FINISHED after Tune stopped it
-        client.set_terminated(run_id, "KILLED")
-    elif status == "RUNNING":
+    elif status == "RUNNING" or trial.stopped_early:  # stopped by ASHA is a finished run, not a
+        client.set_terminated(run_id, "FINISHED")  # crash: its tag tune.stopped_early says so
         client.set_terminated(run_id, "FINISHED")
 
 

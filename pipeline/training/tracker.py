@@ -71,7 +71,7 @@ class Tracker:
         self._log(record.iteration, record.metrics())
         total = self.job.train.max_iters
         log.info(
-            "[train] iter %d/%d (%.0f%%) loss %.4f head lr %.4g %.1f img/s",
+            "[train] iter %d/%d (%.0f%%) loss %.4f lr %.4g %.1f img/s",
             record.iteration,
             total,
             100 * record.iteration / total,

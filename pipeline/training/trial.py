@@ -74,6 +74,12 @@ def trial_train(train: TrainParams, tune: TuneParams) -> TrainParams:
     )
 
 
+def trial_number(run_name: str) -> int:
+    """1, 2, ... from a trial's name (Tune's trial ids end in ``_00000``, ``_00001``, ...)."""
+    tail = run_name.rsplit("_", 1)[-1]
+    return int(tail) + 1 if tail.isdigit() else 0
+
+
 def trial_run_name(search_name: str, trial_id: str) -> str:
     return f"{search_name}-{trial_id}"
 
@@ -94,7 +100,8 @@ def tune_trial(config: dict[str, Any], search: SearchJob) -> None:
         TRIAL_TAG: run_name,
         "mlflow.source.name": "danet tune",
     }
-    run_id = mlt.start_or_resume_run(uri, search.experiment, run_name, params, tags)
+    title = f"trial {trial_number(run_name)}: {describe_values(values)}"
+    run_id = mlt.start_or_resume_run(uri, search.experiment, run_name, params, tags, title)
     log.info("[tune] trial %s: %s", run_name, describe_values(values))
     try:
         fit(
