@@ -175,7 +175,7 @@ def tune(
         bool, typer.Option("--restart", help="delete the search's results and run it anew")
     ] = False,
 ) -> None:
-    """Ray Tune search over learning rate and crop size with ASHA (params: tune, model, data, train, mlflow)."""
+    """Ray Tune search over tune.space (random or Optuna TPE, ASHA); writes best_params.yaml for --refit (params: tune, model, data, train, mlflow)."""
     from pipeline.training.search import run_search
 
     with one_line_errors():
