@@ -42,7 +42,7 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(DEV_STAMP)
 	$(VENV)/bin/pytest -m "not slow" -n $(TEST_WORKERS)
-	$(VENV)/bin/pytest -m slow
+	$(VENV)/bin/pytest -m slow --durations=30
 
 test-fast: $(DEV_STAMP)
 	$(VENV)/bin/pytest -m "not slow" -n $(TEST_WORKERS)
