@@ -236,3 +236,24 @@ def write_model_file(path: Path, shards: Path, seed: int = 0, **meta: object) ->
     )
     save_model_file(path, model.state_dict(), info)
     return path
+
+
+def evaluation_record(model_uri: str, miou: float, **changes: Any) -> Any:
+    """An ``Evaluation`` of ``model_uri`` as danet evaluate writes it, on split val of shards
+    with digest ``abc`` (``changes`` replace any field)."""
+    from pipeline.evaluation.record import Evaluation
+
+    fields: dict[str, Any] = {
+        "model": model_uri,
+        "model_uri": model_uri,
+        "dataset": "synthetic",
+        "split": "val",
+        "split_sha256": "abc",
+        "protocol": "official-whole-flip",
+        "miou": miou,
+        "pixel_acc": 0.9,
+        "mean_acc": 0.5,
+        "iou_per_class": {"a": miou, "b": miou},
+        "images": 4,
+    }
+    return Evaluation(**{**fields, **changes})

@@ -339,21 +339,9 @@ def test_the_readme_runs_an_exported_file_with_onnxruntime_numpy_and_pillow_alon
 
 
 def registered_evaluation(tmp: Path, run_id: str, miou: float = 0.4) -> Path:
-    from pipeline.evaluation.record import Evaluation
+    from tests.conftest import evaluation_record
 
-    record = Evaluation(
-        model=f"runs:/{run_id}/model.pt",
-        model_uri=f"runs:/{run_id}/model.pt",
-        dataset="synthetic",
-        split="val",
-        split_sha256="abc",
-        protocol="official-whole",
-        miou=miou,
-        pixel_acc=0.9,
-        mean_acc=0.5,
-        iou_per_class={"Sky": miou},
-        images=4,
-    )
+    record = evaluation_record(f"runs:/{run_id}/model.pt", miou, protocol="official-whole")
     path = tmp / f"metrics-{run_id[:6]}.json"
     path.write_text(record.to_json())
     return path

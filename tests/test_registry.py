@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, RegisterParams
-from pipeline.evaluation.record import Evaluation
 from pipeline.registry.register import CHALLENGER, CHAMPION, decide, register
-from tests.conftest import use_experiment
+from tests.conftest import evaluation_record, use_experiment
 
 BASE = {
     "dataset": "synthetic",
@@ -90,20 +89,7 @@ def log_model(uri: str, dataset: str = "synthetic") -> str:
 def evaluation(tmp: Path, uri: str, miou: float, **changes: str) -> RegisterParams:
     """An evaluation of a freshly logged model, as danet evaluate writes it."""
     model_uri = log_model(uri)
-    record = Evaluation(
-        model=model_uri,
-        model_uri=model_uri,
-        dataset="synthetic",
-        split="val",
-        split_sha256="abc",
-        protocol="official-whole-flip",
-        miou=miou,
-        pixel_acc=0.9,
-        mean_acc=0.5,
-        iou_per_class={"a": miou, "b": miou},
-        images=4,
-    )
-    record = dataclasses.replace(record, **changes)  # type: ignore[arg-type]
+    record = evaluation_record(model_uri, miou, **changes)
     path = tmp / f"eval-{model_uri.rsplit('/', 1)[-1]}.json"
     path.write_text(record.to_json())
     return RegisterParams(eval_metrics=str(path), out=str(tmp / "registered.json"))
@@ -229,19 +215,8 @@ def test_register_logs_the_served_model_from_a_training_runs_weights(
     before = load_model(run_id, uri)
     assert before.uri == f"runs:/{run_id}/model.pt" and before.classes[3] == "Road"
 
-    record = Evaluation(
-        model=str(model),
-        model_uri=str(model),
-        dataset="synthetic",
-        split="val",
-        split_sha256="abc",
-        protocol="official-whole-flip",
-        miou=0.42,
-        pixel_acc=0.9,
-        mean_acc=0.5,
-        iou_per_class=dict.fromkeys(before.classes, 0.42),
-        images=4,
-    )
+    per_class = dict.fromkeys(before.classes, 0.42)
+    record = evaluation_record(str(model), 0.42, iou_per_class=per_class)
     (tmp_path / "metrics.json").write_text(record.to_json())
     params = RegisterParams(
         eval_metrics=str(tmp_path / "metrics.json"), out=str(tmp_path / "r.json")
