@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 IGNORE_COLOUR = (0, 0, 0)
 
@@ -34,10 +34,29 @@ def overlay(
     return (image.astype(np.float32) * (1 - alpha) + colours * alpha).clip(0, 255).astype(np.uint8)
 
 
+COLUMNS = ("image", "ground truth", "prediction")
+
+
+def column_titles(widths: Sequence[int], titles: Sequence[str]) -> np.ndarray:
+    """A white band with each title centred over its column (a font sized to the columns)."""
+    size = int(np.clip(min(widths) / 8, 10, 24))
+    font = ImageFont.load_default(size=size)
+    band = Image.new("RGB", (sum(widths), size + size // 2 + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(band)
+    left = 0
+    for width, title in zip(widths, titles, strict=True):
+        draw.text(
+            (left + width / 2, band.height / 2), title, fill=(0, 0, 0), font=font, anchor="mm"
+        )
+        left += width
+    return np.asarray(band)
+
+
 def prediction_grid(
     rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], palette: Sequence[Sequence[int]]
 ) -> np.ndarray:
-    """One row per image: image | ground truth | prediction overlay (all the same size)."""
+    """One row per image: image | ground truth | prediction overlay (all the same size), under
+    a band naming the columns."""
     lines = []
     for image, truth, pred in rows:
         lines.append(
@@ -48,7 +67,9 @@ def prediction_grid(
         np.pad(line, ((0, 4), (0, width - line.shape[1]), (0, 0)), constant_values=255)
         for line in lines
     ]
-    return np.concatenate(lines, axis=0)
+    first = rows[0][0].shape[1]
+    titles = column_titles([first, first, width - 2 * first], COLUMNS)
+    return np.concatenate([titles, *lines], axis=0)
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:

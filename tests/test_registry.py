@@ -230,7 +230,7 @@ def test_register_logs_the_served_model_from_a_training_runs_weights(
         )
         meta = mlflow.models.get_model_info(logged[0].model_uri).metadata
     assert len(logged) == 1 and meta["val_miou"] == 0.42
-    assert any(m.key == "val_miou/official-whole-flip" for m in logged[0].metrics or [])
+    assert any(m.key == "val/official-whole-flip/miou" for m in logged[0].metrics or [])
     assert client.get_run(run_id).info.status == "KILLED"
     version = client.get_model_version("danet-synthetic", "1")
     assert version.run_id == run_id

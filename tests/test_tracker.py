@@ -40,7 +40,7 @@ def test_metrics_survive_mlflow_going_down(
         tracker.step(StepRecord(iteration=i, loss=1.0 / i, lr=0.01, images_per_s=5.0))
 
     step(1)
-    assert ("loss", 1) in client.sent and not tracker.buffer
+    assert ("loss/total", 1) in client.sent and not tracker.buffer
     client.down = True
     with caplog.at_level(logging.WARNING):
         step(2)
@@ -52,7 +52,7 @@ def test_metrics_survive_mlflow_going_down(
     clock[0] += Tracker.RETRY_S
     step(4)
     assert not tracker.buffer and tracker.down_since is None
-    assert [s for k, s in client.sent if k == "loss"] == [1, 2, 3, 4]  # none lost, none twice
+    assert [s for k, s in client.sent if k == "loss/total"] == [1, 2, 3, 4]  # none lost, none twice
     assert [r.iteration for r in tracker.history.steps] == [1, 2, 3, 4]
 
 

@@ -49,12 +49,12 @@ def test_train_evaluate_register_against_a_tracking_server(
         "true",
         "false",
     )
-    assert len(tags["danet.manifest_sha256"]) == 64 and len(tags["danet.code_sha256"]) == 64
-    (dataset,) = run.inputs.dataset_inputs
-    assert (
-        dataset.dataset.name == "synthetic-shards"
-        and dataset.dataset.digest == tags["danet.manifest_sha256"][:16]
-    )
+    assert len(tags["danet.code_sha256"]) == 64
+    # one dataset per split, named and digested as the evaluation and the registry name them
+    datasets = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(datasets) == {"synthetic-train", "synthetic-val"}
+    contexts = {n: d.tags[0].value for n, d in datasets.items()}
+    assert contexts == {"synthetic-train": "training", "synthetic-val": "validation"}
     assert run.data.params["train.lr"] == "0.01"
     assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
@@ -66,8 +66,9 @@ def test_train_evaluate_register_against_a_tracking_server(
         mlflow_server,
     )
     scored = client.get_run(summary.mlflow_run_id).data.metrics
-    assert scored["val_miou/official-whole-flip"] == pytest.approx(evaluation.miou)
-    assert "val_iou/official-whole-flip/Road" in scored
+    assert scored["val/official-whole-flip/miou"] == pytest.approx(evaluation.miou)
+    assert "val/official-whole-flip/iou/Road" in scored
+    assert datasets["synthetic-val"].dataset.digest == evaluation.split_sha256[:16]
     mlflow.set_tracking_uri(mlflow_server)
     experiments = [run.info.experiment_id]
     assert not mlflow.search_logged_models(experiment_ids=experiments, output_format="list")
@@ -82,9 +83,15 @@ def test_train_evaluate_register_against_a_tracking_server(
         result.alias == "champion" and version.run_id == summary.mlflow_run_id
     )  # linked to its run
     assert version.tags["data_sha256"] == evaluation.split_sha256
-    # register logged the served model into the run, the scores on the model's page
+    # register logged the served model into the run, the evaluation's scores (each once, on the
+    # evaluated dataset) and nothing else on the model's page: no system metrics, no curves
     (logged,) = mlflow.search_logged_models(experiment_ids=experiments, output_format="list")
-    assert {m.key for m in logged.metrics or []} >= {"val_miou/official-whole-flip"}
+    keys = [m.key for m in logged.metrics or []]
+    assert sorted(keys) == sorted(evaluation.mlflow_metrics()), keys
+    assert {(m.dataset_name, m.dataset_digest) for m in logged.metrics or []} == {
+        ("synthetic-val", evaluation.split_sha256[:16])
+    }
+    assert logged.name == summary.run_name
     assert client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
 
 

@@ -172,8 +172,9 @@ def signature_and_example(info: ModelInfo) -> tuple[Any, Any]:
         ),
         params=params,
     )
-    rgb = np.zeros((24, 32, 3), dtype=np.uint8)
-    rgb[:, :16] = info.palette[0]
+    from pipeline.data.readers.scene import render_scene
+
+    rgb, _ = render_scene(seed=0, width=64, height=48)  # a street scene, as a user would send
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return signature, pd.DataFrame({"image": [buffer.getvalue()]})
@@ -222,6 +223,9 @@ def log_served_model(
             },
             signature=signature,
             input_example=example,
+            # log_model links the run's metrics at `step` to the model; at 0 (the default) system
+            # metrics and summaries. -1 holds none: the page shows log_scores' scores only
+            step=-1,
             code_paths=[str(root / "danet"), str(root / "pipeline")],
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",

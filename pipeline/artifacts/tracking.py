@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ServiceError
 from pipeline.outputs import project_path
+
+if TYPE_CHECKING:
+    from pipeline.evaluation.record import Evaluation
 
 RUN_NAME_TAG = "danet.run_name"
 
@@ -181,9 +184,13 @@ def git_state() -> tuple[str, bool]:
     return commit.stdout.strip(), bool(changed)
 
 
-def log_lineage(uri: str, run_id: str, source: str, name: str, digest: str, code: str) -> None:
-    """What a run was made from: the git commit (and a dirty flag), the code's digest, and the
-    shards as an MLflow dataset input (their location and manifest digest)."""
+def log_lineage(
+    uri: str, run_id: str, source: str, dataset: str, splits: Sequence[tuple[str, str]], code: str
+) -> None:
+    """What a run was made from: the git commit (and a dirty flag), the code's digest, and each
+    split's shards as an MLflow dataset input: ``<dataset>-<split>``, its location, and the
+    first 16 hex digits of its digest (what ``danet evaluate`` and the registry's
+    ``data_sha256`` name the same shards by), context ``training`` or ``validation``."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag, RunTag
@@ -194,15 +201,19 @@ def log_lineage(uri: str, run_id: str, source: str, name: str, digest: str, code
         "mlflow.source.git.commit": commit,
         "danet.git_dirty": str(dirty).lower(),
         "danet.code_sha256": code,
-        "danet.manifest_sha256": digest,
     }
     # the client, not mlflow.start_run: leaving that block would mark the run FINISHED while it
     # trains (and MLflow's system-metrics monitor stops logging into a run that is not RUNNING)
     client = MlflowClient(uri)
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest[:16])  # type: ignore[abstract]
-    context = InputTag("mlflow.data.context", "training")
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [context])])
+    inputs = []
+    for (split, digest), context in zip(splits, ("training", "validation"), strict=False):
+        data = MetaDataset(
+            resolve_dataset_source(source), name=f"{dataset}-{split}", digest=digest[:16]
+        )  # type: ignore[abstract]
+        tag = InputTag("mlflow.data.context", context)
+        inputs.append(DatasetInput(data._to_mlflow_entity(), [tag]))
+    client.log_inputs(run_id, datasets=inputs)
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:
@@ -282,9 +293,10 @@ def model_run(ref: str) -> tuple[str, str | None] | None:
     return run_id, uri.removeprefix("models:/") if uri else None
 
 
-def log_scores(uri: str, ref: str, metrics: dict[str, float]) -> bool:
+def log_scores(uri: str, ref: str, evaluation: Evaluation) -> bool:
     """Log an evaluation's scores into the model's run, linked to the logged model (MLflow 3
-    shows them on the model's page); False when the model has no MLflow run."""
+    shows them on the model's page) and to the evaluated shards (the dataset the run lists
+    under that name and digest); False when the model has no MLflow run."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -294,7 +306,13 @@ def log_scores(uri: str, ref: str, metrics: dict[str, float]) -> bool:
         return False
     run_id, model_id = found
     now = int(time.time() * 1000)
-    entries = [Metric(k, v, now, 0, model_id=model_id, run_id=run_id) for k, v in metrics.items()]
+    name, digest = evaluation.mlflow_dataset()
+    entries = [
+        Metric(
+            k, v, now, 0, model_id=model_id, run_id=run_id, dataset_name=name, dataset_digest=digest
+        )
+        for k, v in evaluation.mlflow_metrics().items()
+    ]
     client = MlflowClient(uri)  # the run keeps its status (mlflow.start_run would end it anew)
     for i in range(0, len(entries), 1000):
         client.log_batch(run_id, metrics=entries[i : i + 1000])

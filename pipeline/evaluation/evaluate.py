@@ -212,11 +212,11 @@ def check_counted(matrix: torch.Tensor, manifest: Manifest, split: str) -> None:
 
 def log_to_model(evaluation: Evaluation, ref: str, tracking_uri: str) -> None:
     """The scores on the evaluated model's MLflow run and logged model, named by split and
-    protocol (``val_miou/official-whole-flip``, ``val_iou/official-whole-flip/Road``)."""
+    protocol (``val/official-whole-flip/miou``, ``val/official-whole-flip/iou/Road``)."""
     from pipeline.artifacts.tracking import log_scores
 
     try:
-        if not log_scores(tracking_uri, ref, evaluation.mlflow_metrics()):
+        if not log_scores(tracking_uri, ref, evaluation):
             log.info("%s has no MLflow run: the scores are in metrics.json only", ref)
     except Exception as err:  # MLflow down: the report is written all the same
         log.warning("MLflow unreachable (%s): the scores are in metrics.json only", first_line(err))

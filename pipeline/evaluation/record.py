@@ -36,15 +36,19 @@ class Evaluation:
     images: int
 
     def mlflow_metrics(self) -> dict[str, float]:
-        """The scores as MLflow metrics named by split and protocol
-        (``val_miou/official-whole-flip``, ``val_iou/official-whole-flip/Road``)."""
-        key = f"{self.split}_%s/{self.protocol}"
-        metrics = {key % "miou": self.miou, key % "pixel_acc": self.pixel_acc}
+        """The scores as MLflow metrics named by split and protocol (``val/official-whole-flip/
+        miou``, ``val/official-whole-flip/iou/Road``): charted right after the training's
+        ``val/miou`` curve (pipeline/training/records.py)."""
+        key = f"{self.split}/{self.protocol}"
+        metrics = {f"{key}/miou": self.miou, f"{key}/pixel_acc": self.pixel_acc}
         return metrics | {
-            f"{key % 'iou'}/{name}": v
-            for name, v in self.iou_per_class.items()
-            if not math.isnan(v)
+            f"{key}/iou/{name}": v for name, v in self.iou_per_class.items() if not math.isnan(v)
         }
+
+    def mlflow_dataset(self) -> tuple[str, str]:
+        """The evaluated shards as the training run names them among its datasets (name, digest:
+        the first 16 hex digits of ``split_sha256``, the registry's ``data_sha256``)."""
+        return f"{self.dataset}-{self.split}", self.split_sha256[:16]
 
     def to_json(self) -> str:
         """Strict JSON: a class absent from truth and prediction has IoU ``null``, never NaN."""

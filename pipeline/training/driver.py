@@ -180,9 +180,7 @@ def train_run(
     tags = {"dataset": job.dataset, "mlflow.source.name": "danet train", **(tags or {})}
     run_id = mlt.start_or_resume_run(uri, experiment, run_name, flat_params(job), tags)
     source = data.shards if is_url(data.shards) else str(Path(data.shards).resolve())
-    mlt.log_lineage(
-        uri, run_id, source, f"{job.dataset}-shards", job.manifest_sha256, code_digest()
-    )
+    mlt.log_lineage(uri, run_id, source, job.dataset, job.split_sha256, code_digest())
     job = dataclasses.replace(
         job,
         tracking_uri=uri,

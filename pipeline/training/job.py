@@ -73,6 +73,7 @@ class TrainJob:
     manifest_sha256: str
     class_pixels: tuple[int, ...]  # of the training split, per class
     class_image_pixels: tuple[int, ...]  # pixels of the training images that contain each class
+    split_sha256: tuple[tuple[str, str], ...] = ()  # (split, digest): train's then val's
     tracking_uri: str = ""
     mlflow_run_id: str = ""
     system_metrics_every: float = 0.0  # s between rank 0's samples of its node's CPU/GPU; 0 off
@@ -122,6 +123,9 @@ def prepare_job(
         manifest_sha256=manifest.sha256,
         class_pixels=manifest.split(data.train_split).class_pixels,
         class_image_pixels=manifest.split(data.train_split).class_image_pixels,
+        split_sha256=tuple(
+            (s, manifest.split_digest(s)) for s in (data.train_split, data.val_split)
+        ),
     )
     w, h = manifest.split(data.train_split).max_size
     largest = largest_side(h, w, data)

@@ -2,6 +2,11 @@
 
 Each metric name is defined here once; the worker reports them to Ray and MLflow, the results
 writer turns them into CSVs and pictures, the search reads ``VAL_MIOU`` back from Tune.
+
+MLflow's names differ from Ray's: its UI groups a run's charts by the prefix before the last
+``/`` and sorts the groups by name, unprefixed metrics last. ``loss/total`` and ``val/miou``
+head the first two groups, so the loss and the val mIoU curves are the first a user sees
+(then ``val/<protocol>`` from ``danet evaluate``, ``val_iou/<class>``, and lr, throughput).
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ class StepRecord:
     parts: dict[str, float] = field(default_factory=dict)  # unweighted loss per output
     lr_head: float = 0.0  # the head's group: lr x train.head_lr_mult
 
-    def metrics(self) -> dict[str, float]:
+    def mlflow_metrics(self) -> dict[str, float]:
+        """As MLflow charts them: ``loss/total``, ``loss/output/<pam|cam|out>``, ``lr`` (the
+        base lr), ``lr_head``, ``images_per_s``."""
         rates = {LR: self.lr, LR_HEAD: self.lr_head}
-        return {LOSS: self.loss, **rates, IMAGES_PER_S: self.images_per_s} | {
-            f"loss_{k}": v for k, v in self.parts.items()
+        return {"loss/total": self.loss, **rates, IMAGES_PER_S: self.images_per_s} | {
+            f"loss/output/{k}": v for k, v in self.parts.items()
         }
 
 
@@ -68,6 +75,14 @@ class EvalRecord:
             "iteration": self.iteration,
             "train_loss": self.train_loss,
         }
+
+    def mlflow_metrics(self, classes: list[str]) -> dict[str, float]:
+        """As MLflow charts them: ``val/miou``, ``val/pixel_acc``, ``val/mean_acc`` and
+        ``val_iou/<class>``."""
+        scores = {"val/miou": self.miou, "val/pixel_acc": self.pixel_acc}
+        scores["val/mean_acc"] = self.mean_acc
+        per_class = zip(classes, self.iou_per_class, strict=True)
+        return scores | {f"val_iou/{name}": v for name, v in per_class}
 
 
 @dataclass

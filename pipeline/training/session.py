@@ -285,6 +285,8 @@ def train_epochs(
     its metrics (the caller checkpoints); at a ``checkpoint_every`` boundary ``report`` the
     iteration alone. ``before_epoch``: a test seam (a worker that dies at an epoch)."""
     t = run.job.train
+    if tracker and run.iteration == 0:  # the untrained model's overlays: the image view's step 0
+        tracker.overlays(run.core, run.device, 0)
     while run.epoch < t.epochs:
         if before_epoch is not None:
             before_epoch(run)

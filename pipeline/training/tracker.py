@@ -68,7 +68,7 @@ class Tracker:
 
     def step(self, record: StepRecord) -> None:
         self.history.steps.append(record)
-        self._log(record.iteration, record.metrics())
+        self._log(record.iteration, record.mlflow_metrics())
         total = self.job.train.max_iters
         log.info(
             "[train] iter %d/%d (%.0f%%) loss %.4f lr %.4g %.1f img/s",
@@ -98,10 +98,7 @@ class Tracker:
             log.warning("[train] MLflow: overlays not logged (%s)", first_line(err))
 
     def evaluation(self, record: EvalRecord) -> None:
-        names = self.job.classes
-        per_class = {f"val_iou/{n}": v for n, v in zip(names, record.iou_per_class, strict=True)}
-        metrics = {k: v for k, v in record.metrics().items() if k.startswith("val_")}
-        self._log(record.iteration, metrics | per_class)
+        self._log(record.iteration, record.mlflow_metrics(list(self.job.classes)))
         log.info(
             "[train] iter %d: val mIoU %.4f pixel acc %.4f",
             record.iteration,
