@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo test test-fast lint readme-check bench-attention bench-train clean
+.PHONY: install demo test test-fast lint readme-check ui-check bench-attention bench-train clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ test-fast: $(DEV_STAMP)
 # The README's commands, run as written on a tiny copy of the pipeline (also part of `make test`).
 readme-check: $(DEV_STAMP)
 	$(VENV)/bin/pytest tests/test_e2e.py
+
+# The MLflow UI after `make demo`, in a real browser: screenshots of the README's views into
+# docs/ui/ and checks of what each shows. Needs Debian's chromium (apt-get install chromium).
+ui-check: $(DEV_STAMP)
+	$(PY) tests/ui_check.py --out docs/ui
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check danet pipeline tests bench

@@ -234,6 +234,9 @@ def test_register_logs_the_served_model_from_a_training_runs_weights(
     assert client.get_run(run_id).info.status == "KILLED"
     version = client.get_model_version("danet-synthetic", "1")
     assert version.run_id == run_id
+    # the registry page says how to call it: the request, the signature's params, the runtimes
+    for words in ("`image`", "`mode` (auto)", "`runtime` (torch)", "val mIoU 0.4200"):
+        assert words in version.description, version.description
     served = load_model("models:/danet-synthetic@champion", uri)
     assert served.uri.startswith("models:/") and served.classes == before.classes
     assert load_model(run_id, uri).uri == logged[0].model_uri

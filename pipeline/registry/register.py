@@ -32,6 +32,7 @@ from pipeline.registry.served import (
     mlflow_model_uri,
     read_attachments,
     served_onnx,
+    usage,
 )
 from pipeline.schema import check_name
 
@@ -234,6 +235,9 @@ def _register(
     else:
         version = mlflow.register_model(model_uri, name, tags=tags)
         undo.append(("version", str(version.version)))
+        client.update_model_version(
+            name, version.version, description=usage(evaluation, tags["runtimes"])
+        )
     if champion is not None and str(champion.version) == str(version.version):
         alias, reason = CHAMPION, "already the champion"
     else:

@@ -176,3 +176,20 @@ def log_into_run(
     client.set_terminated(run_id, status)  # leaving start_run marked it FINISHED
     log_scores(mlflow.get_tracking_uri(), str(info.model_uri), evaluation)
     return str(info.model_uri)
+
+
+def usage(evaluation: Evaluation, runtimes: str) -> str:
+    """The version's description in the registry: what it scored on which shards, what a
+    request holds and the params it takes (the signature's, with their defaults)."""
+    from pipeline.artifacts.serving import DEFAULT_PARAMS
+
+    name, digest = evaluation.mlflow_dataset()
+    params = ", ".join(f"`{k}` ({v})" for k, v in DEFAULT_PARAMS.items())
+    return (
+        f"DANet on {evaluation.dataset}: val mIoU {evaluation.miou:.4f} "
+        f"({evaluation.protocol}, {evaluation.images} images of {name} {digest}).\n\n"
+        "Request: a dataframe with one column `image`, the bytes of a PNG or JPEG. Response: "
+        "`labels` (a single-channel PNG of train ids, base64), `height`, `width`.\n\n"
+        f"Params (defaults): {params}; `mode` auto | whole | slide; `runtime` one of "
+        f"{runtimes.replace(',', ', ')}."
+    )

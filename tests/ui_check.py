@@ -1,0 +1,256 @@
+"""``make ui-check``: the MLflow UI after ``make demo``, opened in a real browser.
+
+Starts ``mlflow ui`` on 127.0.0.1 over the demo's store (the README's command), drives Debian's
+Chromium with Playwright, and for each view the README lists takes a screenshot (docs/ui/*.png)
+and checks what a user should find there: the champion run's source and commit, its datasets,
+the loss and val mIoU charts first, the prediction images from step 0, the trials named by their
+values and none shown as crashed, the logged model named after its run with the evaluation's
+scores only, and the registered version's tags and usage. Prints one line per check; exit 1 if
+any failed, 2 if there is nothing to look at (run ``make demo`` first) or no browser.
+
+Not part of ``make test`` (it needs a browser and a finished demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+CHROMIUM = "/usr/bin/chromium"
+# Chromium on a closed network: no background connections, no sandbox as root (the probe's flags)
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SECTION_HEADERS = """() => Array.from(document.querySelectorAll('*'))
+    .filter(e => e.children.length == 0 && /^\\(\\d+\\)$/.test(e.textContent.trim()))
+    .map(e => e.parentElement.textContent.trim().replace(/\\(\\d+\\)$/, ''))"""
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def check(self, view: str, ok: bool, what: str, seen: Any = "") -> None:
+        print(f"{'ok  ' if ok else 'FAIL'} {view}: {what}" + ("" if ok else f" (saw {seen!r})"))
+        if not ok:
+            self.failed.append(f"{view}: {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def mlflow_ui(project: Path, store: str) -> Iterator[str]:
+    port = free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    cmd = [str(mlflow), "ui", "--backend-store-uri", store, "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port)], cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise SystemExit("error: mlflow ui exited at start") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def what_the_demo_made(project: Path, store: str) -> dict[str, Any]:
+    """The champion version, its run and logged model, the search it refits and its trials."""
+    from mlflow.tracking import MlflowClient
+
+    registered = project / "outputs" / "register" / "registered.json"
+    if not registered.is_file():
+        raise SystemExit(f"error: {registered} does not exist: run make demo first")
+    reg = json.loads(registered.read_text())
+    client = MlflowClient(store)
+    version = client.get_model_version(reg["name"], reg["champion_version"])
+    run = client.get_run(version.run_id)
+    search_id = run.data.tags.get("danet.search_run_id", "")
+    trials = client.search_runs(
+        [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{search_id}'"
+    )
+    model_id = str(version.source).removeprefix("models:/")
+    return {
+        "name": reg["name"],
+        "version": version,
+        "run": run,
+        "experiment": run.info.experiment_id,
+        "search": client.get_run(search_id) if search_id else None,
+        "trials": trials,
+        "model": client.get_logged_model(model_id),
+    }
+
+
+def shoot(page: Any, out: Path, name: str) -> None:
+    """A screenshot, shrunk to a small palette PNG for the README."""
+    from PIL import Image
+
+    path = out / f"{name}.png"
+    page.screenshot(path=str(path))
+    image = Image.open(path).convert("RGB")
+    image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.LANCZOS)
+    image.quantize(colors=128).save(path, optimize=True)
+
+
+def open_view(page: Any, url: str, wait_for: str) -> str:
+    page.goto(url)
+    try:
+        page.get_by_text(wait_for).first.wait_for(timeout=30_000)
+    except Exception:  # the check that follows says what is missing
+        pass
+    page.wait_for_timeout(2500)  # charts and images load after the text
+    return str(page.inner_text("body"))
+
+
+def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
+    from playwright.sync_api import sync_playwright
+
+    c = Checks()
+    run, exp = demo["run"], demo["experiment"]
+    run_id, run_name = run.info.run_id, run.info.run_name
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page.goto(f"{base}/#/experiments/{exp}/runs")
+        page.wait_for_timeout(3000)
+        for button in (page.get_by_text("Model training", exact=True), page.get_by_label("Close")):
+            if button.count():  # the training sidebar, and the assistant panel out of the way
+                button.first.click()
+                page.wait_for_timeout(500)
+
+        view = "run overview"
+        text = open_view(page, f"{base}/#/experiments/{exp}/runs/{run_id}", "Source")
+        commit = run.data.tags.get("mlflow.source.git.commit", "")[:7]
+        c.check(view, "danet train" in text, "Source says danet train", text[:200])
+        c.check(view, bool(commit) and commit in text, f"the git commit {commit} shown")
+        for split in ("train", "val"):
+            c.check(view, f"synthetic-{split}" in text, f"dataset synthetic-{split} listed")
+        c.check(view, "danet.refit_of_search" in text, "tagged as the search's refit")
+        shoot(page, out, "run-overview")
+
+        view = "model metrics"
+        open_view(page, f"{base}/#/experiments/{exp}/runs/{run_id}/model-metrics", "Step")
+        sections = page.evaluate(SECTION_HEADERS)
+        c.check(view, sections[:1] == ["loss"], "the loss section first", sections)
+        c.check(view, "val" in sections[:3], "val (mIoU) among the first sections", sections)
+        shoot(page, out, "run-metrics")
+        card = page.get_by_text("val_predictions", exact=True)
+        for _ in range(30):  # the charts render as they scroll into view
+            if card.count():
+                break
+            page.mouse.move(640, 600)
+            page.mouse.wheel(0, 1200)
+            page.wait_for_timeout(400)
+        c.check(view, card.count() > 0, "the val_predictions image card exists")
+        if card.count():
+            card.first.scroll_into_view_if_needed()
+            page.wait_for_timeout(3000)
+            text = str(page.inner_text("body"))
+            c.check(view, "No image logged" not in text, "an image at the card's first step")
+            shoot(page, out, "run-images")
+
+        view = "search trials"
+        search = demo["search"]
+        c.check(view, search is not None, "the champion's run names its search")
+        if search is not None:
+            names = [t.info.run_name for t in demo["trials"]]
+            c.check(view, all(re.match(r"trial \d+: \S+ ", n) for n in names), "trials", names)
+            states = {t.info.status for t in demo["trials"]}
+            c.check(view, states <= {"FINISHED"}, "no trial ends KILLED or FAILED", states)
+            text = open_view(page, f"{base}/#/experiments/{exp}/runs", search.info.run_name)
+            expand = page.get_by_text(search.info.run_name).first.locator(
+                "xpath=preceding::button[1]"
+            )
+            if expand.count():  # the search's row opens on its trials
+                expand.first.click()
+                page.wait_for_timeout(2000)
+            text = str(page.inner_text("body"))
+            c.check(view, all(n[:20] in text for n in names), "trial names in the runs table")
+            shoot(page, out, "search-trials")
+            ids = json.dumps([t.info.run_id for t in demo["trials"]])
+            compare = f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([exp])}"
+            text = open_view(page, compare, "Parallel Coordinates Plot")
+            c.check(view, "train.lr" in text, "the compare view lists train.lr")
+            shoot(page, out, "search-compare")
+
+        view = "logged model"
+        model = demo["model"]
+        text = open_view(page, f"{base}/#/experiments/{exp}/models/{model.model_id}", "Metrics")
+        c.check(view, model.name == run_name and run_name in text, "named after its run")
+        c.check(view, "system/" not in text, "no system metrics among its scores")
+        c.check(view, "val/official-whole-flip/miou" in text, "the evaluation's val mIoU shown")
+        c.check(view, "synthetic-val" in text, "its scores name the evaluated dataset")
+        shoot(page, out, "logged-model")
+
+        view = "model version"
+        version = demo["version"]
+        url = f"{base}/#/models/{demo['name']}/versions/{version.version}"
+        text = open_view(page, url, "data_sha256")
+        c.check(view, "champion" in text, "the champion alias shown")
+        c.check(view, version.tags["data_sha256"] in text, "data_sha256 shown")
+        digest = version.tags["data_sha256"][:16]
+        c.check(view, f"-val {digest}" in text, f"the description names the val shards {digest}")
+        c.check(view, "runtime" in text and "slide_above" in text, "the signature's params")
+        shoot(page, out, "model-version")
+        browser.close()
+    return c.failed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", type=Path, default=Path.cwd())
+    parser.add_argument("--store", default="sqlite:///mlflow.db")
+    parser.add_argument("--out", type=Path, default=Path("docs/ui"))
+    args = parser.parse_args()
+    if not Path(CHROMIUM).exists():
+        print(f"error: {CHROMIUM} not found: apt-get install chromium", file=sys.stderr)
+        return 2
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        print("error: playwright is not installed: make install", file=sys.stderr)
+        return 2
+    project = args.project.resolve()
+    try:
+        demo = what_the_demo_made(project, args.store)
+    except SystemExit as err:
+        print(err, file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    with mlflow_ui(project, args.store) as base:
+        failed = look(base, demo, args.out)
+    print(f"{'all checks passed' if not failed else f'{len(failed)} failed'}; screenshots in "
+          f"{args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
