@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,10 @@ def mlflow_ui(project: Path, store: str) -> Iterator[str]:
     mlflow = Path(sys.executable).parent / "mlflow"
     cmd = [str(mlflow), "ui", "--backend-store-uri", store, "--host", "127.0.0.1"]
     proc = subprocess.Popen(
-        [*cmd, "--port", str(port)], cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        [*cmd, "--port", str(port)],
+        cwd=project,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -92,6 +95,7 @@ def what_the_demo_made(project: Path, store: str) -> dict[str, Any]:
     reg = json.loads(registered.read_text())
     client = MlflowClient(store)
     version = client.get_model_version(reg["name"], reg["champion_version"])
+    assert version.run_id, f"version {version.version} has no run"
     run = client.get_run(version.run_id)
     search_id = run.data.tags.get("danet.search_run_id", "")
     trials = client.search_runs(
@@ -116,16 +120,14 @@ def shoot(page: Any, out: Path, name: str) -> None:
     path = out / f"{name}.png"
     page.screenshot(path=str(path))
     image = Image.open(path).convert("RGB")
-    image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.LANCZOS)
+    image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.Resampling.LANCZOS)
     image.quantize(colors=128).save(path, optimize=True)
 
 
 def open_view(page: Any, url: str, wait_for: str) -> str:
     page.goto(url)
-    try:
+    with suppress(Exception):  # the check that follows says what is missing
         page.get_by_text(wait_for).first.wait_for(timeout=30_000)
-    except Exception:  # the check that follows says what is missing
-        pass
     page.wait_for_timeout(2500)  # charts and images load after the text
     return str(page.inner_text("body"))
 
@@ -247,8 +249,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with mlflow_ui(project, args.store) as base:
         failed = look(base, demo, args.out)
-    print(f"{'all checks passed' if not failed else f'{len(failed)} failed'}; screenshots in "
-          f"{args.out}")
+    print(
+        f"{'all checks passed' if not failed else f'{len(failed)} failed'}; screenshots in "
+        f"{args.out}"
+    )
     return 1 if failed else 0
 
 
