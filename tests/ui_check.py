@@ -150,6 +150,11 @@ def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
 
         view = "run overview"
         text = open_view(page, f"{base}/#/experiments/{exp}/runs/{run_id}", "Source")
+        more = page.get_by_text(re.compile(r"^\+\d+$"))
+        if more.count():  # the datasets after the first hide behind "+1"
+            more.first.click()
+            page.wait_for_timeout(1000)
+            text = str(page.inner_text("body"))
         commit = run.data.tags.get("mlflow.source.git.commit", "")[:7]
         c.check(view, "danet train" in text, "Source says danet train", text[:200])
         c.check(view, bool(commit) and commit in text, f"the git commit {commit} shown")
@@ -177,7 +182,17 @@ def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
             page.wait_for_timeout(3000)
             text = str(page.inner_text("body"))
             c.check(view, "No image logged" not in text, "an image at the card's first step")
+            full = card.first.locator("xpath=following::button[1]")
+            if full.count():  # full screen: the card itself is a thumbnail under the params
+                full.first.click()
+                page.wait_for_timeout(3000)
+                image = page.get_by_role("dialog").locator("img")
+                if image.count():  # its preview: the picture at its own size
+                    image.first.click()
+                    page.wait_for_timeout(2000)
             shoot(page, out, "run-images")
+            page.keyboard.press("Escape")
+            page.keyboard.press("Escape")
 
         view = "search trials"
         search = demo["search"]

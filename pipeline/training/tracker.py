@@ -91,6 +91,8 @@ class Tracker:
         rows = prediction_rows(segmenter, self.job.val_shards, self.job.prediction_images, device)
         try:
             grid = prediction_grid(rows, self.job.palette)
+            zoom = -(-720 // grid.shape[1])  # small crops: enlarged (nearest) to ~720 px wide
+            grid = grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
             self.client.log_image(
                 self.job.mlflow_run_id, grid, key="val_predictions", step=iteration
             )
