@@ -118,7 +118,7 @@ def step_rate(
             sched,
             loss_fn,
             device,
-            bf16=job.train.bf16,
+            precision=job.train.precision,
             channels_last=job.train.channels_last,
             batch_fn=lambda b, d: b,
             log_every=10**9,
@@ -157,7 +157,7 @@ def train(job: TrainJob, args: argparse.Namespace, device: torch.device) -> dict
     step_ips, step_flops = step_rate(job, model, opt, first, device, args.step_steps)
     loss_fn, fn = build_loss(job, device), batch_fn(job, gpu)
     common = {
-        "bf16": t.bf16,
+        "precision": t.precision,
         "channels_last": t.channels_last,
         "grad_clip": t.grad_clip,
         "batch_fn": fn,
@@ -207,7 +207,9 @@ def train(job: TrainJob, args: argparse.Namespace, device: torch.device) -> dict
         "images_per_s_wall": total * t.batch_size / seconds,
         "images_per_s_step": step_ips,
         "step_tflop": step_flops / 1e12,
-        "mfu": step_flops * step_ips / t.batch_size / peak if peak and t.bf16 else None,
+        "mfu": step_flops * step_ips / t.batch_size / peak
+        if peak and t.precision != "fp32"
+        else None,
     }
 
 

@@ -67,7 +67,7 @@ def step_rate(
             scheduler,
             segmentation_loss,
             dev,
-            bf16=bf16,
+            precision="bf16" if bf16 else "fp32",
             channels_last=channels_last,
         )
         if dev.type == "cuda":

@@ -168,7 +168,8 @@ class TrainParams(Section):
     ohem_thresh: float = param(0.7, gt=0, le=1)
     ohem_min_kept: int = param(100_000, ge=0)  # per image
     class_weights: str = param("none", choices=("none", "median_frequency", "enet"))
-    bf16: bool = True  # autocast on GPUs and on CPUs with native bf16
+    precision: str = param("bf16", choices=("fp32", "bf16", "fp16"))  # fp16: loss-scaled
+    accumulate: int = param(1, ge=1)  # micro-batches per optimizer step (batch_size is global)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
     grad_clip: float = param(0.0, ge=0)  # max gradient norm; 0 = off
@@ -189,9 +190,9 @@ class TrainParams(Section):
 
     def check(self) -> None:
         require(
-            self.batch_size % self.num_workers == 0,
-            f"train.batch_size {self.batch_size} does not split evenly over "
-            f"train.num_workers {self.num_workers}",
+            self.batch_size % (self.num_workers * self.accumulate) == 0,
+            f"train.batch_size {self.batch_size} does not split evenly over train.num_workers "
+            f"{self.num_workers} x train.accumulate {self.accumulate}",
         )
 
     @property
@@ -200,8 +201,9 @@ class TrainParams(Section):
 
     @property
     def worker_batch(self) -> int:
-        """Images per worker and step; one step of all workers = one iteration."""
-        return self.batch_size // self.num_workers
+        """Images per worker and micro-batch; ``accumulate`` micro-batches of all workers = one
+        optimizer step = one iteration."""
+        return self.batch_size // (self.num_workers * self.accumulate)
 
 
 @dataclass(frozen=True)

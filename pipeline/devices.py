@@ -29,9 +29,30 @@ def cpu_has_bf16() -> bool:
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
-def autocast(device: torch.device, bf16: bool) -> Any:
-    """bf16 autocast when asked, on CUDA and on CPUs with native bf16 (``cpu_has_bf16``);
-    attention energies stay fp32 inside (danet/attention.py), a loss is taken outside."""
-    if bf16 and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())):
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """Autocast in ``precision``: ``bf16`` on CUDA and on CPUs with native bf16
+    (``cpu_has_bf16``; elsewhere fp32, which is faster there), ``fp16`` wherever torch has it
+    (training pairs it with a gradient scaler), ``fp32`` none. Attention energies stay fp32
+    inside (danet/attention.py); a loss is taken outside."""
+    if precision == "bf16" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        check_fp16(device)
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
     return nullcontext()
+
+
+def check_fp16(device: torch.device, param: str = "train.precision") -> None:
+    """fp16 autocast and loss scaling on ``device``, or one line naming ``param``."""
+    try:
+        with torch.autocast(device_type=device.type, dtype=torch.float16):
+            pass
+        torch.amp.GradScaler(device.type)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise ConfigError(
+            f"{param} fp16: torch {torch.__version__} has no fp16 autocast or gradient scaler "
+            f"on {device.type} ({str(err).splitlines()[0]}): use bf16 or fp32"
+        ) from None

@@ -22,7 +22,9 @@ _SPACE_HINT = (
     "use tune.space, e.g. {train.lr: {loguniform: [0.005, 0.02]}, data.crop_size: "
     "{choice: [80, 96]}}"
 )
-RENAMED = dict.fromkeys(("tune.lr_min", "tune.lr_max", "tune.crop_sizes"), _SPACE_HINT)
+RENAMED = dict.fromkeys(("tune.lr_min", "tune.lr_max", "tune.crop_sizes"), _SPACE_HINT) | {
+    "train.bf16": "use train.precision: bf16 (true), fp32 (false) or fp16 (with loss scaling)"
+}
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 SEARCHED = ("model", "data", "train")  # the sections a trial's values may change
 # keys a search holds fixed, and why (a trial may vary the recipe, not what it is compared on)

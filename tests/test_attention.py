@@ -132,8 +132,10 @@ def test_auto_picks_by_size_on_cpu() -> None:
 # --- numerics under autocast: energies and softmaxes in fp32 --------------------------------
 
 
-def relative_error(module: torch.nn.Module, x: torch.Tensor, part: str = "") -> float:
-    """||bf16-autocast - fp32|| / ||fp32|| of what the module adds to its input (or of ``part``)."""
+def relative_error(
+    module: torch.nn.Module, x: torch.Tensor, part: str = "", dtype: torch.dtype = torch.bfloat16
+) -> float:
+    """||autocast - fp32|| / ||fp32|| of what the module adds to its input (or of ``part``)."""
 
     def run() -> torch.Tensor:
         out = module(x)
@@ -141,7 +143,7 @@ def relative_error(module: torch.nn.Module, x: torch.Tensor, part: str = "") -> 
 
     with torch.no_grad():
         reference = run()
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
             got = run()
     return float((got - reference).norm() / reference.norm())
 
@@ -151,23 +153,28 @@ def post_relu(channels: int, size: int, device: str) -> torch.Tensor:
     return torch.relu(2 * torch.randn(2, channels, size, size, device=device))
 
 
+HALVES = [torch.bfloat16, torch.float16]  # train.precision bf16 and fp16
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size", [32, 48])
-def test_cam_in_bf16_autocast_equals_fp32(device: str, size: int) -> None:
+@pytest.mark.parametrize("dtype", HALVES)
+def test_cam_in_bf16_autocast_equals_fp32(device: str, size: int, dtype: torch.dtype) -> None:
     """The C x C energy of post-ReLU features (10^3-10^4) is computed in fp32: before, bf16 moved
-    the near-hard softmax and the output by 16-44%."""
+    the near-hard softmax and the output by 16-44% (and fp16's range ends at 6.5e4)."""
     cam = ChannelAttention().to(device)
     _randomize_gamma(cam, 1.0)
-    assert relative_error(cam, post_relu(512, size, device)) < 0.01
+    assert relative_error(cam, post_relu(512, size, device), dtype=dtype) < 0.01
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["dense", "efficient"])
-def test_pam_in_bf16_autocast_equals_fp32(device: str, impl: str) -> None:
+@pytest.mark.parametrize("dtype", HALVES)
+def test_pam_in_bf16_autocast_equals_fp32(device: str, impl: str, dtype: torch.dtype) -> None:
     torch.manual_seed(1)
     pam = PositionAttention(512, 64, impl=impl).to(device)  # type: ignore[arg-type]
     _randomize_gamma(pam, 1.0)
-    assert relative_error(pam, post_relu(512, 24, device)) < 0.01
+    assert relative_error(pam, post_relu(512, 24, device), dtype=dtype) < 0.01
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -86,7 +86,12 @@ class Stop(Exception):
 
 
 def _session(
-    shards: Path, out: Path, device: str, start: Path | None = None, stop_at: int = 0
+    shards: Path,
+    out: Path,
+    device: str,
+    start: Path | None = None,
+    stop_at: int = 0,
+    recipe: dict[str, Any] | None = None,
 ) -> tuple[Any, list[Path]]:
     """The training session of a tiny job (2 epochs of 2 iterations, an evaluation each) from the
     checkpoint ``start``; every report writes a checkpoint into ``out``; ``stop_at`` > 0 stops
@@ -95,7 +100,7 @@ def _session(
     from pipeline.training.session import open_session, restore, snapshot, train_epochs
     from tests.conftest import tiny_params
 
-    model, data, train, _ = tiny_params(out, shards)
+    model, data, train, _ = tiny_params(out, shards, train=recipe or {})
     job = prepare_job(model, data, train)
     run = open_session(job, device=torch.device(device))
     if start is not None:
@@ -134,3 +139,21 @@ def test_resumed_training_equals_uninterrupted_bitwise(
     assert resumed.iteration == straight.iteration == 4 and resumed.epoch == straight.epoch == 2
     assert resumed.history.evals == straight.history.evals and len(straight.history.evals) == 2
     assert resumed.best is not None and resumed.best.miou == straight.history.best().miou
+
+
+def test_fp16_with_accumulation_resumes_on_a_step_boundary_with_its_scale(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    """fp16 loss scaling and 2 micro-batches per step: stopped after the first checkpoint and
+    resumed, the run equals one straight through (the scaler's state is in the checkpoint, the
+    data stream resumes at the step's first micro-batch)."""
+    recipe = {"precision": "fp16", "accumulate": 2, "batch_size": 2}
+    straight, _ = _session(tiny_shards, tmp_path / "straight", "cpu", recipe=recipe)
+    _, written = _session(tiny_shards, tmp_path / "stopped", "cpu", stop_at=1, recipe=recipe)
+    state, _ = load_checkpoint(written[0])
+    assert state.iteration == 2 and state.scaler and state.scaler["scale"] > 0
+    resumed, _ = _session(tiny_shards, tmp_path / "resumed", "cpu", written[0], recipe=recipe)
+    for key, value in straight.core.state_dict().items():
+        assert torch.equal(value, resumed.core.state_dict()[key]), key
+    assert resumed.iteration == straight.iteration == 4
+    assert resumed.scaler.state_dict() == straight.scaler.state_dict()

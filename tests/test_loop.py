@@ -18,9 +18,9 @@ def test_cpu_autocast_follows_the_cpu_bf16_support(monkeypatch: pytest.MonkeyPat
     x = torch.randn(1, 3, 8, 8)
     for native in (True, False):
         monkeypatch.setattr("pipeline.devices.cpu_has_bf16", lambda native=native: native)
-        with autocast(CPU, bf16=True):
+        with autocast(CPU, "bf16"):
             assert conv(x).dtype == (torch.bfloat16 if native else torch.float32)
-        with autocast(CPU, bf16=False):
+        with autocast(CPU, "fp32"):
             assert conv(x).dtype == torch.float32
 
 
@@ -42,7 +42,7 @@ def _losses(bf16: bool, channels_last: bool) -> list[float]:
             scheduler,
             segmentation_loss,
             CPU,
-            bf16=bf16,
+            precision="bf16" if bf16 else "fp32",
             channels_last=channels_last,
         ).loss
         for _ in range(3)

@@ -85,7 +85,7 @@ def evaluate_model(
     cm = ConfusionMatrix(num_classes, device=device)
     rows: list[Row] = []
     bar = tqdm(desc=f"evaluate ({protocol.name})", unit="img", disable=None if progress else True)
-    with torch.no_grad(), autocast(device, bf16):
+    with torch.no_grad(), autocast(device, "bf16" if bf16 else "fp32"):
         for ref in shards:
             for key, image, label in read_shard(ref):
                 pred = infer(module, to_input(image).to(device), protocol).argmax(1)[0]

@@ -41,6 +41,7 @@ class TrainState:
     cuda_rng: list[torch.Tensor] = field(default_factory=list)  # per rank, on GPU runs
     best_model: dict[str, torch.Tensor] | None = None  # the weights of the best evaluation so far
     best_confusion: torch.Tensor | None = None  # its confusion matrix
+    scaler: dict[str, Any] | None = None  # fp16's GradScaler state (its scale)
 
 
 def save_checkpoint(directory: Path, state: TrainState, history: History, max_iters: int) -> None:

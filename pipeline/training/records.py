@@ -35,12 +35,14 @@ class StepRecord:
     images_per_s: float  # wall clock, loader included, all workers
     parts: dict[str, float] = field(default_factory=dict)  # unweighted loss per output
     lr_head: float = 0.0  # the head's group: lr x train.head_lr_mult
+    skipped_steps: int | None = None  # fp16: optimizer steps skipped for overflowing gradients
 
     def mlflow_metrics(self) -> dict[str, float]:
         """As MLflow charts them: ``loss/total``, ``loss/output/<pam|cam|out>``, ``lr`` (the
-        base lr), ``lr_head``, ``images_per_s``."""
-        rates = {LR: self.lr, LR_HEAD: self.lr_head}
-        return {"loss/total": self.loss, **rates, IMAGES_PER_S: self.images_per_s} | {
+        base lr), ``lr_head``, ``images_per_s``, ``skipped_steps`` (fp16's, since the last)."""
+        rates = {LR: self.lr, LR_HEAD: self.lr_head, IMAGES_PER_S: self.images_per_s}
+        skipped = {} if self.skipped_steps is None else {"skipped_steps": self.skipped_steps}
+        return {"loss/total": self.loss, **rates, **skipped} | {
             f"loss/output/{k}": v for k, v in self.parts.items()
         }
 

@@ -34,6 +34,7 @@ from pipeline.training.loop import (
     BatchFn,
     LossFn,
     build_optimizer,
+    grad_scaler,
     poly_schedule,
     to_device,
     train_steps,
@@ -72,6 +73,7 @@ class Session:
     loader: DataLoader
     val_loader: DataLoader
     batch_fn: BatchFn = to_device
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale
     history: History = field(default_factory=History)
     epoch: int = 0
     batch: int = 0
@@ -157,10 +159,10 @@ def open_session(
     wrapped, core = build_model(job, world, device, weights, prepare)
     t = job.train
     optimizer = build_optimizer(core, t.lr, t.momentum, t.weight_decay, t.head_lr_mult)
-    stream = TrainStream(
+    stream = TrainStream(  # in micro-batches: train.accumulate per iteration
         job.train_shards,
         batch_size=t.worker_batch,
-        batches_per_epoch=t.iters_per_epoch,
+        batches_per_epoch=t.iters_per_epoch * t.accumulate,
         augment=job.data,
         mean=job.mean,
         std=job.std,
@@ -191,6 +193,7 @@ def open_session(
         loader=train_loader(stream, job.data.loader_workers, pin_memory=device.type == "cuda"),
         val_loader=eval_loader(val, job.data.loader_workers),
         batch_fn=batch_fn,
+        scaler=grad_scaler(t.precision, device),
     )
 
 
@@ -201,6 +204,8 @@ def restore(run: Session, state: TrainState, history: History) -> None:
     run.core.load_state_dict(state.model)
     run.optimizer.load_state_dict(state.optimizer)
     run.scheduler.load_state_dict(state.scheduler)
+    if run.scaler is not None and state.scaler:
+        run.scaler.load_state_dict(state.scaler)
     torch.set_rng_state(state.rng[run.rank].cpu())
     if state.cuda_rng and run.device.type == "cuda":
         torch.cuda.set_rng_state(state.cuda_rng[run.rank].cpu(), run.device)
@@ -225,6 +230,7 @@ def snapshot(
         cuda_rng=cuda_rng or [],
         best_model=run.best.weights if run.best else None,
         best_confusion=run.best.confusion if run.best else None,
+        scaler=run.scaler.state_dict() if run.scaler is not None else None,
     )
 
 
@@ -248,7 +254,7 @@ def stretches(run: Session, tracker: Tracker | None) -> Iterator[float]:
     """Train the current epoch in stretches that end at checkpoint boundaries; yields the mean
     loss of each stretch, after which the run stands at a boundary or the epoch's end."""
     t = run.job.train
-    run.stream.set_epoch(run.epoch, skip=run.batch)
+    run.stream.set_epoch(run.epoch, skip=run.batch * t.accumulate)  # on a step boundary
     batches = iter(run.loader)
     done = run.batch
     while done < t.iters_per_epoch:
@@ -257,12 +263,14 @@ def stretches(run: Session, tracker: Tracker | None) -> Iterator[float]:
             n = min(n, t.checkpoint_every - run.iteration % t.checkpoint_every)
         summary = train_steps(
             run.model,
-            itertools.islice(batches, n),
+            itertools.islice(batches, n * t.accumulate),
             run.optimizer,
             run.scheduler,
             run.loss_fn,
             run.device,
-            bf16=t.bf16,
+            precision=t.precision,
+            scaler=run.scaler,
+            accumulate=t.accumulate,
             channels_last=t.channels_last,
             grad_clip=t.grad_clip,
             on_log=tracker.step if tracker else None,

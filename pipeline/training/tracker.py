@@ -70,14 +70,16 @@ class Tracker:
         self.history.steps.append(record)
         self._log(record.iteration, record.mlflow_metrics())
         total = self.job.train.max_iters
+        skipped = f" ({record.skipped_steps} fp16 steps skipped)" if record.skipped_steps else ""
         log.info(
-            "[train] iter %d/%d (%.0f%%) loss %.4f lr %.4g %.1f img/s",
+            "[train] iter %d/%d (%.0f%%) loss %.4f lr %.4g %.1f img/s%s",
             record.iteration,
             total,
             100 * record.iteration / total,
             record.loss,
             record.lr,
             record.images_per_s,
+            skipped,
         )
 
     def overlays(self, core: SegmentationModel, device: torch.device, iteration: int) -> None:
