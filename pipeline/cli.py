@@ -301,6 +301,38 @@ def predict(
 
 
 @app.command()
+def explain(
+    ctx: typer.Context,
+    inputs: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    model: Annotated[str, opt("model.pt, MLflow run id, runs:/ or models:/ URI")],
+    out: Annotated[str, opt("folder for the pictures")] = "outputs/explain",
+    points: Annotated[str, opt("query pixels 'x,y;x,y' (default: one per large region)")] = "",
+    params: ParamsOption = Path("params.yaml"),
+    sets: SetOption = None,
+) -> None:
+    """Images -> pictures of the model's position and channel attention (<stem>_pam.png, _cam.png).
+
+    Computed for the chosen query pixels only, never the N x N map (danet/explain.py)."""
+    from pipeline.artifacts.refs import load_model
+    from pipeline.devices import pick_device
+    from pipeline.registry.explain import explain_files, parse_points
+
+    with one_line_errors():
+        p = load(ctx, params, sets, ())
+        queries = parse_points(points)
+        device = pick_device(p.predict.device, "predict.device")
+        report = explain_files(
+            load_model(model, tracking_uri(p)), inputs, Path(out), queries, device
+        )
+    errors, done = report.describe(out)
+    if errors:
+        typer.echo(errors, err=True)
+    typer.echo(done)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def export(
     ctx: typer.Context,
     params: ParamsOption = Path("params.yaml"),
