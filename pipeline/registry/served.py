@@ -107,18 +107,19 @@ def mlflow_model_uri(
         run_id = found[0]
         weights = Path(model_uri) if not model_uri.startswith("runs:/") else None
     digests = {item.runtime: item.sha256 for item in attachments}
+    weights_sha256 = ""  # hashed once: by the check, else by log_into_run
     if attachments:  # checked before a served model is looked for or logged
         weights = weights or run_weights(run_id)
         if weights is None or not weights.is_file():
             raise ModelError(model_uri, "its run holds no model.pt to check the ONNX files against")
-        check_sources(attachments, weights)
+        weights_sha256 = check_sources(attachments, weights)
     served = served_model(run_id, digests)
     if served is not None:
         return served, run_id
     weights = weights or run_weights(run_id)
     if weights is None or not weights.is_file():
         raise ModelError(model_uri, "its run holds no model.pt (mlflow.log_model: false?)")
-    return log_into_run(run_id, weights, evaluation, attachments), run_id
+    return log_into_run(run_id, weights, evaluation, attachments, weights_sha256), run_id
 
 
 def onnx_digests(meta: dict[str, Any]) -> dict[str, str]:
@@ -155,10 +156,15 @@ def served_model(run_id: str, onnx: dict[str, str]) -> str | None:
 
 
 def log_into_run(
-    run_id: str, weights: Path, evaluation: Evaluation, attachments: Sequence[Attachment] = ()
+    run_id: str,
+    weights: Path,
+    evaluation: Evaluation,
+    attachments: Sequence[Attachment] = (),
+    weights_sha256: str = "",
 ) -> str:
     """The served pyfunc of ``weights`` (and the ``attachments``) logged into run ``run_id``
-    (whose status it keeps), the evaluation's scores on the logged model's page."""
+    (whose status it keeps), the evaluation's scores on the logged model's page.
+    ``weights_sha256``: the weights' digest when the caller has it ("": hashed here)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -168,7 +174,10 @@ def log_into_run(
     run = client.get_run(run_id)
     status, name = run.info.status, run.data.tags.get(RUN_NAME_TAG) or "model"
     onnx = {item.runtime: item.path for item in attachments}
-    digests = {WEIGHTS: file_sha256(weights), **{a.runtime: a.sha256 for a in attachments}}
+    digests = {
+        WEIGHTS: weights_sha256 or file_sha256(weights),
+        **{a.runtime: a.sha256 for a in attachments},
+    }
     with mlflow.start_run(run_id=run_id):
         info = log_served_model(
             weights, read_model_info(weights), evaluation.miou, onnx, digests, name
