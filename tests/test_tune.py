@@ -86,7 +86,7 @@ def test_search_stops_one_trial_early_and_keeps_the_best(tmp_path: Path, ray_clu
     assert len(children) == 3
     stopped = [c for c in children if c.data.tags.get("tune.stopped_early") == "true"]
     assert stopped and all(c.info.status == "FINISHED" for c in stopped)  # not shown as crashed
-    assert all("val_miou" in c.data.metrics for c in children)
+    assert all("val/miou" in c.data.metrics for c in children)
 
     # Started again with the same config: Tuner.restore finds the finished search, trains nothing.
     again = run_search(*cfg)
