@@ -40,19 +40,20 @@ def autocast(device: torch.device, precision: str) -> Any:
     if precision == "bf16" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if precision == "fp16":
-        check_fp16(device)
+        check_fp16(device.type)
         return torch.autocast(device_type=device.type, dtype=torch.float16)
     return nullcontext()
 
 
-def check_fp16(device: torch.device, param: str = "train.precision") -> None:
-    """fp16 autocast and loss scaling on ``device``, or one line naming ``param``."""
+@functools.cache  # once per device type: autocast is entered at every forward pass
+def check_fp16(device_type: str, param: str = "train.precision") -> None:
+    """fp16 autocast and loss scaling on ``device_type``, or one line naming ``param``."""
     try:
-        with torch.autocast(device_type=device.type, dtype=torch.float16):
+        with torch.autocast(device_type=device_type, dtype=torch.float16):
             pass
-        torch.amp.GradScaler(device.type)
+        torch.amp.GradScaler(device_type)
     except (RuntimeError, ValueError, AssertionError) as err:
         raise ConfigError(
             f"{param} fp16: torch {torch.__version__} has no fp16 autocast or gradient scaler "
-            f"on {device.type} ({str(err).splitlines()[0]}): use bf16 or fp32"
+            f"on {device_type} ({str(err).splitlines()[0]}): use bf16 or fp32"
         ) from None
