@@ -53,6 +53,7 @@ class RawFiles(Dataset):
         if isinstance(self.reader, SyntheticReader):  # generated data: the reader draws it
             sample = self.reader.read(item)
             image, label = decode_image(sample.image_bytes), sample.label
+            assert label is not None  # train scenes are labelled
         else:  # one decode of each file, as a plain file-based loader would
             image = decode_image(Path(item.image).read_bytes())
             assert item.label is not None

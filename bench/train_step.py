@@ -27,21 +27,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare 
 from bench.peak import peak_bf16
 from danet import DANetConfig, build_danet
 from danet.losses import segmentation_loss
-from pipeline.training.loop import build_optimizer, poly_schedule, train_steps
+from pipeline.training.loop import build_optimizer, grad_scaler, poly_schedule, train_steps
 
-# the GPU rows: (bf16, attention, channels_last, compile), each against the row before it
+# the GPU rows: (precision, attention, channels_last, compile), each against the row before it
+# (fp16: loss-scaled, what a V100/T4 runs; against bf16 on the same GPU)
 MATRIX = [
-    (False, "auto", False, False),
-    (True, "auto", False, False),
-    (True, "auto", True, False),
-    (True, "dense", True, False),
-    (True, "auto", True, True),
+    ("fp32", "auto", False, False),
+    ("bf16", "auto", False, False),
+    ("fp16", "auto", False, False),
+    ("bf16", "auto", True, False),
+    ("bf16", "dense", True, False),
+    ("bf16", "auto", True, True),
 ]
 
 
 def step_rate(
     backbone: str, head: str, crop: int, batch: int, steps: int, device: str,
-    bf16: bool = False, attention: str = "auto", channels_last: bool = False,
+    precision: str = "fp32", attention: str = "auto", channels_last: bool = False,
     compile_model: bool = False, flops: list[float] | None = None,
 ) -> float:  # fmt: skip
     """Images/s of ``steps`` timed training steps in this process (median of per-step rates);
@@ -57,6 +59,7 @@ def step_rate(
     x = torch.randn(batch, 3, crop, crop)
     y = torch.randint(0, 19, (batch, crop, crop))
     dev = torch.device(device)
+    scaler = grad_scaler(precision, dev)
     times = []
 
     def step() -> None:
@@ -67,7 +70,8 @@ def step_rate(
             scheduler,
             segmentation_loss,
             dev,
-            precision="bf16" if bf16 else "fp32",
+            precision=precision,
+            scaler=scaler,
             channels_last=channels_last,
         )
         if dev.type == "cuda":
@@ -157,7 +161,7 @@ def main() -> None:
     parser.add_argument(
         "--matrix",
         action="store_true",
-        help="DANet rows: fp32, bf16, +channels_last, dense, +compile; MFU",
+        help="DANet rows: fp32, bf16, fp16, +channels_last, dense, +compile; MFU",
     )
     parser.add_argument(
         "--no-compile", action="store_true", help="skip the compile row (minutes on a CPU)"
@@ -168,23 +172,23 @@ def main() -> None:
           f"crop {args.crop}, batch {args.batch}, {args.steps} timed steps")  # fmt: skip
 
     print(
-        f"\n{'backbone':>11} {'model':>6} {'bf16':>5} {'attention':>9} {'ch_last':>7} {'compile':>7} | {'img/s':>7}"
+        f"\n{'backbone':>11} {'model':>6} {'prec':>5} {'attention':>9} {'ch_last':>7} {'compile':>7} | {'img/s':>7}"
     )
     for backbone in args.backbone:
         rates = {}
         for head in ("danet", "fcn"):
             rates[head] = step_rate(backbone, head, args.crop, args.batch, args.steps, args.device)
             print(
-                f"{backbone:>11} {head:>6} {'no':>5} {'auto':>9} {'no':>7} {'no':>7} | {rates[head]:7.2f}",
+                f"{backbone:>11} {head:>6} {'fp32':>5} {'auto':>9} {'no':>7} {'no':>7} | {rates[head]:7.2f}",
                 flush=True,
             )
         print(f"{'':>11} FCN / DANet speed: {rates['fcn'] / rates['danet']:.2f}")
         if args.matrix:
             flops: list[float] = []
             peak = peak_bf16(args.device)
-            for bf16, attention, cl, comp in MATRIX:
-                if comp and args.no_compile:
-                    continue
+            for precision, attention, cl, comp in MATRIX:
+                if (comp and args.no_compile) or (precision == "fp16" and args.device == "cpu"):
+                    continue  # fp16 is the GPU's (a CPU without fp16 units emulates it)
                 r = step_rate(
                     backbone,
                     "danet",
@@ -192,15 +196,16 @@ def main() -> None:
                     args.batch,
                     args.steps,
                     args.device,
-                    bf16,
+                    precision,
                     attention,
                     cl,
                     comp,
                     flops,
                 )
-                mfu = f"{flops[0] * r / args.batch / peak:7.1%}" if peak and bf16 else ""
+                half = precision != "fp32"
+                mfu = f"{flops[0] * r / args.batch / peak:7.1%}" if peak and half else ""
                 print(
-                    f"{backbone:>11} {'danet':>6} {'yes' if bf16 else 'no':>5} {attention:>9} "
+                    f"{backbone:>11} {'danet':>6} {precision:>5} {attention:>9} "
                     f"{'yes' if cl else 'no':>7} {'yes' if comp else 'no':>7} | {r:7.2f} {mfu}",
                     flush=True,
                 )

@@ -258,21 +258,33 @@ def register(
 @app.command()
 def predict(
     ctx: typer.Context,
-    inputs: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    inputs: Annotated[
+        list[Path] | None, typer.Argument(help="image files or folders (or --shards)")
+    ] = None,
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
     model: Annotated[
         str | None,
         opt("model.pt, MLflow run id, runs:/ or models:/ URI"),
     ] = None,
-    out: Annotated[str | None, opt("folder for masks and overlays")] = None,
+    out: Annotated[str | None, opt("folder for the predictions")] = None,
+    shards: Annotated[str | None, opt("predict a split of these shards (folder or URL)")] = None,
+    split: Annotated[str | None, opt("the split of --shards (default test)")] = None,
+    format: Annotated[
+        str | None, opt("masks (pictures), cityscapes (labelIds for the test server) or voc")
+    ] = None,
+    mode: Annotated[str | None, opt("auto (by slide_above), whole or slide")] = None,
+    scales: Annotated[
+        str | None, opt("comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5,1.75")
+    ] = None,
     slide_above: Annotated[
         int | None, opt("sliding window for images with a longer side", min=0)
     ] = None,
     crop: Annotated[int | None, opt("sliding-window crop", min=16)] = None,
     flip: FlipOption = None,
 ) -> None:
-    """Images or folders -> colour masks (the dataset's palette), overlays and label PNGs (params: predict).
+    """Images, folders or a split of shards -> label maps, as pictures or as a benchmark server
+    reads them (params: predict; protocols as evaluate's: predict.mode, scales, flip, ...).
 
     A file that is not a readable image is listed and skipped (exit 1 after the others)."""
     from pipeline.registry.predict import predict_from_params
@@ -286,12 +298,17 @@ def predict(
             **{
                 "predict.model": model,
                 "predict.out": out,
+                "predict.shards": shards,
+                "predict.split": split,
+                "predict.format": format,
+                "predict.mode": mode,
+                "predict.scales": parse_scales(scales),
                 "predict.slide_above": slide_above,
                 "predict.crop": crop,
                 "predict.flip": flip,
             },
         )
-        report = predict_from_params(p.predict, inputs, tracking_uri(p))
+        report = predict_from_params(p.predict, inputs or [], tracking_uri(p))
     errors, done = report.describe(p.predict.out)
     if errors:
         typer.echo(errors, err=True)

@@ -7,8 +7,8 @@ keys ``dvc exp run -S`` takes) and builds the sections. The code defaults equal 
 bad value is a ``ConfigError`` naming the key: ``train.loss_weights.out must be a number, got
 'heavy'``.
 
-The rules of each field (``ge``, ``gt``, ``choices``, ``keys``) sit beside its default and are
-checked when a section is built, from params or in code.
+The rules of each field (``ge``, ``gt``, ``choices``, ``keys``) sit beside its default, checked
+when a section is built.
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ class SyntheticParams(Section):
     width: int = param(160, ge=32)
     height: int = param(120, ge=32)
     seed: int = 0
-    # danet synthetic: the scenes as a folder dataset of PNGs (images to predict), not sharded
-    out: str = ""
+    out: str = ""  # danet synthetic: the scenes as a folder dataset of PNGs (to predict)
     splits: tuple[str, ...] = ("val",)
     count: int = param(0, ge=0)  # the first N scenes of each split; 0 = all
 
@@ -99,11 +98,8 @@ class ModelParams(Section):
             raise ConfigError(
                 f"model.num_classes is {self.num_classes} but the shard manifest has {num_classes} classes"
             )
-        values = {
-            k: v
-            for k, v in dataclasses.asdict(self).items()
-            if k not in ("num_classes", "init_from")
-        }
+        values = dataclasses.asdict(self)
+        del values["num_classes"], values["init_from"]
         try:
             return DANetConfig(num_classes=num_classes, **values)
         except ValueError as err:
@@ -201,8 +197,7 @@ class TrainParams(Section):
 
     @property
     def worker_batch(self) -> int:
-        """Images per worker and micro-batch; ``accumulate`` micro-batches of all workers = one
-        optimizer step = one iteration."""
+        """Images per worker and micro-batch (accumulate micro-batches of all workers: a step)."""
         return self.batch_size // (self.num_workers * self.accumulate)
 
 
@@ -215,8 +210,7 @@ class MlflowParams(Section):
     experiment: str = ""
     log_model: bool = True  # model.pt into the run (danet register needs it there)
     num_prediction_images: int = param(4, ge=0)  # overlays logged at every evaluation
-    # seconds between samples of the training node's CPU, memory and GPU, logged to the run; 0 = off
-    system_metrics_every: float = param(10.0, ge=0)
+    system_metrics_every: float = param(10.0, ge=0)  # s between CPU/memory/GPU samples; 0 = off
 
 
 @dataclass(frozen=True)
@@ -247,34 +241,40 @@ class TuneParams(Section):
 
 
 @dataclass(frozen=True)
-class EvaluateParams(Section):
+class ProtocolParams(Section):
+    """An inference protocol (danet/inference.py) of evaluate and predict (each has its mode, flip)."""
+
+    reference: str = param("official", choices=("official", "mmseg"))
+    crop: int = param(512, ge=16)  # sliding-window crop
+    stride: int = param(0, ge=0)  # 0 = the reference's default
+    scales: tuple[float, ...] = param((1.0,), gt=0)  # several: multi-scale
+    base_size: int = param(0, ge=0)  # official: long side at scale 1 (0 = the image's own)
+    test_scale: tuple[int, ...] = param((), ge=1)  # mmseg: [W, H] keep-ratio test resize
+    window_batch: int = param(8, ge=1)  # sliding windows per forward pass
+
+    def check(self) -> None:
+        require(bool(self.scales), f"{self.NAME}.scales must list at least one scale")
+        require(
+            len(self.test_scale) in (0, 2),
+            f"{self.NAME}.test_scale must be [] or [W, H], got {list(self.test_scale)}",
+        )
+
+
+@dataclass(frozen=True)
+class EvaluateParams(ProtocolParams):
     """``danet evaluate``: which model, which split, which protocol."""
 
     NAME = "evaluate"
     model: str = "auto"  # auto = the better of train.out and tune.out; or a file, run id, URI
     shards: str = "data/shards"
     split: str = "val"
-    reference: str = param("official", choices=("official", "mmseg"))
     mode: str = param("whole", choices=("whole", "slide"))
-    crop: int = param(512, ge=16)
-    stride: int = param(0, ge=0)  # 0 = the reference's default
-    scales: tuple[float, ...] = param((1.0,), gt=0)
     flip: bool = True
-    base_size: int = param(0, ge=0)  # official: long side at scale 1 (0 = the image's own)
-    test_scale: tuple[int, ...] = param((), ge=1)  # mmseg: [W, H] keep-ratio test resize
     out: str = "outputs/eval"
     num_overlays: int = param(4, ge=0)
     device: str = param("auto", choices=("auto", "cpu", "cuda"))
     bf16: bool = False  # autocast on CUDA and CPUs with native bf16 (energies fp32)
-    window_batch: int = param(8, ge=1)  # sliding windows per forward pass
     workers: int = param(1, ge=1)  # > 1: Ray tasks (a GPU each when there are GPUs)
-
-    def check(self) -> None:
-        require(bool(self.scales), "evaluate.scales must list at least one scale")
-        require(
-            len(self.test_scale) in (0, 2),
-            f"evaluate.test_scale must be [] or [W, H], got {list(self.test_scale)}",
-        )
 
 
 @dataclass(frozen=True)
@@ -290,15 +290,18 @@ class RegisterParams(Section):
 
 
 @dataclass(frozen=True)
-class PredictParams(Section):
-    """``danet predict`` and the served model's defaults: whole image up to ``slide_above``
-    (long side), the sliding window beyond it."""
+class PredictParams(ProtocolParams):
+    """``danet predict`` (files or a split of shards; ``format``: pipeline/registry/formats.py)
+    and the served model's defaults; ``mode: auto`` slides over images above ``slide_above``."""
 
     NAME = "predict"
     model: str = ""  # model.pt, run id, runs:/ or models:/ URI
     out: str = "outputs/predict"
+    shards: str = ""  # predict a split of these shards (folder or URL) instead of files
+    split: str = "test"  # ... this split, labelled or images only
+    format: str = param("masks", choices=("masks", "cityscapes", "voc"))
+    mode: str = param("auto", choices=("auto", "whole", "slide"))
     slide_above: int = param(1024, ge=0)
-    crop: int = param(512, ge=16)  # sliding-window crop
     flip: bool = False  # add horizontally flipped predictions
     device: str = param("auto", choices=("auto", "cpu", "cuda"))
 

@@ -1,5 +1,5 @@
-"""Results people look at: colour masks, overlays, prediction grids, confusion matrices and curves
-(PNG), and the per-class IoU table (CSV)."""
+"""Results people look at: colour masks, overlays, prediction grids, confusion matrices, curves and
+attention maps (PNG), and the per-class IoU table (CSV)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,19 @@ import csv
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from danet.explain import Explanation
 
 IGNORE_COLOUR = (0, 0, 0)
 
@@ -163,3 +168,61 @@ def write_per_class_iou(path: str | Path, pairs: Iterable[tuple[str, float]]) ->
         for name, iou in pairs:
             writer.writerow([name, "" if math.isnan(iou) else f"{iou:.5f}"])
     return path
+
+
+def heat(ax: plt.Axes, image: np.ndarray, weights: np.ndarray, title: str) -> None:
+    ax.imshow(image.mean(axis=2), cmap="gray", vmin=0, vmax=255)
+    shown = ax.imshow(weights, cmap="inferno", alpha=0.6)
+    plt.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def upsample(maps: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    return F.interpolate(maps[None].float(), size=shape, mode="bilinear")[0].numpy()
+
+
+def position_figure(image: np.ndarray, e: Explanation, classes: Sequence[str]) -> plt.Figure:
+    rows = upsample(e.rows, image.shape[:2])
+    fig, axes = plt.subplots(1, len(e.points) + 1, figsize=(3.2 * (len(e.points) + 1), 3))
+    axes[0].imshow(image)
+    for i, (x, y) in enumerate(e.points, 1):
+        axes[0].plot(x, y, "o", ms=9, mec="white", mfc="red")
+        axes[0].annotate(str(i), (x, y), color="white", ha="center", va="center", fontsize=7)
+    axes[0].set_title("query pixels", fontsize=9)
+    axes[0].axis("off")
+    for i, ((x, y), ax) in enumerate(zip(e.points, axes[1:], strict=True)):
+        name = classes[int(e.labels[y, x])]
+        heat(ax, image, rows[i], f"{i + 1}: ({x}, {y}) {name}")
+        ax.plot(x, y, "o", ms=6, mec="white", mfc="none")
+    fig.suptitle("position attention: where each query pixel gathers from", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def channel_figure(image: np.ndarray, e: Explanation, classes: Sequence[str]) -> plt.Figure:
+    v = e.channels
+    maps = upsample(v.maps, image.shape[:2])
+    fig, axes = plt.subplots(1, len(v.classes) + 1, figsize=(3.2 * (len(v.classes) + 1), 3))
+    for i, (k, c) in enumerate(zip(v.classes, v.channels, strict=True)):
+        heat(axes[i], image, maps[i], f"{classes[k]}: channel {c}")
+    names = [classes[k] for k in v.classes]
+    shown = axes[-1].imshow(v.affinity.numpy(), cmap="coolwarm", vmin=-3, vmax=3)
+    axes[-1].set_xticks(range(len(names)), [f"ch {c}" for c in v.channels], rotation=90)
+    axes[-1].set_yticks(range(len(names)), names)
+    axes[-1].set_title("class x channel affinity (std)", fontsize=9)
+    plt.colorbar(shown, ax=axes[-1], fraction=0.046, pad=0.02)
+    fig.suptitle("channel attention: the channel each class lights up", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+ATTENTION_FIGURES = {"pam": position_figure, "cam": channel_figure}  # danet explain's pictures
+
+
+def figure_array(fig: plt.Figure) -> np.ndarray:
+    """A figure as an (H, W, 3) uint8 picture (closed after)."""
+    fig.canvas.draw()
+    array = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
+    plt.close(fig)
+    return array

@@ -5,6 +5,7 @@ both on 127.0.0.1; tiny synthetic shards; model files as training writes them.""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,14 @@ from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams
 from pipeline.data.manifest import load_manifest
 from pipeline.data.readers.synthetic import SyntheticReader
 from pipeline.data.shard import shard_dataset
+
+
+def takes_ctrl_c() -> None:
+    """``Popen(preexec_fn=takes_ctrl_c)``: the child gets SIGINT's default action back. A shell
+    starts a background job (``make test &``, a CI runner's step) with SIGINT ignored, every
+    child inherits that, and a test that sends Ctrl-C would then see the command run to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 CAMVID = ROOT.parent / "shared" / "data" / "camvid"

@@ -34,7 +34,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from tests.conftest import use_experiment, write_model_file
+from tests.conftest import takes_ctrl_c, use_experiment, write_model_file
 from tests.test_datasets import label_grid, write_image, write_label
 
 runner = CliRunner()
@@ -1276,7 +1276,11 @@ def test_signal_leaves_earlier_outputs(
     (tmp / "big.yaml").write_text(json.dumps(big))
     before = digest(tmp / "previous")
     process = subprocess.Popen(
-        [danet, *args], cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [danet, *args],
+        cwd=tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=takes_ctrl_c,
     )
     deadline = time.monotonic() + 60
     while (

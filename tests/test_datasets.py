@@ -36,7 +36,7 @@ def label_grid(values: list[int], h: int = 6, w: int = 8) -> np.ndarray:
 
 
 def read_all(reader: Reader, split: str) -> dict[str, np.ndarray]:
-    return {it.key: reader.read(it).label for it in reader.items(split)}
+    return {it.key: reader.read(it).train_ids for it in reader.items(split)}
 
 
 def test_cityscapes_label_ids_mapped_and_train_ids_preferred(tmp_path: Path) -> None:
@@ -155,7 +155,7 @@ def test_synthetic_is_deterministic_and_varied() -> None:
     reader = SyntheticReader(num_samples={"train": 3, "val": 2}, width=96, height=64, seed=3)
     items = reader.items("train")
     a, b = reader.read(items[0]), reader.read(items[0])
-    assert a.image_bytes == b.image_bytes and np.array_equal(a.label, b.label)
+    assert a.image_bytes == b.image_bytes and np.array_equal(a.train_ids, b.train_ids)
     assert reader.read(items[1]).image_bytes != a.image_bytes
     _, label = render_scene(0, 160, 120)
     present = set(np.unique(label).tolist())
@@ -168,9 +168,9 @@ def test_camvid_reader_on_shared_data() -> None:
     reader = make_reader("camvid", CAMVID)
     train, val = reader.items("train"), reader.items("val")
     assert (len(train), len(val)) == (367, 101)
-    sample = reader.read(val[0])
-    assert sample.label.shape == (360, 480)
-    assert set(np.unique(sample.label).tolist()) <= {*range(11), 255}
+    label = reader.read(val[0]).train_ids
+    assert label.shape == (360, 480)
+    assert set(np.unique(label).tolist()) <= {*range(11), 255}
 
 
 def test_every_reader_is_registered() -> None:
@@ -237,3 +237,38 @@ def test_empty_and_missing_root(tmp_path: Path) -> None:
         make_reader("camvid", tmp_path).items("val")
     with pytest.raises(DataError, match="dataset root does not exist"):
         make_reader("camvid", tmp_path / "nope")
+
+
+def test_label_less_splits_are_images_only_and_half_labelled_ones_fail(tmp_path: Path) -> None:
+    """VOC's test list without SegmentationClass/, a folder split without masks/, the synthetic
+    test split: every item unlabelled, read as images only. A folder split missing one mask
+    still fails on that image."""
+    from pipeline.data.readers.base import images_only
+
+    voc = tmp_path / "VOC2012"
+    write_image(voc / "JPEGImages/2008_000001.jpg", fmt="JPEG")
+    (voc / "ImageSets/Segmentation").mkdir(parents=True)
+    (voc / "ImageSets/Segmentation/test.txt").write_text("2008_000001\n")
+    folder = tmp_path / "folder"
+    (folder / "classes.txt").parent.mkdir(parents=True)
+    (folder / "classes.txt").write_text("a\nb\n")
+    for name in ("x", "y"):
+        write_image(folder / f"images/test/{name}.png")
+        write_image(folder / f"images/val/{name}.png")
+    write_label(folder / "masks/val/x.png", label_grid([0, 1]))
+    readers = (
+        (make_reader("voc", voc), "test"),
+        (make_reader("folder", folder), "test"),
+        (SyntheticReader(num_samples={"test": 2}, width=32, height=32), "test"),
+    )
+    for reader, split in readers:
+        items = reader.items(split)
+        assert items and images_only(items), type(reader).__name__
+        sample = reader.read(items[0], images_only=True)
+        assert sample.label is None and sample.image_bytes
+    half = make_reader("folder", folder).items("val")
+    assert not images_only(half)
+    reader = make_reader("folder", folder)
+    assert reader.read(half[0]).label is not None
+    with pytest.raises(DataError, match="image has no label file"):
+        reader.read(half[1])

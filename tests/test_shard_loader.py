@@ -67,7 +67,7 @@ def test_manifest_contents_and_raw_labels(tmp_path: Path) -> None:
     assert load_manifest(tmp_path / "s") == manifest  # what was written reads back the same
     # Labels come back exactly as the reader produced them (single-channel PNG, raw decode).
     key, _, label = next(read_shard(str(tmp_path / "s" / train.shards[0].name)))
-    assert np.array_equal(label, reader.read(reader.items("train")[0]).label)
+    assert np.array_equal(label, reader.read(reader.items("train")[0]).train_ids)
     with tarfile.open(tmp_path / "s" / "train-000000.tar") as tar:
         member = tar.extractfile(f"{key}.json")
         assert member is not None

@@ -27,7 +27,7 @@ from pipeline.config import (
 )
 from pipeline.training.search import run_search
 from pipeline.training.search_summary import Trial, format_trials, write_summary
-from tests.conftest import synthetic_shards, tiny_params
+from tests.conftest import synthetic_shards, takes_ctrl_c, tiny_params
 
 
 def configs(tmp: Path) -> tuple[ModelParams, DataParams, TrainParams, MlflowParams, TuneParams]:
@@ -235,7 +235,12 @@ def test_ctrl_c_stops_a_search_in_seconds_and_it_then_resumes(tmp_path: Path) ->
     log = tmp_path / "tune.log"
     with open(log, "w") as output:  # a file: a full pipe would block the driver
         process = subprocess.Popen(
-            command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            preexec_fn=takes_ctrl_c,
         )
         deadline = time.monotonic() + 300
         while not list((tmp_path / "ray").rglob("checkpoint_*")):  # the trial is training

@@ -113,6 +113,18 @@ def what_the_demo_made(project: Path, store: str) -> dict[str, Any]:
     }
 
 
+def find_card(page: Any, name: str) -> Any:
+    """The chart card titled ``name``, scrolled to: the charts render as they come into view."""
+    card = page.get_by_text(name, exact=True)
+    for _ in range(30):
+        if card.count():
+            break
+        page.mouse.move(640, 600)
+        page.mouse.wheel(0, 1200)
+        page.wait_for_timeout(400)
+    return card
+
+
 def shoot(page: Any, out: Path, name: str) -> None:
     """A screenshot, shrunk to a small palette PNG for the README."""
     from PIL import Image
@@ -169,13 +181,7 @@ def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
         c.check(view, sections[:1] == ["loss"], "the loss section first", sections)
         c.check(view, "val" in sections[:3], "val (mIoU) among the first sections", sections)
         shoot(page, out, "run-metrics")
-        card = page.get_by_text("val_predictions", exact=True)
-        for _ in range(30):  # the charts render as they scroll into view
-            if card.count():
-                break
-            page.mouse.move(640, 600)
-            page.mouse.wheel(0, 1200)
-            page.wait_for_timeout(400)
+        card = find_card(page, "val_predictions")
         c.check(view, card.count() > 0, "the val_predictions image card exists")
         if card.count():
             card.first.scroll_into_view_if_needed()
@@ -193,6 +199,9 @@ def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
             shoot(page, out, "run-images")
             page.keyboard.press("Escape")
             page.keyboard.press("Escape")
+        for kind in ("pam", "cam"):  # danet explain's pictures, at the last evaluation
+            card = find_card(page, f"val_attention_{kind}")
+            c.check(view, card.count() > 0, f"the val_attention_{kind} image card exists")
 
         view = "search trials"
         search = demo["search"]

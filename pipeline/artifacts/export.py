@@ -100,7 +100,7 @@ def write_metadata(path: Path, meta: dict[str, str]) -> None:
 def calibration_images(params: ExportParams) -> list[np.ndarray]:
     """``calibration_images`` images spread evenly over the split (each (1, 3, H, W) in [0, 1])."""
     from danet.inference import to_input
-    from pipeline.data.loader import read_shard
+    from pipeline.data.loader import read_images
     from pipeline.data.manifest import load_manifest, shard_refs
 
     manifest = load_manifest(params.calibration_shards)
@@ -114,7 +114,7 @@ def calibration_images(params: ExportParams) -> list[np.ndarray]:
     images: list[np.ndarray] = []
     index = 0
     for ref in shard_refs(manifest, params.calibration_split):
-        for _, image, _ in read_shard(ref):
+        for _, image in read_images(ref):  # images only will do: labels are not needed
             if index % every == 0 and len(images) < params.calibration_images:
                 images.append(to_input(image).numpy())
             index += 1

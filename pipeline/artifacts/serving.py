@@ -33,7 +33,7 @@ from pipeline.images import MAX_PIXELS, TooLarge, decode_rgb
 
 _PREDICT = PredictParams()  # the request's defaults are danet predict's
 DEFAULT_PARAMS: dict[str, Any] = {
-    "mode": "auto",
+    "mode": _PREDICT.mode,
     "crop": _PREDICT.crop,
     "flip": _PREDICT.flip,
     "slide_above": _PREDICT.slide_above,

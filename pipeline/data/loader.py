@@ -51,7 +51,7 @@ class RawSample:
     key: str
     image: bytes
     image_format: str  # jpg or png
-    label: bytes  # single-channel PNG of train ids
+    label: bytes  # single-channel PNG of train ids; b"" in an images-only shard
 
 
 class _Hashing(io.RawIOBase):
@@ -77,7 +77,7 @@ def iter_raw(shard: ShardRef | str) -> Iterator[RawSample]:
         stream = _Hashing(f)
         try:
             with tarfile.open(fileobj=io.BufferedReader(stream), mode="r|") as tar:
-                for sample in _group(tar, ref.url):
+                for sample in _group(tar, ref.url, ref.labelled):
                     count += 1
                     yield sample
         except (tarfile.TarError, EOFError, OSError) as err:
@@ -93,27 +93,28 @@ def iter_raw(shard: ShardRef | str) -> Iterator[RawSample]:
         raise DataError(ref.url, f"shard holds {count} samples, the manifest says {ref.samples}")
 
 
-def _group(tar: tarfile.TarFile, url: str) -> Iterator[RawSample]:
+def _group(tar: tarfile.TarFile, url: str, labelled: bool = True) -> Iterator[RawSample]:
     """Consecutive tar members with one key -> one sample (WebDataset's convention)."""
     key, files = None, {}
     for member in tar:
         name = member.name.rsplit("/", 1)[-1]
         stem, _, suffix = name.partition(".")
         if stem != key and key is not None:
-            yield _sample(key, files, url)
+            yield _sample(key, files, url, labelled)
             files = {}
         key = stem
         handle = tar.extractfile(member)
         files[suffix] = handle.read() if handle else b""
     if key is not None:
-        yield _sample(key, files, url)
+        yield _sample(key, files, url, labelled)
 
 
-def _sample(key: str, files: dict[str, bytes], url: str) -> RawSample:
+def _sample(key: str, files: dict[str, bytes], url: str, labelled: bool) -> RawSample:
     fmt = next((s for s in IMAGE_SUFFIXES if s in files), None)
-    if fmt is None or "seg.png" not in files:
+    if fmt is None or (labelled and "seg.png" not in files):
         raise DataError(url, f"sample {key} lacks an image or seg.png")
-    return RawSample(key, files[fmt], "jpg" if fmt == "jpeg" else fmt, files["seg.png"])
+    label = files.get("seg.png", b"") if labelled else b""
+    return RawSample(key, files[fmt], "jpg" if fmt == "jpeg" else fmt, label)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -134,9 +135,18 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 
 def read_shard(shard: ShardRef | str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(key, image (H, W, 3), label (H, W)) of each sample of one shard, decoded, in order."""
+    """(key, image (H, W, 3), label (H, W)) of each sample of one labelled shard, decoded, in
+    order."""
+    if isinstance(shard, ShardRef) and not shard.labelled:
+        raise DataError(shard.url, "shard holds images only (no labels)")
     for raw in iter_raw(shard):
         yield raw.key, decode_image(raw.image), decode_label(raw.label)
+
+
+def read_images(shard: ShardRef) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, image (H, W, 3)) of each sample of one shard, labelled or not, in order."""
+    for raw in iter_raw(shard):
+        yield raw.key, decode_image(raw.image)
 
 
 def _worker() -> tuple[int, int]:

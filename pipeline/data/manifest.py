@@ -27,11 +27,12 @@ MANIFEST_VERSION = 3
 
 class ShardRef(NamedTuple):
     """A shard to read, the sha256 its content must have and the samples it must hold ("" and
-    -1: not checked, for a shard named by hand)."""
+    -1: not checked, for a shard named by hand), and whether its samples have labels."""
 
     url: str
     sha256: str = ""
     samples: int = -1
+    labelled: bool = True
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class SplitInfo:
     max_size: tuple[int, int]
     skipped: tuple[Skipped, ...] = ()
     class_image_pixels: tuple[int, ...] = ()  # per class: pixels of the images that contain it
+    labelled: bool = True  # False: images only (a test set), every pixel count is 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,17 @@ class Manifest:
                 f"has no split {name!r}; it has {', '.join(self.splits)}",
             )
         return self.splits[name]
+
+    def labelled_split(self, name: str, param: str) -> SplitInfo:
+        """The split ``param`` names, refused in one line when it holds images only."""
+        info = self.split(name)
+        if not info.labelled:
+            raise DataError(
+                f"{self.location}/{MANIFEST}",
+                f"split {name!r} holds images only (no labels): {param} needs a labelled split "
+                f"(predict it: danet predict --shards {self.location} --split {name})",
+            )
+        return info
 
     def split_digest(self, name: str) -> str:
         """The identity of one split's data: a digest of its shards' digests."""
@@ -137,6 +150,7 @@ def _split_from(data: dict[str, Any], where: str) -> SplitInfo:
         max_size=(int(data["max_size"][0]), int(data["max_size"][1])),
         skipped=tuple(Skipped(**s) for s in data.get("skipped", ())),
         class_image_pixels=tuple(int(v) for v in data.get("class_image_pixels", ())),
+        labelled=bool(data.get("labelled", True)),
     )
 
 
@@ -213,8 +227,11 @@ def load_manifest(location: str | Path) -> Manifest:
 def shard_refs(manifest: Manifest, split: str) -> list[ShardRef]:
     """The shards of a split, each checked to exist with the manifest's size (a ``pipe:`` URL
     cannot be sized: its digest is still checked as it is read)."""
-    infos = manifest.split(split).shards
-    refs = [ShardRef(join(manifest.location, s.name), s.sha256, s.samples) for s in infos]
+    info = manifest.split(split)
+    infos = info.shards
+    refs = [
+        ShardRef(join(manifest.location, s.name), s.sha256, s.samples, info.labelled) for s in infos
+    ]
     for ref, shard, size in zip(refs, infos, _sizes([r.url for r in refs]), strict=True):
         if size is None:
             raise DataError(ref.url, "shard is missing")

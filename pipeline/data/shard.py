@@ -2,7 +2,8 @@
 
 Each sample is ``{key}.{png|jpg}`` (the image, in its original encoding or re-encoded to JPEG),
 ``{key}.seg.png`` (a single-channel PNG of train ids, 255 = ignore; never a palette PNG) and
-``{key}.json`` (source and size). webdataset's ``ShardWriter`` writes ``{split}-%06d.tar``, closing a
+``{key}.json`` (source and size); an images-only split (no labels: a benchmark's test set) has no
+``seg.png`` and its manifest entry says ``labelled: false``. webdataset's ``ShardWriter`` writes ``{split}-%06d.tar``, closing a
 shard at ``max_count`` samples or ``max_size_mb``; its tar entries get ``mtime=0`` and fixed owner
 and mode, and samples keep the reader's sorted order, so the same input and params give
 byte-identical shards: DVC relies on it.
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 from pipeline.data.manifest import MANIFEST_VERSION, Manifest, ShardInfo, Skipped, SplitInfo
 from pipeline.data.readers import Item, Reader, Sample, reader_for
+from pipeline.data.readers.base import images_only
 from pipeline.data.storage import publish
 from pipeline.errors import DataError
 from pipeline.locations import is_url
@@ -62,28 +64,29 @@ class Encoded:
 def encode_sample(
     sample: Sample, num_classes: int, image_format: str, jpeg_quality: int, root: str
 ) -> Encoded:
-    """Sample -> tar members and stats (runs in worker processes)."""
+    """Sample -> tar members and stats (runs in worker processes); a sample without a label
+    (images only) gets no ``seg.png`` and counts no pixel of any class."""
     image = Image.open(io.BytesIO(sample.image_bytes)).convert("RGB")
     image_bytes, fmt = sample.image_bytes, sample.image_format
     if (image_format == "jpg" and fmt != "jpg") or fmt not in ("jpg", "png"):
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=jpeg_quality)
         image_bytes, fmt = buffer.getvalue(), "jpg"
-    label_buffer = io.BytesIO()
-    Image.fromarray(sample.label, mode="L").save(label_buffer, format="PNG", compress_level=6)
+    files = {fmt: image_bytes}
+    counts = np.zeros(256, dtype=np.int64)
+    if sample.label is not None:
+        label_buffer = io.BytesIO()
+        Image.fromarray(sample.label, mode="L").save(label_buffer, format="PNG", compress_level=6)
+        files["seg.png"] = label_buffer.getvalue()
+        counts = np.bincount(sample.label.ravel(), minlength=256).astype(np.int64)
     source = sample.source
     if root and source.startswith(root):  # relative: the same data elsewhere gives the same bytes
         source = os.path.relpath(source, root)
     meta = {"source": source, "width": image.width, "height": image.height}
-    counts = np.bincount(sample.label.ravel(), minlength=256).astype(np.int64)
     rgb = np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255.0
     return Encoded(
         key=sample.key,
-        files={
-            fmt: image_bytes,
-            "seg.png": label_buffer.getvalue(),
-            "json": json.dumps(meta, sort_keys=True).encode(),
-        },
+        files={**files, "json": json.dumps(meta, sort_keys=True).encode()},
         class_pixels=np.append(counts[:num_classes], counts[255]),
         class_image_pixels=(counts[:num_classes] > 0) * (image.width * image.height),
         rgb_sum=rgb.sum(0),
@@ -99,10 +102,11 @@ class EncodeJob:
     reader: Reader
     image_format: str
     jpeg_quality: int
+    images_only: bool = False
 
     def __call__(self, item: Item) -> Encoded | DataError:
         try:
-            sample = self.reader.read(item)
+            sample = self.reader.read(item, self.images_only)
             info = self.reader.info
             root = str(self.reader.root)
             return encode_sample(
@@ -142,6 +146,7 @@ class SplitWriter:
     max_count: int
     max_bytes: int
     num_classes: int
+    labelled: bool = True
     shards: list[ShardInfo] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     sizes: set[tuple[int, int]] = field(default_factory=set)
@@ -200,6 +205,7 @@ class SplitWriter:
             min_size=(min(widths), min(heights)),
             max_size=(max(widths), max(heights)),
             skipped=tuple(self.skipped),
+            labelled=self.labelled,
         )
 
 
@@ -242,17 +248,19 @@ def shard_dataset(
     check_output(out, "shard.out")
     check_outside(out, {"shard.root": reader.root} if str(reader.root) != "." else {})
     items_by_split = {split: reader.items(split) for split in splits}  # fail fast on layout errors
-    job = EncodeJob(reader, image_format, jpeg_quality)
     max_bytes = int(max_size_mb * 2**20)
     with staging(out) as tmp:
         writers, infos = {}, {}
         for split, items in items_by_split.items():
+            unlabelled = images_only(items)
+            job = EncodeJob(reader, image_format, jpeg_quality, images_only=unlabelled)
             writers[split] = SplitWriter(
                 tmp,
                 split,
                 max_count=max_count,
                 max_bytes=max_bytes,
                 num_classes=reader.info.num_classes,
+                labelled=not unlabelled,
             )
             infos[split] = write_split(items, job, writers[split], workers, on_error)
         manifest = build_manifest(reader, writers, infos, image_format, str(out))
@@ -281,9 +289,11 @@ def build_manifest(
     image_format: str,
     location: str,
 ) -> Manifest:
-    """The manifest; mean/std come from the train split (or the first one)."""
+    """The manifest; mean/std come from the train split (or the first labelled one, or the
+    first one)."""
     info = reader.info
-    norm_split = "train" if "train" in writers else next(iter(writers))
+    labelled = [split for split, writer in writers.items() if writer.labelled]
+    norm_split = "train" if "train" in labelled else next(iter(labelled or writers))
     stats = writers[norm_split]
     mean = stats.rgb_sum / stats.pixels
     std = np.sqrt(np.maximum(stats.rgb_sq / stats.pixels - mean**2, 0.0))
@@ -327,7 +337,8 @@ def describe(manifest: Manifest, out: str, seconds: float) -> str:
     lines = []
     for split, info in manifest.splits.items():
         skipped = f", {len(info.skipped)} skipped" if info.skipped else ""
-        lines.append(f"{split}: {info.samples} samples in {len(info.shards)} shards{skipped}")
+        kind = "" if info.labelled else " (images only: no labels)"
+        lines.append(f"{split}: {info.samples} samples in {len(info.shards)} shards{kind}{skipped}")
     lines.append(
         f"wrote {out}/ ({manifest.dataset}, {manifest.num_classes} classes) in {seconds:.1f}s"
     )

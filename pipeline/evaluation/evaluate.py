@@ -26,7 +26,7 @@ from danet.metrics import ConfusionMatrix, summarize
 from pipeline.artifacts.modelfile import read_model_info
 from pipeline.artifacts.onnxfile import load_any_model
 from pipeline.artifacts.refs import LoadedModel
-from pipeline.config import ConfigError, EvaluateParams, Params
+from pipeline.config import ConfigError, EvaluateParams, Params, PredictParams
 from pipeline.data.loader import read_shard
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
 from pipeline.data.preview import Row, prediction_rows
@@ -39,12 +39,13 @@ from pipeline.pictures import plot_confusion_matrix, prediction_grid, save_png, 
 log = logging.getLogger(__name__)
 
 
-def protocol_of(params: EvaluateParams) -> Protocol:
-    """The evaluation protocol of ``evaluate.*`` (checked there: this cannot fail)."""
+def protocol_of(params: EvaluateParams | PredictParams, mode: str = "") -> Protocol:
+    """The protocol of ``evaluate.*`` or ``predict.*`` (checked there: this cannot fail);
+    ``mode`` replaces theirs (predict's ``auto`` is decided per image)."""
     test_scale = params.test_scale
     return Protocol(
         reference=params.reference,
-        mode=params.mode,
+        mode=mode or params.mode,
         crop=params.crop,
         stride=params.stride,
         scales=tuple(params.scales),
@@ -146,6 +147,7 @@ def run_evaluation(
     check_output(params.out, "evaluate.out")
     check_outside(params.out, {"evaluate.shards": params.shards, "evaluate.model": ref})
     manifest = load_manifest(params.shards)
+    manifest.labelled_split(params.split, "evaluate.split")
     shards = shard_refs(manifest, params.split)
     protocol = protocol_of(params)
     device = pick_device(params.device, "evaluate.device")

@@ -1,16 +1,18 @@
-"""Images -> colour masks and overlays, from any model reference (file, MLflow run, registry).
+"""Images -> label maps, written as pictures or as a benchmark server reads them, from any model
+reference (file, MLflow run, registry).
 
-The preprocessing is evaluation's (danet/inference.py): RGB in [0, 1] into a ``Segmenter``
-that normalises itself; an image whose long side exceeds ``slide_above`` goes through the sliding
-window instead of one whole-image pass. Per image ``<stem>_mask.png`` (the dataset's palette),
-``<stem>_overlay.png`` and ``<stem>_labels.png`` (single-channel train ids, for programs) are
-written, each atomically. A file that is not a readable image is reported and skipped; the rest
-are still processed.
+The images come from files and folders, or from a split of shards (``predict.shards``: a labelled
+split or an images-only test split). The preprocessing is evaluation's (danet/inference.py): RGB
+in [0, 1] into a ``Segmenter`` that normalises itself, under evaluation's protocols (whole,
+sliding window, multi-scale, flip: the predict section's params); ``mode: auto`` runs an image
+whose long side exceeds ``slide_above`` through the sliding window, smaller ones whole. What is
+written per image is ``predict.format``'s (pipeline/registry/formats.py), each file atomically.
+A file that is not a readable image is reported and skipped; the rest are still processed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,20 +21,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from danet.inference import label_map, protocol_for
+from danet.inference import label_map
 from pipeline.artifacts.refs import LoadedModel
 from pipeline.config import ConfigError, PredictParams
 from pipeline.errors import DataError, ServiceError
+from pipeline.evaluation.evaluate import protocol_of
 from pipeline.images import TooLarge, decode_rgb, read_file
 from pipeline.outputs import atomic_file, check_output, check_outside
-from pipeline.pictures import colorize, overlay
+from pipeline.registry.formats import FORMATS
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
 class PredictReport:
-    written: list[Path] = field(default_factory=list)  # three files per image
+    written: list[Path] = field(default_factory=list)  # the format's files, per image
     failed: list[tuple[Path, str]] = field(default_factory=list)
     images: int = 0
 
@@ -42,18 +45,49 @@ class PredictReport:
         return errors, f"{self.images} images -> {out}/ ({len(self.failed)} failed)"
 
 
+# one image to predict: its output stem, and the (H, W, 3) image or why it cannot be read
+Source = tuple[str, Path | str, np.ndarray | str]
+
+
 def predict_from_params(
     params: PredictParams, inputs: Sequence[str | Path], tracking_uri: str
 ) -> PredictReport:
-    """``danet predict``: the images of ``inputs`` through ``params.model`` into ``params.out``."""
+    """``danet predict``: the images of ``inputs`` (or of ``predict.shards``' split) through
+    ``params.model`` into ``params.out``."""
     from pipeline.artifacts.onnxfile import load_any_model
     from pipeline.devices import pick_device
 
     if not params.model:
         raise ConfigError("predict.model: give the model to predict with (--model)")
+    if bool(inputs) == bool(params.shards):
+        raise ConfigError(
+            "danet predict: give image files or folders, or predict.shards (--shards)"
+            + (", not both" if inputs else "")
+        )
     device = pick_device(params.device, "predict.device")
+    if params.shards:
+        count, sources = shard_sources(params.shards, params.split)
+        model = load_any_model(params.model, tracking_uri, device)
+        out, shards = Path(params.out), {"predict.shards": params.shards}
+        return predict_sources(model, sources, count, out, params, device, keep_off=shards)
     model = load_any_model(params.model, tracking_uri, device)
     return predict_files(model, inputs, Path(params.out), params, device)
+
+
+def shard_sources(shards: str, split: str) -> tuple[int, Iterator[Source]]:
+    """The images of a split of shards (checked before any model is loaded), keyed as sharded."""
+    from pipeline.data.loader import read_images
+    from pipeline.data.manifest import load_manifest, shard_refs
+
+    manifest = load_manifest(shards)
+    refs = shard_refs(manifest, split)
+
+    def sources() -> Iterator[Source]:
+        for ref in refs:
+            for key, image in read_images(ref):
+                yield key, f"{ref.url}:{key}", image
+
+    return manifest.split(split).samples, sources()
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> Iterator[Path]:
@@ -80,9 +114,21 @@ def read_image(path: Path) -> np.ndarray:
         raise ValueError(f"too large to decode safely ({err})") from None
 
 
-def _save(array: np.ndarray, path: Path) -> None:
+def file_sources(files: Sequence[Path]) -> Iterator[Source]:
+    """Each file's stem (its folder's name first when an earlier file had the same stem)."""
+    used: set[str] = set()
+    for path in files:
+        stem = path.stem if path.stem not in used else f"{path.parent.name}_{path.stem}"
+        used.add(stem)
+        try:
+            yield stem, path, read_image(path)
+        except ValueError as err:
+            yield stem, path, str(err)
+
+
+def _save(picture: Image.Image, path: Path) -> None:
     with atomic_file(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+        picture.save(tmp, format="PNG")
 
 
 def predict_files(
@@ -93,11 +139,32 @@ def predict_files(
     device: torch.device | None = None,
     progress: bool = True,
 ) -> PredictReport:
-    """Predict every image of ``inputs`` into ``out`` by ``params``' protocol (the predict
-    section's defaults if None); bad files are collected, not raised."""
+    """Predict every image of ``inputs`` into ``out`` by ``params``' protocol and format (the
+    predict section's defaults if None); bad files are collected, not raised."""
+    folders = {f"folder {i + 1}": p for i, p in enumerate(inputs) if Path(p).is_dir()}
+    files = list(expand_inputs(inputs))
+    return predict_sources(
+        model, file_sources(files), len(files), out, params, device, progress, folders
+    )
+
+
+def predict_sources(
+    model: LoadedModel,
+    sources: Iterator[Source],
+    count: int,
+    out: Path,
+    params: PredictParams | None = None,
+    device: torch.device | None = None,
+    progress: bool = True,
+    keep_off: Mapping[str, str | Path] | None = None,
+) -> PredictReport:
+    """The ``count`` images of ``sources`` through ``model`` into ``out``, which must not
+    overlap the folders ``keep_off`` names (their params or descriptions -> paths)."""
     params = params or PredictParams()
     check_output(out, "predict.out")
-    check_outside(out, {f"folder {i + 1}": p for i, p in enumerate(inputs) if Path(p).is_dir()})
+    check_outside(out, keep_off or {})
+    output = FORMATS[params.format]
+    output.check(model.classes, model.uri)
     device = device or torch.device("cpu")
     model.module.to(device).eval()
     try:
@@ -107,28 +174,21 @@ def predict_files(
             f"predict.out {out}: cannot create the folder ({err.strerror or err})"
         ) from None
     report = PredictReport()
-    files = list(expand_inputs(inputs))
-    used: set[str] = set()
-    for path in tqdm(files, desc="predict", unit="img", disable=None if progress else True):
-        try:
-            image = read_image(path)
-        except ValueError as err:
-            report.failed.append((path, str(err)))
+    bar = tqdm(total=count, desc="predict", unit="img", disable=None if progress else True)
+    for stem, origin, image in sources:
+        bar.update()
+        if isinstance(image, str):
+            report.failed.append((Path(origin), image))
             continue
-        protocol = protocol_for(
-            image.shape[:2], crop=params.crop, flip=params.flip, slide_above=params.slide_above
-        )
-        pred = label_map(model.module, image, protocol, device)
-        stem = path.stem if path.stem not in used else f"{path.parent.name}_{path.stem}"
-        used.add(stem)
-        targets = {
-            "mask": colorize(pred, model.palette),
-            "overlay": overlay(image, pred, model.palette),
-            "labels": pred,
-        }
-        for kind, array in targets.items():
-            target = out / f"{stem}_{kind}.png"
-            _save(array, target)
+        mode = params.mode
+        if mode == "auto":
+            large = params.slide_above > 0 and max(image.shape[:2]) > params.slide_above
+            mode = "slide" if large else "whole"
+        pred = label_map(model.module, image, protocol_of(params, mode), device)
+        for name, picture in output.files(stem, image, pred, model.palette).items():
+            target = out / name
+            _save(picture, target)
             report.written.append(target)
         report.images += 1
+    bar.close()
     return report

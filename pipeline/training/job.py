@@ -104,8 +104,11 @@ def prepare_job(
     model = resolve_init_from(model)
     model.to_danet_config(manifest.num_classes)  # validates backbone, head, classes
     check_loss_weights(model, train)
-    for split in (data.train_split, data.val_split):
-        if manifest.split(split).samples == 0:
+    for split, param in (
+        (data.train_split, "data.train_split"),
+        (data.val_split, "data.val_split"),
+    ):
+        if manifest.labelled_split(split, param).samples == 0:
             raise ConfigError(f"data.shards {data.shards}: split {split!r} has no images")
     train_shards = shard_refs(manifest, data.train_split)
     val_shards = shard_refs(manifest, data.val_split)

@@ -116,7 +116,8 @@ def check_space(
     point, both ends of a range) set in turn: a value a trial could draw and not run is one line
     now, not a failed trial later."""
     base = {"model": model, "data": data, "train": train}
-    for key, values in candidates(tune.space).items():
+    bounds = candidates(tune.space)
+    for key, values in bounds.items():
         for value in values:
             where = f"tune.space.{key} {value!r}"
             try:
@@ -127,7 +128,7 @@ def check_space(
                 raise ConfigError(
                     message if message.startswith(where) else f"{where}: {message}"
                 ) from None
-    first = with_values(base, {key: values[0] for key, values in candidates(tune.space).items()})
+    first = with_values(base, {key: values[0] for key, values in bounds.items()})
     return prepare_job(first["model"], first["data"], first["train"])
 
 

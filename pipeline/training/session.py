@@ -306,6 +306,8 @@ def train_epochs(
                 if tracker:
                     tracker.evaluation(record)
                     tracker.overlays(run.core, run.device, record.iteration)
+                    if run.epoch + 1 == t.epochs:  # the last evaluation: what it attends to
+                        tracker.attention(run.core, run.device, record.iteration)
                 run.epoch, run.batch = run.epoch + 1, 0
                 report(run, record.metrics())
             elif t.checkpoint_every and run.iteration % t.checkpoint_every == 0:

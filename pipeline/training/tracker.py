@@ -1,5 +1,6 @@
 """Rank 0's reporting during training: progress lines, MLflow metrics that survive the server
-going down, prediction overlays per evaluation, and MLflow's system-metrics monitor."""
+going down, prediction overlays per evaluation, the attention pictures of ``danet explain`` at
+the last one, and MLflow's system-metrics monitor."""
 
 from __future__ import annotations
 
@@ -100,6 +101,33 @@ class Tracker:
             )
         except Exception as err:  # MLflow down: the pictures are not worth stopping for
             log.warning("[train] MLflow: overlays not logged (%s)", first_line(err))
+
+    def attention(self, core: SegmentationModel, device: torch.device, iteration: int) -> None:
+        """``danet explain``'s two pictures of the first val image (its largest predicted
+        regions as queries), as images ``val_attention_pam`` and ``val_attention_cam``."""
+        from danet.explain import explain
+        from danet.head import DANetHead
+        from danet.inference import to_input
+
+        if self.client is None or self.down_since is not None:
+            return
+        if not self.job.prediction_images or not isinstance(core.head, DANetHead):
+            return  # no pictures asked for, or an FCN: no attention to draw
+        from pipeline.data.loader import read_shard
+        from pipeline.pictures import ATTENTION_FIGURES, figure_array
+
+        segmenter = Segmenter(core, self.job.mean, self.job.std).to(device).eval()
+        _, image, _ = next(read_shard(self.job.val_shards[0]))
+        x = to_input(image).to(device)
+        try:
+            explanation = explain(segmenter, x)
+            for kind, figure in ATTENTION_FIGURES.items():
+                picture = figure_array(figure(image, explanation, self.job.classes))
+                self.client.log_image(
+                    self.job.mlflow_run_id, picture, key=f"val_attention_{kind}", step=iteration
+                )
+        except Exception as err:  # MLflow down: the pictures are not worth stopping for
+            log.warning("[train] MLflow: attention pictures not logged (%s)", first_line(err))
 
     def evaluation(self, record: EvalRecord) -> None:
         self._log(record.iteration, record.mlflow_metrics(list(self.job.classes)))

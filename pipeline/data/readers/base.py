@@ -3,6 +3,11 @@
 A reader lists its items cheaply (paths only); ``read`` loads one item and returns the image as
 its original encoded bytes and the label as a uint8 array of train ids with 255 = ignore. Readers
 are plain picklable objects so that sharding can fan ``read`` out over processes.
+
+A split none of whose items has a label (Cityscapes ``test``, a VOC ``test`` list) is *images
+only*: ``read(item, images_only=True)`` checks and returns the image with no label, and the
+shards say so (pipeline/data/shard.py). A split where only some images lack a label is an error
+for each of those, as before: half-labelled data is a mistake, not a test set.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -32,13 +38,20 @@ class Item:
 
 @dataclass(frozen=True)
 class Sample:
-    """One loaded sample: encoded image bytes, label train ids (H, W) uint8."""
+    """One loaded sample: encoded image bytes, label train ids (H, W) uint8 (None: images only)."""
 
     key: str
     image_bytes: bytes
     image_format: str  # "png" or "jpg"
-    label: np.ndarray
+    label: np.ndarray | None
     source: str
+
+    @property
+    def train_ids(self) -> np.ndarray:
+        """The label of a labelled sample (asking an images-only one is a bug)."""
+        if self.label is None:
+            raise ValueError(f"sample {self.key} has no label: it was read images only")
+        return self.label
 
 
 @dataclass(frozen=True)
@@ -67,15 +80,19 @@ class Reader(ABC):
 
     root: Path
     info: DatasetInfo = field(init=False)
+    # splits whose published label files are placeholders, never read (Cityscapes' test)
+    UNLABELLED_SPLITS: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def items(self, split: str) -> list[Item]:
         """All items of a split, sorted by key. Raises DataError for a missing or empty root."""
 
-    def read(self, item: Item) -> Sample:
-        """Load and validate one item."""
+    def read(self, item: Item, images_only: bool = False) -> Sample:
+        """Load and validate one item (only its image with ``images_only``)."""
         image_bytes = read_file(item.image)
         fmt, size = probe(image_bytes, item.image)
+        if images_only:
+            return Sample(item.key, image_bytes, fmt, None, item.image)
         if item.label is None:
             raise DataError(item.image, "image has no label file")
         require_regular(item.label)
@@ -97,6 +114,11 @@ class Reader(ABC):
     def convert_label(self, raw: np.ndarray, path: str) -> np.ndarray:
         """Raw label values -> train ids (255 = ignore). Identity by default."""
         return raw.astype(np.uint8)
+
+
+def images_only(items: Sequence[Item]) -> bool:
+    """A split is images only when none of its items has a label."""
+    return not any(item.label for item in items)
 
 
 def check_raw_values(raw: np.ndarray, path: str) -> None:

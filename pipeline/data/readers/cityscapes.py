@@ -1,6 +1,8 @@
 """Cityscapes: leftImg8bit/{split}/{city}/*_leftImg8bit.png + gtFine/{split}/{city}/*_gtFine_*.png.
 
-Labels are ``*_gtFine_labelTrainIds.png`` when present (made by cityscapesscripts'
+The ``test`` split is images only: gtFine/test ships placeholder label files (no annotation; the
+benchmark server holds the real ones), which are never read. Labels are
+``*_gtFine_labelTrainIds.png`` when present (made by cityscapesscripts'
 createTrainIdLabelImgs), else ``*_gtFine_labelIds.png`` mapped to the 19 train ids with the table
 of cityscapesscripts/helpers/labels.py (every other id -> 255).
 """
@@ -48,10 +50,15 @@ CITYSCAPES_CLASSES = (
 )
 LABEL_ID_TO_TRAIN_ID = lookup_table({lid: i for i, (_, lid, _) in enumerate(CITYSCAPES_CLASSES)})
 MAX_LABEL_ID = 33  # ids 0..33; license plate (-1) is never stored in the PNGs
+# train id -> labelId, what the benchmark server reads; 255 (ignore) -> 0 (unlabeled)
+TRAIN_ID_TO_LABEL_ID = np.zeros(256, dtype=np.uint8)
+TRAIN_ID_TO_LABEL_ID[: len(CITYSCAPES_CLASSES)] = [lid for _, lid, _ in CITYSCAPES_CLASSES]
 
 
 @dataclass
 class CityscapesReader(Reader):
+    UNLABELLED_SPLITS = ("test",)
+
     def __post_init__(self) -> None:
         self.info = DatasetInfo(
             "cityscapes",
@@ -67,6 +74,8 @@ class CityscapesReader(Reader):
         labels = Path(self.root) / "gtFine" / split
 
         def label_for(image: Path) -> Path:
+            if split in self.UNLABELLED_SPLITS:
+                return labels / "never-read"  # does not exist: the item has no label
             stem = image.name.replace("_leftImg8bit.png", "")
             train_ids = labels / image.parent.name / f"{stem}_gtFine_labelTrainIds.png"
             return (

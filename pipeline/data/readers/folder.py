@@ -1,7 +1,8 @@
 """A generic folder dataset: images/{split}/ + masks/{split}/*.png + classes.txt.
 
 ``classes.txt`` has one class a line, ``name`` or ``name R G B``; a mask pixel is the class's line
-number (0-based), 255 = ignore. Images and masks pair by file stem.
+number (0-based), 255 = ignore. Images and masks pair by file stem. A split with no
+masks/{split}/ folder is images only (a test set to predict).
 """
 
 from __future__ import annotations
@@ -50,6 +51,6 @@ class FolderReader(Reader):
 
     def items(self, split: str) -> list[Item]:
         images = require_dir(Path(self.root) / "images" / split, f"images/{split}")
-        masks = require_dir(Path(self.root) / "masks" / split, f"masks/{split}")
+        masks = Path(self.root) / "masks" / split  # missing: the split is images only
         items = pair_by_stem(list_images(images), lambda p: masks / f"{p.stem}.png")
         return non_empty(items, images, split)

@@ -6,7 +6,7 @@ dashed lane markings towards a vanishing point; pavements on both sides; fences,
 signs; cars on the road and pedestrians / cyclists on the pavement, sized by their distance; some
 void clutter labelled 255. Then random lighting, colour cast, blur and noise. Colours of the
 classes overlap (grey buildings, roads and pavements; dark cars), so a model must use texture and
-layout, not a colour lookup.
+layout, not a colour lookup. A split named ``test`` is images only, like a benchmark's test set.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class SyntheticReader(Reader):
     width: int = 160
     height: int = 120
     seed: int = 0
+    UNLABELLED_SPLITS = ("test",)
 
     def __post_init__(self) -> None:
         self.info = dataclasses.replace(CAMVID_INFO, name="synthetic")
@@ -56,17 +57,19 @@ class SyntheticReader(Reader):
             Item(
                 f"synthetic_{split}_{i:06d}",
                 f"synthetic:seed={self.seed}:{split}:{i}",
-                f"{split}:{i}",
+                None if split in self.UNLABELLED_SPLITS else f"{split}:{i}",
             )
             for i in range(self.num_samples[split])
         ]
 
-    def read(self, item: Item) -> Sample:
+    def read(self, item: Item, images_only: bool = False) -> Sample:
         _, _, split, index = item.image.split(":")
         rgb, label = render_scene(scene_seed(self.seed, split, int(index)), self.width, self.height)
         buffer = io.BytesIO()
         Image.fromarray(rgb).save(buffer, format="PNG", compress_level=6)
-        return Sample(item.key, buffer.getvalue(), "png", label, item.image)
+        return Sample(
+            item.key, buffer.getvalue(), "png", None if images_only else label, item.image
+        )
 
 
 def export_folder(params: SyntheticParams) -> list[Path]:
@@ -92,11 +95,11 @@ def write_folder_dataset(
         (tmp / "classes.txt").write_text("\n".join(lines) + "\n")
         for split in splits:
             for item in reader.items(split)[: count or None]:
-                sample = reader.read(item)
-                for kind in ("images", "masks"):
+                sample = reader.read(item, images_only=item.label is None)  # test: no masks
+                for kind in ("images", "masks") if sample.label is not None else ("images",):
                     path = tmp / kind / split / f"{item.key}.png"
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    if kind == "masks":
+                    if kind == "masks" and sample.label is not None:
                         Image.fromarray(sample.label, mode="L").save(path)
                     else:
                         path.write_bytes(sample.image_bytes)

@@ -5,7 +5,8 @@
 (tools/dataset_converters/voc_aug.py) writes, with SegmentationClassAug/ (grayscale PNGs of class
 ids). An image's label comes from SegmentationClass/ when VOC has one (the 1,464 train images,
 with their 255 borders) and from SegmentationClassAug/ otherwise: the same union mmsegmentation
-trains on (SegmentationClass + train.txt and SegmentationClassAug + aug.txt).
+trains on (SegmentationClass + train.txt and SegmentationClassAug + aug.txt). ``test`` (the
+1,456 images of VOC2012test.tar, no labels) is sharded images only, for the evaluation server.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ class VOCReader(Reader):
     def items(self, split: str) -> list[Item]:
         root = require_dir(Path(self.root), "VOC2012")
         images = require_dir(root / "JPEGImages", "VOC JPEGImages")
-        label_dirs = [require_dir(root / "SegmentationClass", "VOC SegmentationClass")]
+        if split == "test":  # VOC2012test.tar has no SegmentationClass/: images only
+            label_dirs = [root / "SegmentationClass"]
+        else:
+            label_dirs = [require_dir(root / "SegmentationClass", "VOC SegmentationClass")]
         if split == "trainaug":
             label_dirs.append(
                 require_dir(root / "SegmentationClassAug", "VOC SegmentationClassAug")
