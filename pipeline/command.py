@@ -33,6 +33,8 @@ class DanetGroup(TyperGroup):
         kwargs["standalone_mode"] = False
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, terminated)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
+                signal.signal(signal.SIGINT, interrupted)
         try:
             code = super().main(*args, **kwargs)
         except typer.Abort:
@@ -46,8 +48,30 @@ class DanetGroup(TyperGroup):
 
 def terminated(signum: int, frame: Any) -> None:
     """SIGTERM (``kill``, ``ray job stop``) unwinds like Ctrl-C: no half-written outputs."""
-    typer.echo("terminated", err=True)
-    raise SystemExit(128 + signum)
+    if not after_imports(terminated, signum, frame):
+        typer.echo("terminated", err=True)
+        raise SystemExit(128 + signum)
+
+
+def interrupted(signum: int, frame: Any) -> None:
+    """Ctrl-C: KeyboardInterrupt, as Python's own handler raises it, once no import runs."""
+    if not after_imports(interrupted, signum, frame):
+        signal.default_int_handler(signum, frame)
+
+
+def after_imports(handler: Any, signum: int, frame: Any) -> bool:
+    """True, and ``handler`` called again 50 ms on, if the signal came while a module was being
+    imported. An exception raised there inside a C extension's initialisation (matplotlib's
+    agg backend importing numpy's C API, say) comes out as ``ImportError: initialization
+    failed``, a traceback instead of the clean unwind; a stage imports its plotting and model
+    libraries lazily, so a signal early in its writing often lands in one."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            signal.signal(signal.SIGALRM, lambda _, later: handler(signum, later))
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextmanager

@@ -1295,6 +1295,44 @@ def test_signal_leaves_earlier_outputs(
     assert not list(tmp.rglob(".*.tmp-*"))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_an_import_waits_for_the_import(sig: signal.Signals, tmp_path: Path) -> None:
+    """A signal that lands while a module is imported stops the command once the import is
+    over: raised inside a C extension's initialisation it would come out as ImportError
+    ("initialization failed") with a traceback (seen in CI: SIGTERM during evaluate's
+    matplotlib import)."""
+    (tmp_path / "selfsignal.py").write_text(
+        "import os, signal, time\n"
+        f"os.kill(os.getpid(), {int(sig)})\n"
+        "time.sleep(0.3)  # the handler runs here, inside the import\n"
+        "DONE = True\n"
+    )
+    script = (
+        "import sys, time\n"
+        "from pipeline.cli import app\n"
+        "from pipeline.command import DanetGroup\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "class Probe(DanetGroup):\n"
+        "    def invoke(self, ctx):\n"
+        "        import selfsignal\n"
+        "        print('imported', selfsignal.DONE, flush=True)\n"
+        "        time.sleep(10)\n"
+        "        print('not stopped', flush=True)\n"
+        "Probe(name='probe').main([])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=takes_ctrl_c,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.stdout == "imported True\n", done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == (143 if sig == signal.SIGTERM else 130), done.stderr
+
+
 def test_predict_lists_bad_and_oversized_files(
     case_project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
