@@ -1296,7 +1296,9 @@ def test_signal_leaves_earlier_outputs(
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_during_an_import_waits_for_the_import(sig: signal.Signals, tmp_path: Path) -> None:
+def test_a_signal_during_an_import_waits_for_the_import(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
     """A signal that lands while a module is imported stops the command once the import is
     over: raised inside a C extension's initialisation it would come out as ImportError
     ("initialization failed") with a traceback (seen in CI: SIGTERM during evaluate's
