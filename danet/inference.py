@@ -221,11 +221,16 @@ def protocol_for(
     flip: bool = False,
     slide_above: int = 1024,
 ) -> Protocol:
-    """The protocol for one image of ``size`` (H, W): ``auto`` is the whole image up to
-    ``slide_above`` pixels on the long side (0: always whole) and a sliding window beyond."""
-    if mode == "auto":
-        mode = "slide" if slide_above > 0 and max(size) > slide_above else "whole"
-    return Protocol(mode=mode, crop=crop, flip=flip)
+    """The protocol for one image of ``size`` (H, W), its mode by ``mode_for``."""
+    return Protocol(mode=mode_for(size, mode, slide_above), crop=crop, flip=flip)
+
+
+def mode_for(size: tuple[int, int], mode: str, slide_above: int) -> str:
+    """``auto`` -> the whole image up to ``slide_above`` pixels on the long side (0: always
+    whole) and a sliding window beyond; any other mode as given."""
+    if mode != "auto":
+        return mode
+    return "slide" if slide_above > 0 and max(size) > slide_above else "whole"
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from danet.inference import label_map
+from danet.inference import label_map, mode_for
 from pipeline.artifacts.refs import LoadedModel
 from pipeline.config import ConfigError, PredictParams
 from pipeline.errors import DataError, ServiceError
@@ -180,10 +180,7 @@ def predict_sources(
         if isinstance(image, str):
             report.failed.append((Path(origin), image))
             continue
-        mode = params.mode
-        if mode == "auto":
-            large = params.slide_above > 0 and max(image.shape[:2]) > params.slide_above
-            mode = "slide" if large else "whole"
+        mode = mode_for(image.shape[:2], params.mode, params.slide_above)
         pred = label_map(model.module, image, protocol_of(params, mode), device)
         for name, picture in output.files(stem, image, pred, model.palette).items():
             target = out / name
