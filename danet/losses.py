@@ -79,7 +79,7 @@ def segmentation_loss(
     for name, value in logits.items():
         value = value.float()
         if ohem is None:
-            loss = F.cross_entropy(value, target, weight=class_weight, ignore_index=ignore_index)
+            loss = mean_cross_entropy(value, target, class_weight, ignore_index)
         else:
             pixel = F.cross_entropy(
                 value, target, weight=class_weight, ignore_index=ignore_index, reduction="none"
@@ -88,6 +88,28 @@ def segmentation_loss(
         parts[name] = loss.detach()
         total = total + weights.get(name, 0.0) * loss
     return total, parts
+
+
+def mean_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None = None,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """``F.cross_entropy``'s mean over the labelled pixels (weighted by their class's weight),
+    but 0 -- not NaN -- when the batch has no labelled pixel (every label ``ignore_index``, as a
+    crop of void can be): torch's mean divides 0 by 0 there, and one such batch turns every
+    weight NaN. The 0 carries no gradient."""
+    pixel = F.cross_entropy(
+        logits, target, weight=class_weight, ignore_index=ignore_index, reduction="none"
+    )  # (B, H, W), 0 at ignored pixels
+    valid = target != ignore_index
+    if class_weight is None:
+        denominator = valid.sum().to(pixel.dtype)
+    else:
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        denominator = (class_weight[safe] * valid).sum()
+    return pixel.sum() / denominator.clamp(min=torch.finfo(pixel.dtype).tiny)
 
 
 def class_weights(

@@ -5,10 +5,7 @@ params file (or a preset from configs/ by name), applies dotted ``--set key=valu
 keys ``dvc exp run -S`` takes) and builds the sections. The code defaults equal params.yaml's
 (a test compares them), so a params file may leave a key out. An unknown key, a wrong type or a
 bad value is a ``ConfigError`` naming the key: ``train.loss_weights.out must be a number, got
-'heavy'``.
-
-The rules of each field (``ge``, ``gt``, ``choices``, ``keys``) sit beside its default, checked
-when a section is built.
+'heavy'``. Each field's rules (``ge``, ``choices``, ``keys``) sit beside its default.
 """
 
 from __future__ import annotations
@@ -25,9 +22,6 @@ from pipeline.schema import Section, hints, param, require
 from pipeline.searchspace import RENAMED, check_space
 
 S = TypeVar("S", bound="Section")
-
-
-# --- the sections, in stage order ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -169,6 +163,11 @@ class TrainParams(Section):
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
     grad_clip: float = param(0.0, ge=0)  # max gradient norm; 0 = off
+    warmup_iters: int = param(0, ge=0)  # linear warm-up of the lr (mmseg's); 0 = none
+    warmup_ratio: float = param(1e-6, gt=0, le=1)  # the warm-up's first lr, x the schedule's
+    spike_factor: float = param(5.0, ge=0)  # a log window's loss above this x its mean: recover
+    recover_lr_factor: float = param(0.5, gt=0, le=1)  # every lr x this at a recovery
+    max_recoveries: int = param(3, ge=0)  # then stop (TrainingDiverged); 0 = stop at the first
     seed: int = 0
     num_workers: int = param(1, ge=1)
     use_gpu: bool = False

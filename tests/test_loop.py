@@ -56,9 +56,10 @@ def test_cpu_bf16_channels_last_steps_track_fp32() -> None:
     assert bf16 == pytest.approx(fp32, rel=0.02), (fp32, bf16)
 
 
-def test_a_non_finite_loss_stops_training_at_the_log_window() -> None:
-    """A NaN loss raises ``TrainingDiverged`` at the end of its log window (not later, not per
-    step), naming the iteration and what to change; the steps before it are finite."""
+def test_without_recovery_a_window_of_non_finite_steps_stops_training() -> None:
+    """A step with a NaN loss is skipped, not applied; a log window whose every step was
+    non-finite raises ``TrainingDiverged`` at its end (not later, not per step) when there is no
+    recovery, naming the iteration and what to change; the windows before it are finite."""
     import math
     import pickle
 
@@ -88,8 +89,8 @@ def test_a_non_finite_loss_stops_training_at_the_log_window() -> None:
             log_every=3,
             on_log=lambda record: logged.append(record.loss),
         )
-    assert len(calls) == 6 and raised.value.iteration == 6  # the window of steps 4-6
-    assert len(logged) == 1 and math.isfinite(logged[0])
-    assert "training diverged: the loss is nan at iteration 6; lower train.lr" in str(raised.value)
+    assert len(calls) == 9 and raised.value.iteration == 9  # the window of steps 7-9
+    assert len(logged) == 2 and all(map(math.isfinite, logged))  # steps 5, 6 were skipped
+    assert "training diverged: the loss is nan at iteration 9; lower train.lr" in str(raised.value)
     again = pickle.loads(pickle.dumps(raised.value))  # it crosses Ray's process boundary
     assert str(again) == str(raised.value)

@@ -42,6 +42,8 @@ class TrainState:
     best_model: dict[str, torch.Tensor] | None = None  # the weights of the best evaluation so far
     best_confusion: torch.Tensor | None = None  # its confusion matrix
     scaler: dict[str, Any] | None = None  # fp16's GradScaler state (its scale)
+    recoveries: int = 0  # bad log windows recovered from so far (pipeline/training/recovery.py)
+    loss_mean: float | None = None  # the running mean of the log windows' loss
 
 
 def save_checkpoint(directory: Path, state: TrainState, history: History, max_iters: int) -> None:

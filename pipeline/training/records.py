@@ -35,14 +35,25 @@ class StepRecord:
     images_per_s: float  # wall clock, loader included, all workers
     parts: dict[str, float] = field(default_factory=dict)  # unweighted loss per output
     lr_head: float = 0.0  # the head's group: lr x train.head_lr_mult
-    skipped_steps: int | None = None  # fp16: optimizer steps skipped for overflowing gradients
+    skipped_steps: int | None = None  # steps not applied: their gradients were not finite
+    grad_norm: float | None = None  # mean total gradient norm of the applied steps
+    empty_batches: int | None = None  # micro-batches without a labelled pixel (their loss: 0)
 
     def mlflow_metrics(self) -> dict[str, float]:
         """As MLflow charts them: ``loss/total``, ``loss/output/<pam|cam|out>``, ``lr`` (the
-        base lr), ``lr_head``, ``images_per_s``, ``skipped_steps`` (fp16's, since the last)."""
+        base lr), ``lr_head``, ``images_per_s``, ``skipped_steps`` (since the last),
+        ``grad_norm``, ``empty_batches``."""
         rates = {LR: self.lr, LR_HEAD: self.lr_head, IMAGES_PER_S: self.images_per_s}
-        skipped = {} if self.skipped_steps is None else {"skipped_steps": self.skipped_steps}
-        return {"loss/total": self.loss, **rates, **skipped} | {
+        extra = {
+            k: v
+            for k, v in (
+                ("skipped_steps", self.skipped_steps),
+                ("grad_norm", self.grad_norm),
+                ("empty_batches", self.empty_batches),
+            )
+            if v is not None
+        }
+        return {"loss/total": self.loss, **rates, **extra} | {
             f"loss/output/{k}": v for k, v in self.parts.items()
         }
 

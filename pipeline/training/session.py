@@ -41,6 +41,7 @@ from pipeline.training.loop import (
     validate,
 )
 from pipeline.training.records import EvalRecord, History
+from pipeline.training.recovery import Recovery
 from pipeline.training.tracker import Tracker
 
 Prepare = Callable[[nn.Module], nn.Module]  # the model onto its device (DDP under Ray Train)
@@ -74,6 +75,7 @@ class Session:
     val_loader: DataLoader
     batch_fn: BatchFn = to_device
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scale
+    recovery: Recovery | None = None  # back to the last good state from a bad log window
     history: History = field(default_factory=History)
     epoch: int = 0
     batch: int = 0
@@ -159,6 +161,8 @@ def open_session(
     wrapped, core = build_model(job, world, device, weights, prepare)
     t = job.train
     optimizer = build_optimizer(core, t.lr, t.momentum, t.weight_decay, t.head_lr_mult)
+    recovery = Recovery(core, optimizer, t.spike_factor, t.recover_lr_factor, t.max_recoveries)
+    recovery.trust(0)  # the initial weights: where a first bad window goes back to
     stream = TrainStream(  # in micro-batches: train.accumulate per iteration
         job.train_shards,
         batch_size=t.worker_batch,
@@ -187,13 +191,16 @@ def open_session(
         model=torch.compile(wrapped) if t.compile else wrapped,  # type: ignore[arg-type]
         core=core,
         optimizer=optimizer,
-        scheduler=poly_schedule(optimizer, t.max_iters, t.poly_power),
+        scheduler=poly_schedule(
+            optimizer, t.max_iters, t.poly_power, t.warmup_iters, t.warmup_ratio
+        ),
         loss_fn=build_loss(job, device),
         stream=stream,
         loader=train_loader(stream, job.data.loader_workers, pin_memory=device.type == "cuda"),
         val_loader=eval_loader(val, job.data.loader_workers),
         batch_fn=batch_fn,
         scaler=grad_scaler(t.precision, device),
+        recovery=recovery,
     )
 
 
@@ -212,6 +219,9 @@ def restore(run: Session, state: TrainState, history: History) -> None:
     run.epoch, run.batch = state.epoch, state.batch
     if state.best_model is not None and state.best_confusion is not None:
         run.best = Best(history.best().miou, state.best_model, state.best_confusion)
+    if run.recovery is not None:  # the recoveries so far; the state loaded is the good one
+        run.recovery.recoveries, run.recovery.loss_mean = state.recoveries, state.loss_mean
+        run.recovery.trust(run.iteration)
 
 
 def snapshot(
@@ -231,6 +241,8 @@ def snapshot(
         best_model=run.best.weights if run.best else None,
         best_confusion=run.best.confusion if run.best else None,
         scaler=run.scaler.state_dict() if run.scaler is not None else None,
+        recoveries=run.recovery.recoveries if run.recovery is not None else 0,
+        loss_mean=run.recovery.loss_mean if run.recovery is not None else None,
     )
 
 
@@ -277,6 +289,7 @@ def stretches(run: Session, tracker: Tracker | None) -> Iterator[float]:
             log_every=t.log_every,
             world_size=run.world,
             batch_fn=run.batch_fn,
+            recovery=run.recovery,
         )
         done += n
         run.batch = done
@@ -293,6 +306,8 @@ def train_epochs(
     its metrics (the caller checkpoints); at a ``checkpoint_every`` boundary ``report`` the
     iteration alone. ``before_epoch``: a test seam (a worker that dies at an epoch)."""
     t = run.job.train
+    if tracker and run.recovery is not None:
+        run.recovery.on_recover = tracker.recovery
     if tracker and run.iteration == 0:  # the untrained model's overlays: the image view's step 0
         tracker.overlays(run.core, run.device, 0)
     while run.epoch < t.epochs:

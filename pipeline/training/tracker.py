@@ -16,6 +16,7 @@ from danet.model import SegmentationModel, Segmenter
 from pipeline.errors import first_line
 from pipeline.training.job import TrainJob
 from pipeline.training.records import EvalRecord, History, StepRecord
+from pipeline.training.recovery import RecoveryEvent
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,11 @@ class Tracker:
         self.history.steps.append(record)
         self._log(record.iteration, record.mlflow_metrics())
         total = self.job.train.max_iters
-        skipped = f" ({record.skipped_steps} fp16 steps skipped)" if record.skipped_steps else ""
+        skipped = (
+            f" ({record.skipped_steps} steps skipped: non-finite gradients)"
+            if record.skipped_steps
+            else ""
+        )
         log.info(
             "[train] iter %d/%d (%.0f%%) loss %.4f lr %.4g %.1f img/s%s",
             record.iteration,
@@ -81,6 +86,22 @@ class Tracker:
             record.lr,
             record.images_per_s,
             skipped,
+        )
+
+    def recovery(self, event: RecoveryEvent) -> None:
+        """A bad log window the run went back from: a progress line and MLflow metrics."""
+        v = event.verdict
+        self._log(v.iteration, {"recoveries": event.count, "recovery/lr": event.lr})
+        log.warning(
+            "[train] recovery %d/%d at iter %d: %s (%s); back to iter %d, lr x%g -> %.4g",
+            event.count,
+            self.job.train.max_recoveries,
+            v.iteration,
+            v.reason,
+            v.evidence(),
+            event.back_to,
+            self.job.train.recover_lr_factor,
+            event.lr,
         )
 
     def overlays(self, core: SegmentationModel, device: torch.device, iteration: int) -> None:
