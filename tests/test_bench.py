@@ -31,11 +31,27 @@ def test_time_to_accuracy_on_synthetic_shards(tiny_shards: Path) -> None:
         line["iterations"] >= 6 and line["images_per_s_wall"] > 0 and line["images_per_s_step"] > 0
     )
     assert line["step_tflop"] > 0 and line["mfu"] is None  # no GPU: no peak to compare with
+    assert 0.97 <= line["budget_used"] <= 1.03, line["train_seconds"]  # the schedule fills it
+    assert line["diverged"] is None and line["windows"] > 0 and not line["recoveries"]
     for split in ("train", "val"):
         scores = line[split]
         assert scores["miou"] == pytest.approx(mean_of(scores["iou_per_class"]))
         assert set(scores["iou_per_class"]) >= {"Road", "Sky"}
     assert line["protocol"] == "official-whole-flip"
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_names_the_first_bad_window(tiny_shards: Path) -> None:
+    """An lr that blows the weights up, no recovery allowed: the bench stops at the first bad
+    log window (checked at the training's cadence, not at the end) and says which."""
+    line = time_to_accuracy(
+        tiny_shards, "--iters", "30", "--step-steps", "1", "--splits", "val",
+        "--set", "data.crop_size=32", "--set", "train.batch_size=2", "--set", "train.lr=1000000.0",
+        "--set", "train.log_every=3", "--set", "train.max_recoveries=0",
+    )  # fmt: skip
+    assert line["diverged"] is not None, line
+    assert line["diverged"]["iteration"] % 3 == 0 and line["diverged"]["iteration"] < 30
+    assert line["iterations"] == line["diverged"]["iteration"]
 
 
 @pytest.mark.slow
