@@ -302,3 +302,54 @@ def test_a_recovery_is_a_progress_line_and_an_mlflow_metric(
     assert "recovery 1/3 at iter 40" in line and "back to iter 30" in line
     assert "2 batches with non-finite pixels" in line and "lr x0.5" in line
     assert ("recoveries", 1.0, 40) in sent and ("recovery/lr", 0.004, 40) in sent
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: DDP over a tiny DANet; only rank 1 sees NaN pixels (step 5: the
+    all-reduced gradient is NaN on both, both skip it; DDP's buffer broadcast from rank 0 heals
+    rank 1's BatchNorm statistics at the next forward) and a spike (steps 10-12: both recover)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        core = _model()
+        model = DistributedDataParallel(core)
+        optimizer = build_optimizer(core, 0.01, 0.9, 1e-4, 10.0)
+        scheduler = poly_schedule(optimizer, 100, 0.9)
+        batches = _batches(15, seed=10 + rank)
+        if rank == 1:
+            batches[4] = (torch.full_like(batches[4][0], math.nan), batches[4][1])
+        factor = {10: 30.0, 11: 30.0, 12: 30.0} if rank == 1 else {}
+        loss_fn = _scaled_loss(lambda i: factor.get(i, 1.0), [])
+        recovery = Recovery(core, optimizer, spike_factor=5.0, max_recoveries=3)
+        events: list[RecoveryEvent] = []
+        recovery.on_recover = events.append
+        recovery.trust(0)
+        train_steps(
+            model, batches, optimizer, scheduler, loss_fn, CPU,
+            log_every=3, recovery=recovery, world_size=2,
+        )  # fmt: skip
+        torch.save(
+            {
+                "events": [(e.verdict.iteration, e.back_to) for e in events],
+                "weights": dict(core.named_parameters()),  # BN statistics are per rank
+            },
+            f"{out}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_every_rank_recovers_at_the_same_window(tmp_path: Path) -> None:
+    """Two gloo ranks, the bad batches on one of them: both judge each window from the one
+    all-reduce, skip the same step, recover at the same window and stay identical."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert zero["events"] == one["events"] == [(12, 6)]
+    for key, value in zero["weights"].items():
+        assert torch.equal(value, one["weights"][key]), key
