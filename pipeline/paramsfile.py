@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,30 @@ from pipeline.errors import ConfigError
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: ``1e-6`` and ``1E+3`` are numbers (YAML
+    1.1 wants a dot and a signed exponent, so PyYAML reads them as strings, and a JSON params
+    file's ``1e-06`` would be refused as "not a number")."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> Python values, safely (no object tags), with YAML 1.2's floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: params file does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -44,7 +63,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not sep or len(parts) < 2 or not all(parts):
         raise ConfigError(f"--set {assignment}: expected section.key=value, e.g. train.lr=0.005")
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError:
         raise ConfigError(f"--set {assignment}: the value is not valid YAML") from None
     set_key(raw, key.strip(), value, f"--set {assignment}")

@@ -230,3 +230,15 @@ def test_cli_preset_by_name_runs_a_stage(tmp_path: Path, monkeypatch: pytest.Mon
     assert result.output.strip().splitlines()[-1] == "error: nowhere: dataset root does not exist"
     preset = yaml.safe_load((ROOT / "configs" / "camvid.yaml").read_text())
     assert preset["shard"]["dataset"] == "camvid"
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    """YAML 1.2's floats, as DVC and JSON write them: ``1e-06`` (json.dumps of 1e-6) and
+    ``--set train.lr=2e-2`` are numbers, not strings refused as "not a number"."""
+    path = tmp_path / "p.yaml"
+    path.write_text('{"train": {"warmup_ratio": 1e-06, "lr": 1E+0}}')
+    params = load_params(path, ["train.weight_decay=5e-4"])
+    assert params.train.warmup_ratio == 1e-6 and params.train.lr == 1.0
+    assert params.train.weight_decay == 5e-4
+    with pytest.raises(ConfigError, match="train.lr must be a number, got '1e'"):
+        load_params(path, ["train.lr=1e"])
