@@ -95,3 +95,45 @@ def test_train_and_evaluate_from_s3(s3_bucket: str, tmp_path: Path, ray_cluster:
     assert evaluation.images == 3
     assert evaluation.miou == pytest.approx(mean_of(evaluation.iou_per_class))
     assert evaluation.split_sha256 == load_manifest(url).split_digest("val")
+
+
+def test_a_location_is_never_run_as_a_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """webdataset's ``pipe:`` would run the location's text in a shell (a manifest or params
+    file from someone else: ``pipe:cat x;touch y``). Refused in one line wherever a location is
+    opened; no shell is ever started (the marker file never appears)."""
+    import dataclasses
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.data.storage import open_binary
+
+    local = tmp_path / "local"
+    shard_dataset(reader(), ("train", "val"), local, max_count=4)
+    marker = tmp_path / "ran"
+    command = f"pipe:touch {marker}; cat {local}"
+    with pytest.raises(DataError, match=r"a shell command .*pipe:.*not a location"):
+        load_manifest(command)
+    manifest = dataclasses.replace(load_manifest(local), location=command)
+    with pytest.raises(DataError, match="a shell command"):
+        shard_refs(manifest, "val")
+    with pytest.raises(DataError, match="a shell command"), open_binary(f" PIPE:touch {marker}"):
+        pass
+    calls: list[object] = []
+    real_popen = subprocess.Popen
+
+    def spy(*args: object, **kwargs: object) -> object:
+        if kwargs.get("shell") or str(marker) in str(args):
+            calls.append(args)
+        return real_popen(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    result = CliRunner().invoke(
+        app, ["evaluate", "--set", f"evaluate.shards={command}", "--set", "evaluate.model=x.pt"]
+    )
+    assert result.exit_code == 2 and not marker.exists()
+    assert not calls, calls  # no shell, nothing with the command's text
+    assert "shell command" in result.output

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from pipeline.data.storage import join
 from pipeline.errors import DataError
-from pipeline.locations import is_url
+from pipeline.locations import is_url, refuse_code
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 3
@@ -203,7 +203,8 @@ def manifest_from_json(text: str | bytes, where: str, location: str = "") -> Man
 
 
 def load_manifest(location: str | Path) -> Manifest:
-    """The manifest of a shard folder (a path or a URL prefix)."""
+    """The manifest of a shard folder (a path or a URL prefix; never a command)."""
+    refuse_code(location)
     path = join(location, MANIFEST)
     if is_url(location):
         import fsspec
@@ -225,8 +226,7 @@ def load_manifest(location: str | Path) -> Manifest:
 
 
 def shard_refs(manifest: Manifest, split: str) -> list[ShardRef]:
-    """The shards of a split, each checked to exist with the manifest's size (a ``pipe:`` URL
-    cannot be sized: its digest is still checked as it is read)."""
+    """The shards of a split, each checked to exist with the manifest's size."""
     info = manifest.split(split)
     infos = info.shards
     refs = [
@@ -247,8 +247,8 @@ def _sizes(urls: list[str]) -> list[int | None]:
     """Each file's size; None = missing, -1 = cannot be known."""
     if not urls:
         return []
-    if urls[0].startswith("pipe:"):
-        return [-1] * len(urls)
+    for url in urls:  # a manifest from someone else may name a command: never run it
+        refuse_code(url)
     if not is_url(urls[0]):
         return [Path(u).stat().st_size if Path(u).is_file() else None for u in urls]
     import fsspec

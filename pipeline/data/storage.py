@@ -1,4 +1,5 @@
-"""Where shards live: a local path, or a URL (s3://, gs://, https://, any fsspec protocol, pipe:).
+"""Where shards live: a local path, or a URL (s3://, gs://, https://, any fsspec protocol); never
+a command (``pipe:`` is refused: pipeline/locations.py).
 
 Credentials and endpoints come from each protocol's standard environment (for S3:
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...), as fsspec reads them.
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.errors import DataError
-from pipeline.locations import is_url
+from pipeline.locations import is_url, refuse_code
 
 
 def join(location: str | Path, name: str) -> str:
@@ -55,15 +56,7 @@ def publish(local: Path, manifest: Any, out: str) -> Any:
 @contextmanager
 def open_binary(url: str) -> Iterator[IO[bytes]]:
     """A file or URL opened for reading bytes."""
-    if str(url).startswith("pipe:"):
-        import webdataset as wds
-
-        stream = wds.gopen(url, "rb")
-        try:
-            yield stream
-        finally:
-            stream.close()
-        return
+    refuse_code(url)
     try:
         if is_url(url):
             import fsspec
