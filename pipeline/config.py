@@ -189,6 +189,8 @@ class TrainParams(Section):
             f"train.batch_size {self.batch_size} does not split evenly over train.num_workers "
             f"{self.num_workers} x train.accumulate {self.accumulate}",
         )
+        f = self.spike_factor  # below 1, every window would look like a spike
+        require(f == 0 or f > 1, f"train.spike_factor must be 0 (off) or above 1, got {f}")
 
     @property
     def max_iters(self) -> int:
@@ -345,9 +347,6 @@ class Params:
 SECTIONS: dict[str, type[Section]] = {
     f.name: hints(Params)[f.name] for f in dataclasses.fields(Params)
 }
-
-
-# --- loading ---------------------------------------------------------------------------------
 
 
 def section_from_mapping(cls: type[S], values: Any) -> S:

@@ -161,6 +161,9 @@ def test_overrides_reach_every_level() -> None:
         ),
         (["synthetic.num_samples.train=0"], "synthetic.num_samples.train must be >= 1, got 0"),
         (["train.lr"], "--set train.lr: expected section.key=value"),
+        (["train.spike_factor=0.5"], "train.spike_factor must be 0 (off) or above 1, got 0.5"),
+        (["train.recover_lr_factor=2"], "train.recover_lr_factor must be <= 1, got 2.0"),
+        (["train.max_recoveries=-1"], "train.max_recoveries must be >= 0, got -1"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
