@@ -2,8 +2,8 @@
 # The GPU figures of BENCHMARKS.md, as JSON lines and tables, in three parts that each fit one
 # device call (<= 10 minutes, bounded by the timeouts below) on an H100/H200. Run from the
 # project root after ../shared/gpu/prepare.sh, on the device machine (carry .device):
-#   source .device/env.sh && bash bench/gpu.sh speed      # PAM table, steps at 768 + MFU, inference
-#   source .device/env.sh && bash bench/gpu.sh loader     # steps at 352 + MFU, loader wall vs step
+#   source .device/env.sh && bash bench/gpu.sh speed      # PAM table, R101d steps at 768 + MFU, top kernels, inference
+#   source .device/env.sh && bash bench/gpu.sh loader     # loop vs step at 352: prefetch on/off, GPU/CPU decode
 #   source .device/env.sh && bash bench/gpu.sh camvid     # CamVid val mIoU after 8 minutes
 #   source .device/env.sh && bash bench/gpu.sh export     # ONNX: torch vs ORT CUDA / TensorRT
 # Output also goes to $OUT (when set) as gpu-<part>.log.
@@ -20,21 +20,28 @@ case $part in
 speed)
   # PAM at a 1024x2048 image's map (128x256), fp32 and bf16: dense vs the per-dtype exact path
   timeout 120 python bench/attention.py --device cuda --sizes 64x64 128x256 --dtypes fp32 bf16 | tee -a "$log"
-  # the step at crop 768, batch 8: fp32, bf16, +channels_last, dense PAM, +compile; MFU
-  timeout 330 python bench/train_step.py --device cuda --no-ray --backbone resnet50d resnet101d \
+  # the step at crop 768, batch 8, as training builds it (cudnn.benchmark on): fp32, bf16, fp16,
+  # +channels_last, dense PAM, +compile; MFU (target: >= 30% for bf16 + channels_last)
+  timeout 250 python bench/train_step.py --device cuda --no-ray --backbone resnet101d \
     --crop 768 --batch 8 --steps 10 --matrix | tee -a "$log"
+  # torch.profiler's top 25 kernels of that step (bf16, channels_last), by device time
+  timeout 60 python bench/train_step.py --device cuda --no-ray --backbone resnet101d \
+    --crop 768 --batch 8 --profile --rows 25 | tee -a "$log"
   # whole-image inference at 1024x2048, R101d, bf16: efficient vs dense attention
   timeout 90 python bench/inference.py --device cuda --backbone resnet101d --size 1024x2048 --bf16 \
     --repeats 10 | tee -a "$log"
   ;;
 loader)
-  # the step at crop 352 (R18d is the hungriest for data), then the real loop with the loader:
-  # images_per_s_wall / images_per_s_step is the loader's cost (GPU decode on, 12 workers)
-  timeout 300 python bench/train_step.py --device cuda --no-ray --backbone resnet18d resnet50d \
-    --crop 352 --batch 8 --steps 10 --matrix | tee -a "$log"
-  for backbone in resnet18d resnet50d; do
-    timeout 140 python bench/time_to_accuracy.py --shards "$shards" --preset camvid --budget 90 \
-      --calibrate 20 --set model.backbone=$backbone --set data.loader_workers=12 | tail -1 | tee -a "$log"
+  # the camvid preset's loop (crop 352, batch 8, bf16, 12 loader workers) against its step alone:
+  # loop_vs_step is the loader's cost (target >= 0.97 for R50d). Batches made ahead on a side
+  # stream (training's path on CUDA) vs in turn between steps (--prefetch 0, the old path), and
+  # JPEGs decoded on the GPU vs by the CPU workers (data.gpu_decode=false); R18d is the hungriest.
+  for run in "resnet50d 2 true" "resnet50d 0 true" "resnet50d 2 false" "resnet18d 2 true" \
+             "resnet18d 2 false"; do
+    set -- $run
+    timeout 95 python bench/time_to_accuracy.py --shards "$shards" --preset camvid --budget 40 \
+      --calibrate 20 --splits "" --prefetch $2 --set model.backbone=$1 --set data.gpu_decode=$3 \
+      --set data.loader_workers=12 | tail -1 | tee -a "$log"
   done
   ;;
 export)

@@ -9,15 +9,18 @@ machine with torch, torchvision, timm and webdataset. The poly schedule is fitte
 ``--calibrate`` iterations measure the speed first and count in the schedule, then the schedule
 is set to end when the budget does. ``--iters`` fixes the schedule instead (comparisons on a busy
 machine). The named splits are evaluated whole image + flip (the reference and base size of
-``evaluate.*``). Images/s are wall clock over the training loop (loader included) and of the
-step alone (one cached batch, on a copy of the model); MFU counts the step's FLOPs
-(torch.utils.flop_counter) against the GPU's dense bf16 peak.
+``evaluate.*``). The step is the training session's (pipeline/training/builder.py, through
+``open_session``) and its batches come as training's do (pipeline/training/prefetch.py: made
+ahead on a side stream on CUDA; ``--prefetch 0`` makes them in turn between steps, the old way).
+Images/s are wall clock over the training loop (loader included) and of the step alone (one
+cached batch, a step built by the same builder); MFU counts the step's FLOPs as a run does
+(pipeline/training/flops.py) against the device's peak in the run's precision (a CPU's: its
+measured matmul peak): ``mfu`` at the step's rate, ``mfu_wall`` at the loop's.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import itertools
 import json
@@ -31,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
-from bench.peak import peak_bf16
+from bench.train_step import timed
 from danet.metrics import summarize
 from danet.model import Segmenter
 from pipeline.config import Params, load_params
@@ -39,13 +42,12 @@ from pipeline.data.loader import TrainStream, train_loader
 from pipeline.data.manifest import load_manifest, shard_refs
 from pipeline.errors import TrainingDiverged
 from pipeline.evaluation.evaluate import evaluate_model, protocol_of
+from pipeline.training.builder import build_step, step_options
+from pipeline.training.flops import device_peak, step_flops
 from pipeline.training.job import TrainJob, prepare_job
-from pipeline.training.loop import (
-    poly_schedule,
-    to_device,
-    train_steps,
-)
-from pipeline.training.session import backbone_weights, build_loss, open_session
+from pipeline.training.loop import train_steps
+from pipeline.training.prefetch import Prefetcher, on_device
+from pipeline.training.session import backbone_weights, open_session
 
 
 def parse() -> argparse.Namespace:
@@ -65,6 +67,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--step-steps", type=int, default=10, help="timed steps of the step-only figure"
     )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=-1,
+        help="batches made ahead by a thread (0: in turn); default: what training does",
+    )
     parser.add_argument("--out", default="", help="also write the JSON here")
     return parser.parse_args()
 
@@ -73,72 +81,34 @@ def setup(args: argparse.Namespace) -> tuple[Params, TrainJob, torch.device]:
     params = load_params(args.params, [*args.sets, f"data.shards={args.shards}"], args.preset)
     job = prepare_job(params.model, params.data, dataclasses.replace(params.train, num_workers=1))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     return params, job, device
 
 
-def batch_fn(job: TrainJob, gpu: bool) -> Any:
-    if not gpu:
-        return to_device
-    from pipeline.data.gpu import decode_batch
-
-    return lambda batch, device: decode_batch(batch, job.data.crop_size, job.mean, job.std, device)
-
-
-def step_rate(
-    job: TrainJob,
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    batch: Any,
-    device: torch.device,
-    steps: int,
-) -> tuple[float, float]:
-    """Images/s of the step alone on one cached batch (a copy of model and optimizer), and the
-    FLOPs of one step."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model, opt = copy.deepcopy(model), copy.deepcopy(opt)
-    sched = poly_schedule(opt, 10**9, job.train.poly_power)
-    loss_fn = build_loss(job, device)
-    fn = batch_fn(job, job.data.gpu_decode and device.type == "cuda")
-    cached = [fn(batch, device)]
-
-    def run(n: int) -> None:
-        train_steps(
-            model,
-            itertools.repeat(cached[0], n),
-            opt,
-            sched,
-            loss_fn,
-            device,
-            precision=job.train.precision,
-            channels_last=job.train.channels_last,
-            batch_fn=lambda b, d: b,
-            log_every=10**9,
-        )
-
-    run(3)  # warm-up (and compilation)
-    with FlopCounterMode(display=False) as counter:
-        run(1)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    run(steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return steps * cached[0][0].shape[0] / seconds, float(counter.get_total_flops())
+def step_rate(job: TrainJob, batch: Any, device: torch.device, steps: int) -> tuple[float, float]:
+    """Images/s of the step alone on one cached micro-batch (a step built as training builds
+    it, at the same size), and the FLOPs of one micro-batch."""
+    step = build_step(job, device)
+    cached = step.batch_fn(batch, device)
+    timed(step, cached, 3)  # warm-up (cuDNN's autotuning, compilation)
+    seconds = timed(step, cached, steps * job.train.accumulate)
+    t = job.train
+    flops = step_flops(
+        step.core,
+        images=t.worker_batch,
+        crop=job.data.crop_size,
+        device=device,
+        precision=t.precision,
+        channels_last=t.channels_last,
+    )
+    return steps * t.batch_size / seconds, flops
 
 
 def train(job: TrainJob, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    run = open_session(job, device=device, weights=backbone_weights(job.model))
-    core, model, opt = run.core, run.model, run.optimizer
     t = job.train
     gpu = job.data.gpu_decode and device.type == "cuda"
-    stream = TrainStream(
+    stream = TrainStream(  # in micro-batches, as training's
         job.train_shards,
-        batch_size=t.batch_size,
+        batch_size=t.worker_batch,
         batches_per_epoch=10**6,
         augment=job.data,
         mean=job.mean,
@@ -149,8 +119,17 @@ def train(job: TrainJob, args: argparse.Namespace, device: torch.device) -> dict
     )
     batches = iter(train_loader(stream, job.data.loader_workers, pin_memory=device.type == "cuda"))
     first = next(batches)
-    step_ips, step_flops = step_rate(job, model, opt, first, device, args.step_steps)
-    loss_fn, fn = build_loss(job, device), batch_fn(job, gpu)
+    step_ips, flops = step_rate(job, first, device, args.step_steps)
+    run = open_session(job, device=device, weights=backbone_weights(job.model))
+    core, model, opt = run.core, run.model, run.optimizer
+    depth = run.prefetch if args.prefetch < 0 else args.prefetch
+    data = Prefetcher(
+        itertools.chain([first], batches),
+        run.batch_fn,
+        device,
+        depth=depth,
+        channels_last=t.channels_last,
+    )
     windows: list[dict[str, Any]] = []  # every log window: finiteness at the training's cadence
     recoveries: list[dict[str, Any]] = []
     if run.recovery is not None:
@@ -158,10 +137,8 @@ def train(job: TrainJob, args: argparse.Namespace, device: torch.device) -> dict
             {"iteration": e.verdict.iteration, "reason": e.verdict.reason, "back_to": e.back_to}
         )
     common = {
-        "precision": t.precision,
-        "channels_last": t.channels_last,
-        "grad_clip": t.grad_clip,
-        "batch_fn": fn,
+        **step_options(t),
+        "batch_fn": on_device,  # ``data`` made them
         "log_every": t.log_every,
         "scaler": run.scaler,
         "recovery": run.recovery,
@@ -169,12 +146,15 @@ def train(job: TrainJob, args: argparse.Namespace, device: torch.device) -> dict
             {"iteration": r.iteration, "loss": r.loss, "skipped": r.skipped_steps}
         ),
     }
-    data = itertools.chain([first], batches)
     start = time.perf_counter()
-    sched = poly_schedule(opt, args.iters or 10**9, t.poly_power, t.warmup_iters, t.warmup_ratio)
+    # the session's own schedule, its end moved: a second scheduler on the same optimizer would
+    # apply the first lr factor twice (the warm-up's 1e-6 for good: lr x 1e-6 throughout)
+    sched = run.scheduler
+    sched.total_iters = args.iters or 10**9
 
     def steps(n: int) -> None:
-        train_steps(model, itertools.islice(data, n), opt, sched, loss_fn, device, **common)
+        micro = itertools.islice(data, n * t.accumulate)
+        train_steps(model, micro, opt, sched, run.loss_fn, device, **common)
 
     diverged: dict[str, Any] | None = None
     try:
@@ -187,19 +167,23 @@ def train(job: TrainJob, args: argparse.Namespace, device: torch.device) -> dict
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = peak_bf16(device)
+    data.close()
+    peak = device_peak(device, t.precision)
     total = int(sched.last_epoch)
+    wall = total * t.batch_size / seconds
     return {
         "model": core,
         "iterations": total,
         "train_seconds": seconds,
         "budget_used": seconds / args.budget if not args.iters else None,
-        "images_per_s_wall": total * t.batch_size / seconds,
+        "images_per_s_wall": wall,
         "images_per_s_step": step_ips,
-        "step_tflop": step_flops / 1e12,
-        "mfu": step_flops * step_ips / t.batch_size / peak
-        if peak and t.precision != "fp32"
-        else None,
+        "loop_vs_step": wall / step_ips,
+        "prefetch": depth,
+        "gpu_decode": gpu,
+        "step_tflop": flops * t.accumulate / 1e12,  # its micro-batches
+        "mfu": flops * step_ips / t.worker_batch / peak if peak else None,
+        "mfu_wall": flops * wall / t.worker_batch / peak if peak else None,
         "windows": len(windows),
         "last_loss": windows[-1]["loss"] if windows else None,
         "skipped_steps": sum(w["skipped"] or 0 for w in windows),

@@ -1,19 +1,26 @@
-"""Images/s of a training step (forward, backward, SGD step) for DANet and the FCN baseline.
+"""Images/s and MFU of a training step (forward, backward, SGD step) for DANet and the FCN baseline.
 
     python bench/train_step.py                                  # CPU: models, then 1 vs 2 Ray workers
-    python bench/train_step.py --device cuda --backbone resnet50d resnet101d --crop 768 --batch 8 \
-        --matrix                                                # GPU: precision, layout, attention, compile, MFU
+    python bench/train_step.py --device cuda --backbone resnet50d resnet101d --crop 768 --batch 8 \\
+        --matrix --no-ray                                       # GPU: precision, layout, attention, compile
     python bench/train_step.py --matrix --no-compile --no-ray   # CPU: bf16 autocast (native bf16 CPUs)
+    python bench/train_step.py --device cuda --backbone resnet101d --crop 768 --batch 8 --no-ray \\
+        --profile                                               # the top kernels of one step
 
-The step is the real one (pipeline/loop.py: train_steps with the three DANet losses) on random
-batches, timed after warm-up steps. The Ray part runs the same step inside a TorchTrainer with 1
-and 2 CPU workers sharing this machine's cores (global images/s = workers x batch / step time).
+The step is built by the training session's own builder (pipeline/training/builder.py
+``build_step``: cuDNN's autotuner on CUDA, channels_last, precision, torch.compile, the DANet
+losses, the fused SGD with the head group, the poly schedule) for a job of the given
+architecture and recipe, and run by ``train_steps`` on one batch already on the device, after
+warm-up steps: the step alone, without the loader. MFU counts one step's FLOPs with the same
+function a run logs it with (pipeline/training/flops.py) against the device's peak in the row's
+precision (a CPU's: its measured matmul peak). The Ray part runs the same step inside a
+TorchTrainer with 1 and 2 CPU workers sharing this machine's cores (global images/s).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import contextlib
 import sys
 import tempfile
 import time
@@ -24,13 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
-from bench.peak import peak_bf16
-from danet import DANetConfig, build_danet
-from danet.losses import segmentation_loss
-from pipeline.training.loop import build_optimizer, grad_scaler, poly_schedule, train_steps
+from pipeline.config import DataParams, ModelParams, TrainParams
+from pipeline.errors import TrainingDiverged
+from pipeline.training.builder import Step, build_step
+from pipeline.training.flops import device_peak, step_flops
+from pipeline.training.job import TrainJob
+from pipeline.training.prefetch import on_device
 
-# the GPU rows: (precision, attention, channels_last, compile), each against the row before it
-# (fp16: loss-scaled, what a V100/T4 runs; against bf16 on the same GPU)
+# the matrix's rows: (precision, attention, channels_last, compile), each against the row before
+# it (fp16: loss-scaled, what a V100/T4 runs; against bf16 on the same GPU). bf16 +
+# channels_last is what params.yaml trains.
 MATRIX = [
     ("fp32", "auto", False, False),
     ("bf16", "auto", False, False),
@@ -41,58 +51,94 @@ MATRIX = [
 ]
 
 
-def step_rate(
-    backbone: str, head: str, crop: int, batch: int, steps: int, device: str,
-    precision: str = "fp32", attention: str = "auto", channels_last: bool = False,
-    compile_model: bool = False, flops: list[float] | None = None,
-) -> float:  # fmt: skip
-    """Images/s of ``steps`` timed training steps in this process (median of per-step rates);
-    ``flops`` receives the FLOPs of one step (torch.utils.flop_counter) when given."""
-    torch.manual_seed(0)
-    config = DANetConfig(num_classes=19, backbone=backbone, head=head, attention_impl=attention)  # type: ignore[arg-type]
-    model = build_danet(config).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, 0.01, 0.9, 1e-4, 10.0)
-    scheduler = poly_schedule(optimizer, 10_000, 0.9)
-    runner: Any = torch.compile(model) if compile_model else model
-    x = torch.randn(batch, 3, crop, crop)
-    y = torch.randint(0, 19, (batch, crop, crop))
-    dev = torch.device(device)
-    scaler = grad_scaler(precision, dev)
-    times = []
-
-    def step() -> None:
-        train_steps(
-            runner,
-            [(x, y)],
-            optimizer,
-            scheduler,
-            segmentation_loss,
-            dev,
+def bench_job(
+    backbone: str, head: str, crop: int, batch: int, precision: str = "fp32",
+    attention: str = "auto", channels_last: bool = False, compile_model: bool = False,
+    num_classes: int = 19,
+) -> TrainJob:  # fmt: skip
+    """A training job of this architecture and recipe without shards (params.yaml's defaults
+    otherwise): what ``build_step`` builds a run's step from."""
+    return TrainJob(
+        model=ModelParams(backbone=backbone, head=head, attention_impl=attention),
+        data=DataParams(crop_size=crop, gpu_decode=False),
+        train=TrainParams(
+            batch_size=batch,
             precision=precision,
-            scaler=scaler,
             channels_last=channels_last,
+            compile=compile_model,
+            epochs=10_000,  # a schedule the timed steps stay far from the end of
+        ),
+        dataset="bench",
+        classes=tuple(f"class{i}" for i in range(num_classes)),
+        palette=((0, 0, 0),) * num_classes,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        train_shards=(),
+        val_shards=(),
+        manifest_sha256="",
+        class_pixels=(1,) * num_classes,
+        class_image_pixels=(1,) * num_classes,
+    )
+
+
+def device_batch(job: TrainJob, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random batch of the job's size, on the device."""
+    g = torch.Generator().manual_seed(0)
+    crop, n, k = job.data.crop_size, job.train.worker_batch, job.num_classes
+    x = torch.randn(n, 3, crop, crop, generator=g)
+    y = torch.randint(0, k, (n, crop, crop), generator=g)
+    return x.to(device), y.to(device)
+
+
+def timed(step: Step, batch: Any, steps: int) -> float:
+    """Seconds of ``steps`` steps on ``batch``, as training runs them (one host read at the end,
+    where training reads once per log window)."""
+    sync = torch.cuda.synchronize if step.device.type == "cuda" else lambda: None
+    sync()
+    start = time.perf_counter()
+    with contextlib.suppress(TrainingDiverged):  # a diverging recipe's steps took their time
+        step.run([batch] * steps, batch_fn=on_device, log_every=10**9)
+    sync()
+    return time.perf_counter() - start
+
+
+def step_rate(job: TrainJob, device: str, steps: int, flops: list[float] | None = None) -> float:
+    """Images/s of ``steps`` timed training steps in this process, after 2 warm-up steps (and
+    compilation); ``flops`` receives the FLOPs of one step when given."""
+    dev = torch.device(device)
+    step = build_step(job, dev)
+    batch = device_batch(job, dev)
+    timed(step, batch, 2)
+    seconds = timed(step, batch, steps)
+    if flops is not None:
+        t = job.train
+        n = t.worker_batch
+        flops.append(
+            step_flops(step.core, n, job.data.crop_size, dev, t.precision, t.channels_last)
         )
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    for i in range(steps + 2):  # 2 warm-up steps (and compilation)
-        start = time.perf_counter()
-        step()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    if flops is not None and not compile_model:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops.append(float(counter.get_total_flops()))
-    return batch / statistics.median(times)
+    return steps * job.train.worker_batch / seconds
 
 
-def ray_rate(workers: int, backbone: str, head: str, crop: int, batch: int, steps: int) -> float:
-    """Global images/s of the same step in a TorchTrainer with ``workers`` CPU workers."""
+def profile(job: TrainJob, device: str, rows: int = 20) -> str:
+    """torch.profiler's table of the top operators and kernels of 3 steps, by their own time on
+    the device (CUDA) or the CPU."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    dev = torch.device(device)
+    step = build_step(job, dev)
+    batch = device_batch(job, dev)
+    timed(step, batch, 3)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        timed(step, batch, 3)
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    return str(prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
+def ray_rate(workers: int, job: TrainJob, steps: int) -> float:
+    """Global images/s of the same step in a TorchTrainer with ``workers`` CPU workers (the
+    job's batch per worker)."""
     import os
 
     import ray
@@ -101,44 +147,30 @@ def ray_rate(workers: int, backbone: str, head: str, crop: int, batch: int, step
     from ray.train.torch import TorchTrainer
 
     def worker(config: dict[str, Any]) -> None:
-        torch.manual_seed(0)
-        model = ray.train.torch.prepare_model(
-            build_danet(
-                DANetConfig(num_classes=19, backbone=config["backbone"], head=config["head"])
-            )
-        )
-        core: Any = model.module if hasattr(model, "module") else model
-        optimizer = build_optimizer(core, 0.01, 0.9, 1e-4, 10.0)
-        scheduler = poly_schedule(optimizer, 10_000, 0.9)
-        x = torch.randn(config["batch"], 3, config["crop"], config["crop"])
-        y = torch.randint(0, 19, (config["batch"], config["crop"], config["crop"]))
-        times = []
-        for i in range(config["steps"] + 2):
-            start = time.perf_counter()
-            train_steps(
-                model, [(x, y)], optimizer, scheduler, segmentation_loss, torch.device("cpu")
-            )
-            if i >= 2:
-                times.append(time.perf_counter() - start)
         ctx = ray.train.get_context()
-        metrics = {
-            "images_per_s": ctx.get_world_size() * config["batch"] / statistics.median(times)
-        }
+        step = build_step(
+            config["job"],
+            torch.device("cpu"),
+            rank=ctx.get_world_rank(),
+            world=ctx.get_world_size(),
+            prepare=ray.train.torch.prepare_model,
+        )
+        batch = device_batch(config["job"], torch.device("cpu"))
+        timed(step, batch, 2)
+        seconds = timed(step, batch, config["steps"])
+        images = ctx.get_world_size() * config["job"].train.worker_batch * config["steps"]
         # Train V2 keeps metrics in Result only when they come with a checkpoint.
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=checkpoint if ctx.get_world_rank() == 0 else None)
+            ray.train.report(
+                {"images_per_s": images / seconds},
+                checkpoint=checkpoint if ctx.get_world_rank() == 0 else None,
+            )
 
     cpus = max(1, (os.cpu_count() or 2) // workers)
     trainer = TorchTrainer(
         worker,
-        train_loop_config={
-            "backbone": backbone,
-            "head": head,
-            "crop": crop,
-            "batch": batch,
-            "steps": steps,
-        },
+        train_loop_config={"job": job, "steps": steps},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=f"bench-{workers}w-{time.time_ns()}", storage_path="/tmp/danet-bench"
@@ -147,6 +179,24 @@ def ray_rate(workers: int, backbone: str, head: str, crop: int, batch: int, step
     result = trainer.fit()
     assert result.metrics is not None
     return float(result.metrics["images_per_s"])
+
+
+def matrix(args: argparse.Namespace, backbone: str) -> None:
+    """The matrix's rows for one backbone, with MFU."""
+    for precision, attention, cl, comp in MATRIX:
+        if (comp and args.no_compile) or (precision == "fp16" and args.device == "cpu"):
+            continue  # fp16 is the GPU's (a CPU without fp16 units emulates it)
+        job = bench_job(backbone, "danet", args.crop, args.batch, precision, attention, cl, comp)
+        flops: list[float] = []
+        r = step_rate(job, args.device, args.steps, flops)
+        peak = device_peak(args.device, precision)
+        mfu = f"{flops[0] * r / args.batch / peak:7.1%}" if peak else "      -"
+        print(
+            f"{backbone:>11} {'danet':>6} {precision:>5} {attention:>9} "
+            f"{'yes' if cl else 'no':>7} {'yes' if comp else 'no':>7} | {r:7.2f} {mfu}  "
+            f"({flops[0] / 1e12:.3f} TFLOP/step; peak {peak / 1e12 if peak else 0:.3g} TFLOP/s)",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -167,51 +217,35 @@ def main() -> None:
         "--no-compile", action="store_true", help="skip the compile row (minutes on a CPU)"
     )
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only the top kernels of the first backbone's bf16 + channels_last step",
+    )
+    parser.add_argument("--rows", type=int, default=20, help="rows of the --profile table")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; "
           f"crop {args.crop}, batch {args.batch}, {args.steps} timed steps")  # fmt: skip
+    if args.profile:
+        job = bench_job(args.backbone[0], "danet", args.crop, args.batch, "bf16", "auto", True)
+        print(profile(job, args.device, args.rows))
+        return
 
     print(
-        f"\n{'backbone':>11} {'model':>6} {'prec':>5} {'attention':>9} {'ch_last':>7} {'compile':>7} | {'img/s':>7}"
+        f"\n{'backbone':>11} {'model':>6} {'prec':>5} {'attention':>9} {'ch_last':>7} {'compile':>7} | {'img/s':>7} {'MFU':>7}"
     )
     for backbone in args.backbone:
         rates = {}
         for head in ("danet", "fcn"):
-            rates[head] = step_rate(backbone, head, args.crop, args.batch, args.steps, args.device)
+            job = bench_job(backbone, head, args.crop, args.batch)
+            rates[head] = step_rate(job, args.device, args.steps)
             print(
                 f"{backbone:>11} {head:>6} {'fp32':>5} {'auto':>9} {'no':>7} {'no':>7} | {rates[head]:7.2f}",
                 flush=True,
             )
         print(f"{'':>11} FCN / DANet speed: {rates['fcn'] / rates['danet']:.2f}")
         if args.matrix:
-            flops: list[float] = []
-            peak = peak_bf16(args.device)
-            for precision, attention, cl, comp in MATRIX:
-                if (comp and args.no_compile) or (precision == "fp16" and args.device == "cpu"):
-                    continue  # fp16 is the GPU's (a CPU without fp16 units emulates it)
-                r = step_rate(
-                    backbone,
-                    "danet",
-                    args.crop,
-                    args.batch,
-                    args.steps,
-                    args.device,
-                    precision,
-                    attention,
-                    cl,
-                    comp,
-                    flops,
-                )
-                half = precision != "fp32"
-                mfu = f"{flops[0] * r / args.batch / peak:7.1%}" if peak and half else ""
-                print(
-                    f"{backbone:>11} {'danet':>6} {precision:>5} {attention:>9} "
-                    f"{'yes' if cl else 'no':>7} {'yes' if comp else 'no':>7} | {r:7.2f} {mfu}",
-                    flush=True,
-                )
-            print(
-                f"{'':>11} one step: {flops[0] / 1e12:.2f} TFLOP; MFU against the dense bf16 peak"
-            )
+            matrix(args, backbone)
 
     if args.device == "cpu" and not args.no_ray:
         import ray
@@ -220,9 +254,9 @@ def main() -> None:
             num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False
         )
         print(f"\nRay Train on CPU ({args.backbone[0]}, DANet): global images/s")
-        one = ray_rate(1, args.backbone[0], "danet", args.crop, args.batch, args.steps)
+        one = ray_rate(1, bench_job(args.backbone[0], "danet", args.crop, args.batch), args.steps)
         print(f"  1 worker  x 2 CPUs: {one:7.2f}", flush=True)
-        two = ray_rate(2, args.backbone[0], "danet", args.crop, args.batch, args.steps)
+        two = ray_rate(2, bench_job(args.backbone[0], "danet", args.crop, args.batch), args.steps)
         print(f"  2 workers x 1 CPU:  {two:7.2f}   (2 / 1 workers: {two / one:.2f})")
         ray.shutdown()
 

@@ -28,6 +28,13 @@ def decode_batch(
     decoded: dict[int, torch.Tensor] = {}
     if encoded:
         jpegs = [batch.images[i] for i in encoded]
+        if device.type == "cuda":
+            # torchvision's nvJPEG decode allocates its outputs on this stream but writes them
+            # from a private one that does not wait for this stream's queued kernels, so memory
+            # they still read can be overwritten (pytorch/vision#9606; torchcodec#1634 added
+            # the same wait): the stream's work finishes first. On the prefetch thread's side
+            # stream that is the previous batch's augmentation, and only that thread waits.
+            torch.cuda.current_stream(device).synchronize()
         decoded = dict(
             zip(encoded, decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device), strict=True)
         )

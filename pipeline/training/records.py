@@ -38,11 +38,12 @@ class StepRecord:
     skipped_steps: int | None = None  # steps not applied: their gradients were not finite
     grad_norm: float | None = None  # mean total gradient norm of the applied steps
     empty_batches: int | None = None  # micro-batches without a labelled pixel (their loss: 0)
+    mfu: float | None = None  # model FLOPs utilization at images_per_s (pipeline/training/flops.py)
 
     def mlflow_metrics(self) -> dict[str, float]:
         """As MLflow charts them: ``loss/total``, ``loss/output/<pam|cam|out>``, ``lr`` (the
         base lr), ``lr_head``, ``images_per_s``, ``skipped_steps`` (since the last),
-        ``grad_norm``, ``empty_batches``."""
+        ``grad_norm``, ``empty_batches``, ``mfu``."""
         rates = {LR: self.lr, LR_HEAD: self.lr_head, IMAGES_PER_S: self.images_per_s}
         extra = {
             k: v
@@ -50,6 +51,7 @@ class StepRecord:
                 ("skipped_steps", self.skipped_steps),
                 ("grad_norm", self.grad_norm),
                 ("empty_batches", self.empty_batches),
+                ("mfu", self.mfu),
             )
             if v is not None
         }

@@ -10,8 +10,6 @@ scheduler's step count (``iteration``); ``train_epochs`` alone moves them.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,30 +19,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from danet import build_danet
-from danet.losses import Ohem, class_weights, segmentation_loss
 from danet.metrics import summarize
 from danet.model import SegmentationModel
 from pipeline.config import ConfigError, ModelParams
 from pipeline.data.loader import EvalStream, TrainStream, eval_loader, train_loader
 from pipeline.errors import first_line
+from pipeline.training.builder import Prepare, build_step, step_options
 from pipeline.training.checkpoint import TrainState
 from pipeline.training.job import TrainJob
-from pipeline.training.loop import (
-    BatchFn,
-    LossFn,
-    build_optimizer,
-    grad_scaler,
-    poly_schedule,
-    to_device,
-    train_steps,
-    validate,
-)
+from pipeline.training.loop import BatchFn, LossFn, to_device, train_steps, validate
+from pipeline.training.prefetch import DEPTH, Prefetcher, on_device
 from pipeline.training.records import EvalRecord, History
 from pipeline.training.recovery import Recovery
 from pipeline.training.tracker import Tracker
 
-Prepare = Callable[[nn.Module], nn.Module]  # the model onto its device (DDP under Ray Train)
 Report = Callable[["Session", dict[str, float]], None]  # at an evaluation or checkpoint boundary
 
 
@@ -76,6 +64,7 @@ class Session:
     batch_fn: BatchFn = to_device
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scale
     recovery: Recovery | None = None  # back to the last good state from a bad log window
+    prefetch: int = 0  # batches prepared ahead by a thread (pipeline/training/prefetch.py)
     history: History = field(default_factory=History)
     epoch: int = 0
     batch: int = 0
@@ -84,18 +73,6 @@ class Session:
     @property
     def iteration(self) -> int:
         return int(self.scheduler.last_epoch)
-
-
-def build_loss(job: TrainJob, device: torch.device) -> LossFn:
-    """The three (or four) weighted cross-entropies, with OHEM and class weights when asked."""
-    t = job.train
-    weight = class_weights(t.class_weights, job.class_pixels, job.class_image_pixels)
-    return functools.partial(
-        segmentation_loss,
-        weights=t.loss_weights,
-        class_weight=weight.to(device) if weight is not None else None,
-        ohem=Ohem(t.ohem_thresh, t.ohem_min_kept) if t.loss == "ohem" else None,
-    )
 
 
 def backbone_weights(model: ModelParams) -> dict[str, Any] | None:
@@ -118,33 +95,6 @@ def backbone_weights(model: ModelParams) -> dict[str, Any] | None:
     return None
 
 
-def build_model(
-    job: TrainJob,
-    world: int,
-    device: torch.device,
-    weights: Any = None,
-    prepare: Prepare | None = None,
-) -> tuple[nn.Module, SegmentationModel]:
-    """The model as it is stepped (``prepare``d: on its device, DDP when there are several ranks;
-    SyncBN and channels_last when asked) and the plain module inside. ``weights``: the backbone's
-    pretrained weights, instead of a download."""
-    from pipeline.training.finetune import init_from
-
-    config = job.model.to_danet_config(job.num_classes)
-    model = build_danet(dataclasses.replace(config, pretrained=False, pretrained_path=None))
-    if weights is not None:
-        model.backbone.load_weights(weights)
-    if job.model.init_from:
-        init_from(model, job.model.init_from, job.tracking_uri)
-    if world > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if job.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    wrapped = prepare(model) if prepare is not None else model.to(device)
-    core: SegmentationModel = wrapped.module if hasattr(wrapped, "module") else wrapped  # type: ignore[assignment]
-    return wrapped, core
-
-
 def open_session(
     job: TrainJob,
     rank: int = 0,
@@ -155,12 +105,8 @@ def open_session(
 ) -> Session:
     """A job's session on rank ``rank`` of ``world``, at iteration 0."""
     device = device or torch.device("cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(job.train.seed * 1000 + rank)
-    wrapped, core = build_model(job, world, device, weights, prepare)
-    t = job.train
-    optimizer = build_optimizer(core, t.lr, t.momentum, t.weight_decay, t.head_lr_mult)
+    step = build_step(job, device, rank, world, weights, prepare)  # what the benches time too
+    t, core, optimizer = job.train, step.core, step.optimizer
     recovery = Recovery(core, optimizer, t.spike_factor, t.recover_lr_factor, t.max_recoveries)
     recovery.trust(0)  # the initial weights: where a first bad window goes back to
     stream = TrainStream(  # in micro-batches: train.accumulate per iteration
@@ -177,30 +123,23 @@ def open_session(
         gpu_decode=job.data.gpu_decode and device.type == "cuda",
     )
     val = EvalStream(job.val_shards, job.mean, job.std, rank=rank, world_size=world)
-    batch_fn: BatchFn = to_device
-    if stream.gpu_decode:
-        from pipeline.data.gpu import decode_batch
-
-        crop, mean, std = job.data.crop_size, job.mean, job.std
-        batch_fn = lambda batch, dev: decode_batch(batch, crop, mean, std, dev)  # noqa: E731
     return Session(
         job=job,
         rank=rank,
         world=world,
         device=device,
-        model=torch.compile(wrapped) if t.compile else wrapped,  # type: ignore[arg-type]
+        model=step.model,
         core=core,
         optimizer=optimizer,
-        scheduler=poly_schedule(
-            optimizer, t.max_iters, t.poly_power, t.warmup_iters, t.warmup_ratio
-        ),
-        loss_fn=build_loss(job, device),
+        scheduler=step.scheduler,
+        loss_fn=step.loss_fn,
         stream=stream,
         loader=train_loader(stream, job.data.loader_workers, pin_memory=device.type == "cuda"),
         val_loader=eval_loader(val, job.data.loader_workers),
-        batch_fn=batch_fn,
-        scaler=grad_scaler(t.precision, device),
+        batch_fn=step.batch_fn,
+        scaler=step.scaler,
         recovery=recovery,
+        prefetch=DEPTH if device.type == "cuda" else 0,
     )
 
 
@@ -267,7 +206,8 @@ def stretches(run: Session, tracker: Tracker | None) -> Iterator[float]:
     loss of each stretch, after which the run stands at a boundary or the epoch's end."""
     t = run.job.train
     run.stream.set_epoch(run.epoch, skip=run.batch * t.accumulate)  # on a step boundary
-    batches = iter(run.loader)
+    # batch N+1 made (on CUDA: on a side stream) while step N runs; in turn when prefetch is 0
+    batches = Prefetcher(run.loader, run.batch_fn, run.device, run.prefetch, t.channels_last)
     done = run.batch
     while done < t.iters_per_epoch:
         n = t.iters_per_epoch - done
@@ -280,20 +220,18 @@ def stretches(run: Session, tracker: Tracker | None) -> Iterator[float]:
             run.scheduler,
             run.loss_fn,
             run.device,
-            precision=t.precision,
             scaler=run.scaler,
-            accumulate=t.accumulate,
-            channels_last=t.channels_last,
-            grad_clip=t.grad_clip,
             on_log=tracker.step if tracker else None,
             log_every=t.log_every,
             world_size=run.world,
-            batch_fn=run.batch_fn,
+            batch_fn=on_device,  # ``batches`` made them
             recovery=run.recovery,
+            **step_options(t),  # the recipe's options, as the benches pass them
         )
         done += n
         run.batch = done
         yield summary.loss
+    batches.close()  # the loader's iterator is free for the next epoch
 
 
 def train_epochs(

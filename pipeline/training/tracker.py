@@ -14,6 +14,7 @@ import torch
 
 from danet.model import SegmentationModel, Segmenter
 from pipeline.errors import first_line
+from pipeline.training.flops import Utilization, utilization
 from pipeline.training.job import TrainJob
 from pipeline.training.records import EvalRecord, History, StepRecord
 from pipeline.training.recovery import RecoveryEvent
@@ -35,6 +36,7 @@ class Tracker:
         self.client: Any = None
         self.buffer: list[Any] = []
         self.down_since: float | None = None
+        self.utilization: Utilization | None = None  # the step's FLOPs and the device's peak
         if job.tracking_uri and job.mlflow_run_id:
             from mlflow.tracking import MlflowClient
 
@@ -68,7 +70,30 @@ class Tracker:
             log.info("[train] MLflow answers again: the buffered metrics are sent")
         self.down_since = None
 
+    def count_flops(self, core: SegmentationModel, device: torch.device, world: int) -> None:
+        """Count one micro-batch's FLOPs (once) and find the device's peak: MFU from then on."""
+        if self.utilization is not None:
+            return
+        t = self.job.train
+        self.utilization = utilization(
+            core,
+            images=t.worker_batch,
+            crop=self.job.data.crop_size,
+            device=device,
+            precision=t.precision,
+            channels_last=t.channels_last,
+            devices=world,
+        )
+        peak = self.utilization.peak
+        log.info(
+            "[train] %.3g GFLOP per image and step (forward + backward); peak %s",
+            self.utilization.flops_per_image / 1e9,
+            f"{peak / 1e12:.3g} TFLOP/s per device" if peak else "unknown (no MFU)",
+        )
+
     def step(self, record: StepRecord) -> None:
+        if self.utilization is not None:
+            record.mfu = self.utilization.mfu(record.images_per_s)
         self.history.steps.append(record)
         self._log(record.iteration, record.mlflow_metrics())
         total = self.job.train.max_iters
@@ -77,14 +102,16 @@ class Tracker:
             if record.skipped_steps
             else ""
         )
+        mfu = f" MFU {record.mfu:.1%}" if record.mfu is not None else ""
         log.info(
-            "[train] iter %d/%d (%.0f%%) loss %.4f lr %.4g %.1f img/s%s",
+            "[train] iter %d/%d (%.0f%%) loss %.4f lr %.4g %.1f img/s%s%s",
             record.iteration,
             total,
             100 * record.iteration / total,
             record.loss,
             record.lr,
             record.images_per_s,
+            mfu,
             skipped,
         )
 

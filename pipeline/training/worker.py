@@ -110,6 +110,8 @@ def train_worker(config: dict[str, Any]) -> None:
     run = setup(config["job"], config.get("weights"))
     resume(run, config["run_dir"])
     tracker = Tracker(run.job, run.history) if run.rank == 0 else None
+    if tracker:  # one micro-batch's FLOPs, counted once: MFU on every progress line
+        tracker.count_flops(run.core, run.device, run.world)
     monitor = system_metrics(run.job) if run.rank == 0 else None
     try:
         train_epochs(run, tracker, report, crash_once(config.get("fault")))
