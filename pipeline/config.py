@@ -354,7 +354,7 @@ def section_from_mapping(cls: type[S], values: Any) -> S:
     if not isinstance(values, Mapping):
         raise ConfigError(f"{cls.NAME} must be a mapping of params, got {values!r}")
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    if unknown := sorted(set(values) - set(names)):
+    if unknown := sorted(set(values) - set(names), key=str):  # keys of any type: 1, null
         if (hint := RENAMED.get(f"{cls.NAME}.{unknown[0]}")) is not None:
             raise ConfigError(f"{cls.NAME}.{unknown[0]} is gone: {hint}")
         raise ConfigError(
@@ -366,7 +366,7 @@ def section_from_mapping(cls: type[S], values: Any) -> S:
 def params_from_mapping(raw: Any, where: str = "params") -> Params:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: must be a mapping of sections, got {type(raw).__name__}")
-    if unknown := sorted(set(raw) - set(SECTIONS)):
+    if unknown := sorted(set(raw) - set(SECTIONS), key=str):
         raise ConfigError(f"{unknown[0]} is not a params section; known: {', '.join(SECTIONS)}")
     sections: dict[str, Any] = {
         name: section_from_mapping(SECTIONS[name], raw[name]) for name in raw

@@ -96,7 +96,7 @@ def _check_rules(value: Any, rules: Mapping[str, Any], key: str) -> None:
         return
     if rules.get("name") and value:
         check_name(value, key)
-    if "keys" in rules and (unknown := sorted(set(value) - set(rules["keys"]))):
+    if "keys" in rules and (unknown := sorted(set(value) - set(rules["keys"]), key=str)):
         raise ConfigError(f"{key}.{unknown[0]} is not known; use {', '.join(rules['keys'])}")
     if isinstance(value, dict):
         items = [(f"{key}.{k}", v) for k, v in value.items()]

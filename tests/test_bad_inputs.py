@@ -320,8 +320,19 @@ def full_disk(path: str, read_only: bool = False) -> Setup:
     return setup
 
 
-def params_text(text: str) -> Setup:
+def params_text(text: str | bytes) -> Setup:
     return write("bad.yaml", text)
+
+
+def billion_laughs() -> str:
+    """Nine anchors, each a list of nine aliases to the one before: 9**9 values in ~600 bytes."""
+    lists = ["&a [" + ", ".join(["lol"] * 9) + "]"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lists.append(f"&{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "train:\n  lr: [" + ",\n    ".join(lists) + "]\n"
+
+
+BILLION_LAUGHS = billion_laughs()
 
 
 SHARD = ["shard", "--params", "params.yaml"]
@@ -468,6 +479,59 @@ CASES = [
         ["train", "--params", "bad.yaml"],
         r"bad.yaml: not valid YAML",
         params_text("train: {lr: [\n"),
+    ),
+    Case(
+        "YAML alias bomb",
+        ["train", "--params", "bad.yaml"],
+        r"bad\.yaml: line \d+: its aliases expand to more than 100,000 values",
+        params_text(BILLION_LAUGHS),
+    ),
+    Case(
+        "YAML alias inside itself",
+        ["train", "--params", "bad.yaml"],
+        r"bad\.yaml: line 1: alias \*a refers to the value it is in",
+        params_text("train: &a {lr: [*a]}\n"),
+    ),
+    Case(
+        "params nested without end",
+        ["train", "--params", "bad.yaml"],
+        r"bad\.yaml: line 1: values nest more than 64 deep",
+        params_text("train: {lr: " + "[" * 100_000 + "]" * 100_000 + "}\n"),
+    ),
+    Case(
+        "param given twice",
+        ["train", "--params", "bad.yaml"],
+        r"bad\.yaml: train\.lr is given twice \(lines 2 and 4\): keep one",
+        params_text("train:\n  lr: 0.1\n  batch_size: 2\n  lr: 0.2\n"),
+    ),
+    Case(
+        "section given twice",
+        ["train", "--params", "bad.yaml"],
+        r"bad\.yaml: train is given twice \(lines 1 and 2\)",
+        params_text("train: {lr: 0.1}\ntrain: {batch_size: 2}\n"),
+    ),
+    Case(
+        "--set value with a key given twice",
+        [*TRAIN, "--set", "train.loss_weights={out: 1, out: 2}"],
+        r"--set train\.loss_weights=\{out: 1, out: 2\}: out is given twice",
+    ),
+    Case(
+        "params file not UTF-8",
+        ["train", "--params", "bad.yaml"],
+        r"bad\.yaml: not UTF-8 text \(byte 21\): save it as UTF-8",
+        params_text("train: {run_name: caf\xe9}\n".encode("latin-1")),
+    ),
+    Case(
+        "unknown keys of mixed types",
+        ["train", "--params", "bad.yaml"],
+        r"train\.2 is not a known param",
+        params_text("train: {lrr: 1, 2: 3, null: 4}\n"),
+    ),
+    Case(
+        "unknown sections of mixed types",
+        ["train", "--params", "bad.yaml"],
+        r"2 is not a params section",
+        params_text("trian: 1\n2: 3\n"),
     ),
     Case(
         "params file missing",
