@@ -148,18 +148,21 @@ def wanted(req: Requirement, extras: Iterable[str], env: dict[str, str]) -> bool
 
 
 def carried(
-    machine: Machine, python: str, roots: Iterable[str] = ROOTS
+    machine: Machine,
+    python: str,
+    roots: Iterable[str] = ROOTS,
+    leave_out: Iterable[str] = tuple(LEAVE_OUT),
 ) -> list[metadata.Distribution]:
     """The installed distributions to carry: ``roots`` and what they require on ``python``,
     except what the machine has; one that is required but not installed here stops the build."""
-    env = marker_env(python)
+    env, leave_out = marker_env(python), set(leave_out)
     todo = [Requirement(r) for r in roots]
     found: dict[str, metadata.Distribution] = {}
     done: dict[str, set[str]] = {}
     while todo:
         req = todo.pop()
         name = canon(req.name)
-        if name in LEAVE_OUT or machine.has(req) or (name in done and req.extras <= done[name]):
+        if name in leave_out or machine.has(req) or (name in done and req.extras <= done[name]):
             continue
         try:
             dist = found.get(name) or metadata.distribution(req.name)
@@ -176,13 +179,15 @@ def pruned(path: str) -> bool:
     return any(fnmatch.fnmatch(path, pattern) for pattern in PRUNE)
 
 
-def installed_files(dists: Iterable[metadata.Distribution]) -> Iterator[tuple[Path, str]]:
+def installed_files(
+    dists: Iterable[metadata.Distribution], prune: bool = True
+) -> Iterator[tuple[Path, str]]:
     """(file, path in site-packages) of each distribution's files as installed here."""
     for dist in dists:
         for file in dist.files or []:
             rel = file.as_posix()
             source = Path(str(dist.locate_file(file)))
-            if not rel.startswith("..") and not pruned(rel) and source.is_file():
+            if not rel.startswith("..") and not (prune and pruned(rel)) and source.is_file():
                 yield source, rel
 
 
@@ -254,41 +259,55 @@ def write_archive(files: Iterable[tuple[Path, str]], out: Path) -> None:
 
 ACTIVATE = """\
 # Sourced on the GPU machine from the checkout's root (after .device/env.sh): bench/gpu_bundle.py's
-# bundle unpacked into /tmp/bundle, first on PYTHONPATH; the checkout after it.
+# bundle unpacked into /tmp/bundle (byte-compiled once, not in every Ray worker), first on
+# PYTHONPATH, the checkout after it.
 python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \\
-  .device/gpu-bundle.tar.xz /tmp/bundle || return 1
+  .device/gpu-bundle.tar.xz /tmp/bundle && python3 -m compileall -q -j 0 /tmp/bundle >/dev/null || return 1
 export PYTHONPATH=/tmp/bundle:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 """
 
 
-def build(args: argparse.Namespace) -> dict[str, object]:
-    machine = read_machine(args.machine)
-    local = args.python == "local"
-    python = ".".join(map(str, sys.version_info[:3])) if local else args.python or machine.python
-    dists = carried(machine, python)
+def bundle_files(
+    machine: Machine, python: str, wheels: Path, staging: Path, leave_out: Iterable[str]
+) -> tuple[list[metadata.Distribution], list[tuple[Path, str]]]:
+    """The distributions to carry and their files, for this interpreter (``python`` "local") or
+    as the wheels for ``python`` (unpacked into ``staging``)."""
+    if python == "local":
+        dists = carried(machine, ".".join(map(str, sys.version_info[:3])), leave_out=leave_out)
+        return dists, list(installed_files(dists))
+    dists = carried(machine, python, leave_out=leave_out)
+    download_wheels(dists, python, wheels)
+    unpack_wheels(dists, wheels, staging)
+    return dists, list(tree_files(staging))
+
+
+def build(
+    out: Path,
+    python: str = "",
+    machine: Machine | None = None,
+    wheels: Path = WHEEL_CACHE,
+    link: bool = False,
+    leave_out: Iterable[str] = tuple(LEAVE_OUT),
+) -> dict[str, object]:
+    """The bundle at ``out``: an archive (``*.tar.xz``, with its activation script beside it) or
+    a folder (of copies, or with ``link`` of symbolic links); what it holds."""
+    machine = machine or read_machine()
     with tempfile.TemporaryDirectory() as staging:
-        if local:
-            files = list(installed_files(dists))
-        else:
-            download_wheels(dists, python, args.wheels)
-            unpack_wheels(dists, args.wheels, Path(staging))
-            files = list(tree_files(Path(staging)))
-        out = Path(args.out)
+        python = python or machine.python
+        dists, files = bundle_files(machine, python, wheels, Path(staging), leave_out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.name.endswith(".tar.xz"):
+        archive = out.name.endswith(".tar.xz")
+        if archive:
             write_archive(files, out)
             out.with_name(out.name.removesuffix(".tar.xz") + ".sh").write_text(ACTIVATE)
-            size = out.stat().st_size
         else:
-            write_folder(files, out, args.link)
-            size = 0
+            write_folder(files, out, link)
         return {
             "bundle": str(out),
-            "python": python,
             "distributions": {d.metadata["Name"]: d.version for d in dists},
             "files": len({rel for _, rel in files}),
             "unpacked_mb": round(sum(p.stat().st_size for p, _ in files) / 1e6, 1),
-            "archive_mb": round(size / 1e6, 1) if size else None,
+            "archive_mb": round(out.stat().st_size / 1e6, 1) if archive else None,
         }
 
 
@@ -296,37 +315,51 @@ def site_packages(venv: Path) -> Path:
     return venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
 
 
-def machine_env(args: argparse.Namespace) -> dict[str, object]:
+def machine_env(out: Path, machine: Machine | None = None) -> dict[str, object]:
     """A venv of this interpreter's base Python, without pip, whose site-packages links (file by
-    file) the distributions installed here that the machine has too: nothing else is importable.
-    Versions are this environment's, not the machine's (bench/gpu_machine.txt knows few)."""
-    machine = read_machine(args.machine)
-    out = Path(args.out)
+    file, byte code too) the distributions installed here that the machine has: nothing else is
+    importable. Versions are this environment's (bench/gpu_machine.txt knows few)."""
+    machine = machine or read_machine()
     shutil.rmtree(out, ignore_errors=True)
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", "--without-pip", str(out)], check=True)
+    here = site_packages(Path(sys.prefix)).resolve()
     dists = [
         d
         for d in metadata.distributions()
         if canon(d.metadata["Name"]) in machine.packages
-        and Path(str(d.locate_file(""))).resolve()
-        == Path(str(site_packages(Path(sys.prefix)))).resolve()
+        and Path(str(d.locate_file(""))).resolve() == here
     ]
     site = site_packages(out)
-    linked = 0
-    for source, rel in installed_files(dists):
+    for source, rel in installed_files(dists, prune=False):
         target = site / rel
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(source, target)
-            linked += 1
-    names = sorted(canon(d.metadata["Name"]) for d in dists)
     return {
         "env": str(out),
         "python": str(out / "bin" / "python"),
-        "distributions": names,
-        "files": linked,
+        "distributions": sorted(canon(d.metadata["Name"]) for d in dists),
     }
+
+
+def travel_size(root: Path = ROOT, folders: Iterable[str] = (".device",)) -> dict[str, float]:
+    """MB that one call to the GPU machine carries: git's tracked and untracked-not-ignored
+    files, and the carried folders; the limit is 64 MiB."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    files = [root / os.fsdecode(name) for name in listed if name]
+    sizes = {"checkout": sum(p.stat().st_size for p in files if p.is_file())}
+    for name in folders:
+        sizes[name] = sum(p.stat().st_size for p in (root / name).rglob("*") if p.is_file())
+    result = {name: round(size / 1e6, 2) for name, size in sizes.items()}
+    result["total"] = round(sum(sizes.values()) / 1e6, 2)
+    result["limit"] = round(64 * 2**20 / 1e6, 2)
+    return result
 
 
 def parse() -> argparse.Namespace:
@@ -336,18 +369,28 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--machine", type=Path, default=MACHINE_LIST, help="the machine's packages")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="the bundle: an archive (*.tar.xz) or a folder")
-    b.add_argument("--out", default=str(ROOT / ".device" / "gpu-bundle.tar.xz"))
-    b.add_argument("--python", default="", help="X.Y[.Z] (default: the machine's) or local")
+    b.add_argument("--out", type=Path, default=ROOT / ".device" / "gpu-bundle.tar.xz")
+    b.add_argument("--python", default="", help="X.Y.Z (default: the machine's) or local")
     b.add_argument("--wheels", type=Path, default=WHEEL_CACHE, help="the downloaded wheels' cache")
     b.add_argument("--link", action="store_true", help="a folder of symbolic links, not copies")
     e = sub.add_parser("machine-env", help="a venv holding only the machine's packages")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", type=Path, required=True)
+    sub.add_parser("size", help="what one call to the GPU machine carries (.device included)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse()
-    print(json.dumps(build(args) if args.command == "build" else machine_env(args)))
+    machine = read_machine(args.machine)
+    if args.command == "build":
+        print(json.dumps(build(args.out, args.python, machine, args.wheels, args.link)))
+    elif args.command == "machine-env":
+        print(json.dumps(machine_env(args.out, machine)))
+    else:
+        size = travel_size()
+        print(json.dumps(size))
+        if size["total"] > size["limit"]:
+            sys.exit(f"{size['total']} MB is over the {size['limit']} MB one call carries")
 
 
 if __name__ == "__main__":
