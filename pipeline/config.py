@@ -29,12 +29,12 @@ class SyntheticParams(Section):
     """The embedded synthetic dataset (pipeline/data/readers/synthetic.py)."""
 
     NAME = "synthetic"
-    num_samples: dict[str, int] = param({"train": 240, "val": 60}, ge=1)
+    num_samples: dict[str, int] = param({"train": 240, "val": 60}, ge=1, name=True)
     width: int = param(160, ge=32)
     height: int = param(120, ge=32)
     seed: int = 0
     out: str = ""  # danet synthetic: the scenes as a folder dataset of PNGs (to predict)
-    splits: tuple[str, ...] = ("val",)
+    splits: tuple[str, ...] = param(("val",), name=True)  # folders under out: plain names
     count: int = param(0, ge=0)  # the first N scenes of each split; 0 = all
 
     GENERATOR = ("num_samples", "width", "height", "seed")  # what the scenes are
@@ -55,7 +55,7 @@ class ShardParams(Section):
     dataset: str = "synthetic"
     root: str = ""
     out: str = "data/shards"
-    splits: tuple[str, ...] = ("train", "val")
+    splits: tuple[str, ...] = param(("train", "val"), name=True)  # {split}-*.tar, plain names
     max_count: int = param(100, ge=1)
     max_size_mb: float = param(256.0, gt=0)
     image_format: str = param("original", choices=("original", "jpg"))
@@ -106,8 +106,8 @@ class DataParams(Section):
 
     NAME = "data"
     shards: str = "data/shards"
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = param("train", name=True)
+    val_split: str = param("val", name=True)
     crop_size: int = param(96, ge=16)
     scale_mode: str = param("long_side", choices=("short_side", "ratio", "long_side"))
     base_size: int = param(0, ge=0)  # short_side / long_side: 0 = the image's own side
@@ -268,7 +268,7 @@ class EvaluateParams(ProtocolParams):
     NAME = "evaluate"
     model: str = "auto"  # auto = the better of train.out and tune.out; or a file, run id, URI
     shards: str = "data/shards"
-    split: str = "val"
+    split: str = param("val", name=True)
     mode: str = param("whole", choices=("whole", "slide"))
     flip: bool = True
     out: str = "outputs/eval"
@@ -299,7 +299,7 @@ class PredictParams(ProtocolParams):
     model: str = ""  # model.pt, run id, runs:/ or models:/ URI
     out: str = "outputs/predict"
     shards: str = ""  # predict a split of these shards (folder or URL) instead of files
-    split: str = "test"  # ... this split, labelled or images only
+    split: str = param("test", name=True)  # ... this split, labelled or images only
     format: str = param("masks", choices=("masks", "cityscapes", "voc"))
     mode: str = param("auto", choices=("auto", "whole", "slide"))
     slide_above: int = param(1024, ge=0)
@@ -322,7 +322,7 @@ class ExportParams(Section):
     quantize: str = param("none", choices=("none", "int8"))
     # int8: static quantization calibrated on images of these shards
     calibration_shards: str = "data/shards"
-    calibration_split: str = "train"
+    calibration_split: str = param("train", name=True)
     calibration_images: int = param(32, ge=1)
     calibration_method: str = param("minmax", choices=("minmax", "percentile", "entropy"))
 

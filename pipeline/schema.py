@@ -9,7 +9,6 @@ code, coerces YAML values to the annotated types and checks every rule, naming t
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from collections.abc import Mapping
@@ -18,22 +17,27 @@ from functools import cache
 from typing import Any, ClassVar
 
 from pipeline.errors import ConfigError
-
-# One plain path segment: what runs, searches and registered models may be called.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from pipeline.locations import check_name
 
 
-def check_name(value: str, key: str) -> None:
-    """``value`` is one safe path segment (letters, digits, ``.``, ``_``, ``-``; no ``..``)."""
-    if not SAFE_NAME.match(value) or ".." in value:
-        raise ConfigError(
-            f"{key} {value!r}: must be one plain name (letters, digits, '.', '_', '-'), not a path"
-        )
+def check_names(value: Any, key: str) -> None:
+    """``check_name`` for a non-empty name, each item of a list of names (``shard.splits[0]``)
+    and each key of a mapping keyed by name (``synthetic.num_samples``)."""
+    if isinstance(value, str):
+        if value:
+            check_name(value, key)
+    elif isinstance(value, tuple):
+        for i, item in enumerate(value):
+            check_name(item, f"{key}[{i}]")
+    else:
+        for name in value:
+            check_name(name, key)
 
 
 def param(default: Any, **rules: Any) -> Any:
     """A field with its default and rules: ge, gt, le, lt (numbers), choices, keys (mapping keys),
-    name (a non-empty value must be one plain path segment, ``check_name``)."""
+    name (what becomes a path is one plain path segment, ``check_names``: a non-empty string,
+    each item of a list, each key of a mapping)."""
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=rules)
     return field(default=default, metadata=rules)
@@ -94,8 +98,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 def _check_rules(value: Any, rules: Mapping[str, Any], key: str) -> None:
     if value is None:
         return
-    if rules.get("name") and value:
-        check_name(value, key)
+    if rules.get("name"):
+        check_names(value, key)
     if "keys" in rules and (unknown := sorted(set(value) - set(rules["keys"]), key=str)):
         raise ConfigError(f"{key}.{unknown[0]} is not known; use {', '.join(rules['keys'])}")
     if isinstance(value, dict):

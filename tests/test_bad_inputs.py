@@ -262,6 +262,17 @@ def fifo(path: str) -> Setup:
     return setup
 
 
+def same_key(*names: str) -> Setup:
+    """CamVid images (with labels) whose sample keys equal another's once made safe."""
+
+    def setup(tmp: Path) -> None:
+        for name in names:
+            write_image(tmp / "camvid/val" / name)
+            write_label(tmp / "camvid/valannot" / name, label_grid([1, 2, 11]))
+
+    return setup
+
+
 def device_image(tmp: Path) -> None:
     (tmp / "camvid/val/img2.png").unlink()
     os.symlink("/dev/zero", tmp / "camvid/val/img2.png")
@@ -431,6 +442,19 @@ CASES = [
         [*SHARD, "--workers", "2"],
         r".*img1\.png: unreadable or truncated image",
         write("camvid/val/img1.png", b"GIF89a"),
+    ),
+    Case(
+        "sample keys that collide",
+        SHARD,
+        r".*camvid/val/v_1\.png: its sample key 'v_1' is also .*camvid/val/v\.1\.png's in split "
+        r"'val' \(keys are file stems, '\.' and '/' read as '_'\): rename one of them",
+        same_key("v.1.png", "v_1.png"),
+    ),
+    Case(
+        "one stem in two formats",
+        SHARD,
+        r".*camvid/val/img0\.png: its sample key 'img0' is also .*camvid/val/img0\.jpg's",
+        same_key("img0.jpg"),
     ),
     Case(
         "dataset root missing",
@@ -617,6 +641,26 @@ CASES = [
         "search name a path",
         [*TUNE, "--set", "tune.name=x/../../y"],
         r"tune.name 'x/\.\./\.\./y': must be",
+    ),
+    Case(
+        "split name climbing out of the shards",
+        [*SHARD, "--set", "shard.splits=[../other/train]"],
+        r"shard\.splits\[0\] '\.\./other/train': must be one plain name",
+    ),
+    Case(
+        "split name climbing out of synthetic's output",
+        ["synthetic", "--out", "scenes", "--splits", "../../../victim"],
+        r"synthetic\.splits\[0\] '\.\./\.\./\.\./victim': must be one plain name",
+    ),
+    Case(
+        "synthetic split count keyed by a path",
+        ["synthetic", "--out", "scenes", "--set", "synthetic.num_samples={../x: 2}"],
+        r"synthetic\.num_samples '\.\./x': must be one plain name",
+    ),
+    Case(
+        "validation split an absolute path",
+        [*TRAIN, "--set", "data.val_split=/etc"],
+        r"data\.val_split '/etc': must be one plain name",
     ),
     Case(
         "model name with a slash",

@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 from pipeline.data.manifest import MANIFEST_VERSION, Manifest, ShardInfo, Skipped, SplitInfo
 from pipeline.data.readers import Item, Reader, Sample, reader_for
-from pipeline.data.readers.base import images_only
+from pipeline.data.readers.base import check_unique_keys, images_only
 from pipeline.data.storage import publish
 from pipeline.errors import DataError
-from pipeline.locations import is_url
+from pipeline.locations import check_name, is_url
 from pipeline.outputs import atomic_dir, check_output, check_outside
 
 if TYPE_CHECKING:  # params arrive as values: a stage does not run the config code
@@ -247,7 +247,11 @@ def shard_dataset(
     """
     check_output(out, "shard.out")
     check_outside(out, {"shard.root": reader.root} if str(reader.root) != "." else {})
+    for split in splits:
+        check_name(split, "shard.splits")  # {split}-*.tar: a path that stays in out
     items_by_split = {split: reader.items(split) for split in splits}  # fail fast on layout errors
+    for split, items in items_by_split.items():
+        check_unique_keys(items, split)
     max_bytes = int(max_size_mb * 2**20)
     with staging(out) as tmp:
         writers, infos = {}, {}

@@ -210,6 +210,20 @@ def safe_key(key: str) -> str:
     return key.replace(".", "_").replace("/", "_")
 
 
+def check_unique_keys(items: Sequence[Item], split: str) -> None:
+    """No two items of a split share a key: in a shard, webdataset would read their files as
+    one sample while the manifest counted two. Keys are file stems made safe (``safe_key``), so
+    ``v.1.png`` and ``v_1.png``, or ``a.png`` and ``a.jpg``, collide: refused, naming both."""
+    first: dict[str, str] = {}
+    for item in items:
+        if (other := first.setdefault(item.key, item.image)) != item.image:
+            raise DataError(
+                item.image,
+                f"its sample key {item.key!r} is also {other}'s in split {split!r} (keys are "
+                "file stems, '.' and '/' read as '_'): rename one of them",
+            )
+
+
 def non_empty(items: list[Item], where: Path, split: str) -> list[Item]:
     if not items:
         raise DataError(where, f"no images found for split {split!r}")

@@ -24,6 +24,7 @@ from pipeline.data.readers.base import Item, Reader, Sample
 from pipeline.data.readers.camvid import CAMVID_INFO
 from pipeline.data.readers.scene import render_scene
 from pipeline.errors import ConfigError
+from pipeline.locations import check_name
 from pipeline.outputs import atomic_dir
 
 if TYPE_CHECKING:  # params arrive as values: a stage does not run the config code
@@ -86,6 +87,8 @@ def write_folder_dataset(
     """Scenes as a ``folder`` dataset (images/{split}/, masks/{split}/, classes.txt), e.g. images
     to try ``danet predict`` on. ``count`` > 0 keeps the first ``count`` of each split. The folder
     appears atomically; returns the image files."""
+    for split in splits:
+        check_name(split, "synthetic.splits")  # images/{split}/: a folder that stays in out
     images: list[Path] = []
     with atomic_dir(out) as tmp:
         lines = [
