@@ -333,9 +333,11 @@ def explain(
     from pipeline.artifacts.refs import load_model
     from pipeline.devices import pick_device
     from pipeline.registry.explain import explain_files, parse_points
+    from pipeline.stores import check_outputs
 
     with one_line_errors():
         p = load(ctx, params, sets, ())
+        check_outputs(p, {"--out": out})  # the pictures never land on a store
         queries = parse_points(points)
         device = pick_device(p.predict.device, "predict.device")
         report = explain_files(

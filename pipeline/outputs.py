@@ -1,7 +1,8 @@
 """Outputs appear atomically: written into a temporary sibling, moved into place when complete.
 
 Every stage writes through these helpers, so an interrupted or failed run leaves the previous
-output as it was, and an output can never replace one of the stage's own inputs.
+output as it was, an output can never replace one of the stage's own inputs, and a folder that
+is not the stage's own (a user's, with files the stage never writes) is refused, not replaced.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from pipeline.errors import ConfigError, ServiceError
@@ -104,6 +106,28 @@ def check_output(out: str | Path, name: str) -> None:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{name} {out}: exists and is not a folder")
     check_writable(next((p for p in [path, *path.parents] if p.exists()), Path(".")), out, name)
+
+
+def check_own(out: str | Path, name: str, stage: str, writes: Sequence[str]) -> None:
+    """Refuse, before any work, an existing folder that is not the stage's own: one holding a
+    file or folder whose name matches none of ``writes`` (``fnmatch`` patterns of every name
+    the stage writes there: ``metrics.json``, ``*_mask.png``). A stage replaces its output
+    folder whole (``atomic_dir``) or writes into it: a user's folder given by mistake (or
+    another stage's output) is never emptied, replaced or written into. ``stage`` names the
+    command in the message."""
+    if is_url(out) or not Path(out).is_dir():
+        return
+    foreign = sorted(
+        p.name for p in Path(out).iterdir() if not any(fnmatchcase(p.name, w) for w in writes)
+    )
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise ConfigError(
+            f"{name} {out}: holds what danet {stage} does not write ({shown}): not its output "
+            "folder; choose a new or empty one"
+        )
 
 
 def check_file_output(out: str | Path, name: str) -> None:

@@ -70,7 +70,18 @@ def digest(path: Path) -> str:
 # --- the project every case starts from ------------------------------------------------------
 
 # every store of the project: none may change, whatever the case does
-STORES = ["previous", "camvid", "shards", "model.pt", "mlruns", "ray", "notes.md", "params.yaml"]
+STORES = [
+    "previous", "camvid", "shards", "model.pt", "mlruns", "ray", "notes.md", "params.yaml",
+    "mine",  # a folder of the user's, given as an output by mistake (where a case writes it)
+]  # fmt: skip
+# an earlier output of each stage: a file of a name the stage writes (it may replace it)
+EARLIER = {
+    "shard": "manifest.json",
+    "train": "marker.txt",
+    "tune": "marker.txt",
+    "eval": "metrics.json",
+    "register": "marker.txt",
+}
 
 
 def camvid(root: Path) -> None:
@@ -83,9 +94,9 @@ def project(tmp: Path, shards: Path, model: bytes) -> None:
     camvid(tmp / "camvid")
     shutil.copytree(shards, tmp / "shards")
     (tmp / "model.pt").write_bytes(model)
-    for stage in ("shard", "train", "tune", "eval", "register"):  # an earlier output of each
+    for stage, name in EARLIER.items():
         (tmp / "previous" / stage).mkdir(parents=True)
-        (tmp / "previous" / stage / "marker.txt").write_text(f"an earlier {stage} output")
+        (tmp / "previous" / stage / name).write_text(f"an earlier {stage} output")
     for store in ("mlruns", "ray"):
         (tmp / store).mkdir()
         (tmp / store / "keep.txt").write_text(f"the {store} store")
@@ -260,6 +271,12 @@ def fifo(path: str) -> Setup:
         os.mkfifo(tmp / path)
 
     return setup
+
+
+def users_folder(tmp: Path) -> None:
+    """A folder of the user's, none of whose files a stage writes."""
+    write("mine/thesis.tex", "months of work")(tmp)
+    write("mine/photo.jpg", "a photo")(tmp)
 
 
 def same_key(*names: str) -> Setup:
@@ -872,6 +889,51 @@ CASES = [
         "synthetic scenes onto the training output",
         ["synthetic", "--out", "previous/train"],
         overlap("synthetic.out", "previous/train", "train.out"),
+    ),
+    # an output folder that is not the stage's own is refused, not replaced or written into
+    Case(
+        "evaluation output a folder of the user's",
+        [*EVALUATE, "--out", "mine"],
+        r"evaluate\.out mine: holds what danet evaluate does not write \(photo\.jpg, "
+        r"thesis\.tex\): not its output folder; choose a new or empty one",
+        users_folder,
+    ),
+    Case(
+        "evaluation output a folder of predictions",
+        [*EVALUATE, "--out", "mine"],
+        r"evaluate\.out mine: holds what danet evaluate does not write \(a_labels\.png, "
+        r"a_mask\.png, a_overlay\.png\)",
+        both(*(write(f"mine/a_{kind}.png", "a picture") for kind in ("mask", "overlay", "labels"))),
+    ),
+    Case(
+        "predict output a folder of the user's",
+        [*PREDICT, "--out", "mine", "camvid/val"],
+        r"predict\.out mine: holds what danet predict does not write \(photo\.jpg, thesis\.tex\)",
+        users_folder,
+    ),
+    Case(
+        "explain output a folder of the user's",
+        ["explain", "--model", "model.pt", "--out", "mine", "camvid/val"],
+        r"--out mine: holds what danet explain does not write \(photo\.jpg, thesis\.tex\)",
+        users_folder,
+    ),
+    Case(
+        "explain output on MLflow's artifacts",
+        ["explain", "--model", "model.pt", "--out", "mlruns", "camvid/val"],
+        overlap("--out", "mlruns", "mlflow.tracking_uri"),
+    ),
+    Case(
+        "shard output a folder of the user's",
+        [*SHARD, "--out", "mine"],
+        r"shard\.out mine: holds what danet shard does not write \(photo\.jpg, thesis\.tex\)",
+        users_folder,
+    ),
+    Case(
+        "synthetic scenes onto a folder of the user's",
+        ["synthetic", "--out", "mine"],
+        r"synthetic\.out mine: holds what danet synthetic does not write \(photo\.jpg, "
+        r"thesis\.tex\)",
+        users_folder,
     ),
     # tampered and truncated shards and manifests
     Case(

@@ -40,7 +40,7 @@ from pipeline.data.readers.base import check_unique_keys, images_only
 from pipeline.data.storage import publish
 from pipeline.errors import DataError
 from pipeline.locations import check_name, is_url
-from pipeline.outputs import atomic_dir, check_output, check_outside
+from pipeline.outputs import atomic_dir, check_output, check_outside, check_own
 
 if TYPE_CHECKING:  # params arrive as values: a stage does not run the config code
     from pipeline.config import ShardParams, SyntheticParams
@@ -246,6 +246,7 @@ def shard_dataset(
         DataError: the first bad sample when ``on_error == "fail"``; nothing is written then.
     """
     check_output(out, "shard.out")
+    check_own(out, "shard.out", "shard", ("*.tar", "manifest.json"))
     check_outside(out, {"shard.root": reader.root} if str(reader.root) != "." else {})
     for split in splits:
         check_name(split, "shard.splits")  # {split}-*.tar: a path that stays in out

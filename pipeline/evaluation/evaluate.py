@@ -33,7 +33,7 @@ from pipeline.data.preview import Row, prediction_rows
 from pipeline.devices import autocast, pick_device
 from pipeline.errors import DataError, first_line
 from pipeline.evaluation.record import REPORT, Evaluation
-from pipeline.outputs import atomic_dir, check_output, check_outside
+from pipeline.outputs import atomic_dir, check_output, check_outside, check_own
 from pipeline.pictures import plot_confusion_matrix, prediction_grid, save_png, write_per_class_iou
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ def run_evaluation(
     """
     ref = pick_model(params.model, candidates(Params()) if choices is None else choices)
     check_output(params.out, "evaluate.out")
+    check_own(params.out, "evaluate.out", "evaluate", tuple(REPORT.values()))
     check_outside(params.out, {"evaluate.shards": params.shards, "evaluate.model": ref})
     manifest = load_manifest(params.shards)
     manifest.labelled_split(params.split, "evaluate.split")

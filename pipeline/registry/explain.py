@@ -21,7 +21,7 @@ from danet.inference import to_input
 from danet.model import Segmenter
 from pipeline.artifacts.refs import LoadedModel
 from pipeline.config import ConfigError
-from pipeline.outputs import atomic_file, check_output
+from pipeline.outputs import atomic_file, check_output, check_own
 from pipeline.pictures import ATTENTION_FIGURES
 from pipeline.registry.predict import PredictReport, expand_inputs, read_image
 
@@ -62,6 +62,7 @@ def explain_files(
     if not isinstance(model.module.model.head, DANetHead):
         raise ConfigError(f"{model.ref}: its head is not DANet's (model.head fcn): no attention")
     check_output(out, "--out")
+    check_own(out, "--out", "explain", tuple(f"*_{kind}.png" for kind in ATTENTION_FIGURES))
     device = device or torch.device("cpu")
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()

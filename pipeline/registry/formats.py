@@ -35,11 +35,14 @@ Files = dict[str, Image.Image]  # file name -> picture
 
 @dataclass(frozen=True)
 class OutputFormat:
-    """How one prediction becomes files; ``classes``: the model classes it requires (or None)."""
+    """How one prediction becomes files; ``classes``: the model classes it requires (or None);
+    ``names``: the patterns of every file name it writes (an output folder holding others is
+    not predict's, ``pipeline.outputs.check_own``)."""
 
     name: str
     classes: tuple[str, ...] | None
     files: Callable[[str, np.ndarray, np.ndarray, Sequence[Sequence[int]]], Files]
+    names: tuple[str, ...]
 
     def check(self, model_classes: Sequence[str], ref: str) -> None:
         if self.classes is not None and tuple(model_classes) != self.classes:
@@ -94,9 +97,14 @@ def voc_files(
 
 
 FORMATS = {
-    "masks": OutputFormat("masks", None, masks_files),
-    "cityscapes": OutputFormat(
-        "cityscapes", tuple(name for name, _, _ in CITYSCAPES_CLASSES), cityscapes_files
+    "masks": OutputFormat(
+        "masks", None, masks_files, ("*_mask.png", "*_overlay.png", "*_labels.png")
     ),
-    "voc": OutputFormat("voc", VOC_CLASSES, voc_files),
+    "cityscapes": OutputFormat(
+        "cityscapes",
+        tuple(name for name, _, _ in CITYSCAPES_CLASSES),
+        cityscapes_files,
+        (f"*{CITYSCAPES_SUFFIX}.png",),
+    ),
+    "voc": OutputFormat("voc", VOC_CLASSES, voc_files, ("*.png",)),
 }

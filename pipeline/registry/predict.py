@@ -27,7 +27,7 @@ from pipeline.config import ConfigError, PredictParams
 from pipeline.errors import DataError, ServiceError
 from pipeline.evaluation.evaluate import protocol_of
 from pipeline.images import TooLarge, decode_rgb, read_file
-from pipeline.outputs import atomic_file, check_output, check_outside
+from pipeline.outputs import atomic_file, check_output, check_outside, check_own
 from pipeline.registry.formats import FORMATS
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -161,9 +161,10 @@ def predict_sources(
     """The ``count`` images of ``sources`` through ``model`` into ``out``, which must not
     overlap the folders ``keep_off`` names (their params or descriptions -> paths)."""
     params = params or PredictParams()
-    check_output(out, "predict.out")
-    check_outside(out, keep_off or {})
     output = FORMATS[params.format]
+    check_output(out, "predict.out")
+    check_own(out, "predict.out", "predict", output.names)
+    check_outside(out, keep_off or {})
     output.check(model.classes, model.uri)
     device = device or torch.device("cpu")
     model.module.to(device).eval()

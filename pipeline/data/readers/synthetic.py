@@ -25,7 +25,7 @@ from pipeline.data.readers.camvid import CAMVID_INFO
 from pipeline.data.readers.scene import render_scene
 from pipeline.errors import ConfigError
 from pipeline.locations import check_name
-from pipeline.outputs import atomic_dir
+from pipeline.outputs import atomic_dir, check_own
 
 if TYPE_CHECKING:  # params arrive as values: a stage does not run the config code
     from pipeline.config import SyntheticParams
@@ -89,6 +89,7 @@ def write_folder_dataset(
     appears atomically; returns the image files."""
     for split in splits:
         check_name(split, "synthetic.splits")  # images/{split}/: a folder that stays in out
+    check_own(out, "synthetic.out", "synthetic", ("classes.txt", "images", "masks"))
     images: list[Path] = []
     with atomic_dir(out) as tmp:
         lines = [
