@@ -157,3 +157,59 @@ def test_fp16_with_accumulation_resumes_on_a_step_boundary_with_its_scale(
         assert torch.equal(value, resumed.core.state_dict()[key]), key
     assert resumed.iteration == straight.iteration == 4
     assert resumed.scaler.state_dict() == straight.scaler.state_dict()
+
+
+class _Payload:
+    """A pickle that carries code: unpickling it would create ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "problem"),
+    [
+        ("state missing", "state.pt", "missing"),
+        ("state truncated", "state.pt", "not a checkpoint that loads"),
+        ("state carries code", "state.pt", "not a checkpoint that loads"),
+        ("state of another program", "state.pt", "not a checkpoint that loads"),
+        ("history missing", "history.json", "missing"),
+        ("history truncated", "history.json", "not a run's history"),
+        ("history foreign", "history.json", "not a run's history"),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(
+    tmp_path: Path, damage: str, file: str, problem: str
+) -> None:
+    """Issue 35 item 6: state.pt / history.json missing, truncated, carrying code or written by
+    something else -> a ``DataError`` naming the file and how to start over; nothing runs."""
+    from pipeline.errors import DataError
+
+    folder = write(tmp_path / "run", "01", 10, max_iters=10)
+    target, marker = folder / file, tmp_path / "ran"
+    if damage.endswith("missing"):
+        target.unlink()
+    elif damage.endswith("truncated"):
+        target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+    elif damage == "state carries code":
+        torch.save({"model": _Payload(marker)}, target)
+    elif damage == "state of another program":
+        torch.save({"weights": torch.zeros(2)}, target)
+    else:
+        target.write_text('{"steps": [{"loss": "x", "extra": 1}]}')
+    with pytest.raises(DataError) as raised:
+        load_checkpoint(folder)
+    message = str(raised.value)
+    assert message.startswith(f"{target}: {problem}") and "--restart" in message, message
+    assert "\n" not in message and not marker.exists()
+
+
+def test_a_foreign_progress_file_is_not_a_finished_run(tmp_path: Path) -> None:
+    folder = write(tmp_path / "run", "01", 10, max_iters=10)
+    assert finished_checkpoint(str(tmp_path / "run")) is not None
+    for text in ('{"iteration": "ten"}', "[1, 2]", '{"max_iters": 10}', "{"):
+        (folder / "progress.json").write_text(text)
+        assert finished_checkpoint(str(tmp_path / "run")) is None, text

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pipeline.artifacts.modelfile import save_bytes
-from pipeline.errors import first_line
+from pipeline.errors import DataError, first_line
 from pipeline.training.records import History
 
 STATE_FILE = "state.pt"
@@ -58,12 +58,35 @@ def save_checkpoint(directory: Path, state: TrainState, history: History, max_it
     (directory / PROGRESS_FILE).write_text(json.dumps(progress))
 
 
+RESTART = "train the run again with --restart (its checkpoints are deleted)"
+
+
 def load_checkpoint(
     directory: Path, device: torch.device | str = "cpu"
 ) -> tuple[TrainState, History]:
-    raw = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
-    history = History.from_json((Path(directory) / HISTORY_FILE).read_text())
-    return TrainState(**raw), history
+    """A checkpoint's state and history, verified: a missing, truncated or foreign file (a
+    pickle that carries code included: tensors only are read) is a ``DataError`` naming it."""
+    state_file, history_file = Path(directory) / STATE_FILE, Path(directory) / HISTORY_FILE
+    try:
+        raw = torch.load(state_file, map_location=device, weights_only=True)
+        state = TrainState(**raw)
+        if not isinstance(state.model, dict) or not isinstance(state.iteration, int):
+            raise TypeError("not a training state")
+    except FileNotFoundError:
+        raise DataError(state_file, f"missing: {RESTART}") from None
+    except Exception as err:  # torch's unpickler, a truncated zip, other keys: all one line
+        raise DataError(
+            state_file, f"not a checkpoint that loads ({first_line(err)}): {RESTART}"
+        ) from None
+    try:
+        history = History.from_json(history_file.read_text())
+    except FileNotFoundError:
+        raise DataError(history_file, f"missing: {RESTART}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as err:
+        raise DataError(
+            history_file, f"not a run's history ({first_line(err)}): {RESTART}"
+        ) from None
+    return state, history
 
 
 def _fs(location: str) -> tuple[Any, str]:
@@ -109,9 +132,14 @@ def finished_checkpoint(run_dir: str) -> str | None:
     if not dirs:
         return None
     progress = _read_json(f"{dirs[-1]}/{PROGRESS_FILE}")
-    if not isinstance(progress, dict):
-        return None
-    return dirs[-1] if progress["iteration"] >= progress["max_iters"] else None
+    done, total = (
+        (progress.get(k) for k in ("iteration", "max_iters"))
+        if isinstance(progress, dict)
+        else (None, None)
+    )
+    if not (isinstance(done, int) and isinstance(total, int)):
+        return None  # unreadable or foreign: the run is resumed, which verifies its files
+    return dirs[-1] if done >= total else None
 
 
 DIVERGED_FILE = "diverged.json"
