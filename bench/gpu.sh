@@ -6,14 +6,18 @@
 #   source .device/env.sh && bash bench/gpu.sh loader     # loop vs step at 352: prefetch on/off, GPU/CPU decode
 #   source .device/env.sh && bash bench/gpu.sh camvid     # CamVid val mIoU after 8 minutes
 #   source .device/env.sh && bash bench/gpu.sh export     # ONNX: torch vs ORT CUDA / TensorRT
+# and the pipeline itself (Ray, MLflow: `make gpu-bundle` here first, README "On a GPU machine"):
+#   source .device/env.sh && source .device/gpu-bundle.sh && bash bench/gpu.sh pipeline
+#   TINY=1 bash bench/gpu.sh pipeline   # the same stages on any CPU in minutes (synthetic shards)
 # Output also goes to $OUT (when set) as gpu-<part>.log.
 set -uo pipefail
-part=${1:?usage: bench/gpu.sh speed|loader|camvid|export}
+part=${1:?usage: bench/gpu.sh speed|loader|camvid|export|pipeline}
 shards=${SHARDS:-.device/camvid}
 log=${OUT:-/tmp}/gpu-$part.log
 python - <<'P' | tee "$log"
 import json, torch
-print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+print(json.dumps({"device": name, "torch": torch.__version__,
                   "cuda": torch.version.cuda}))
 P
 case $part in
@@ -57,6 +61,13 @@ camvid)
   # issue 8's recipe from scratch: 8 minutes of training, then val whole image + flip
   timeout 590 python bench/time_to_accuracy.py --shards "$shards" --preset camvid --budget 480 \
     --set data.loader_workers=12 | tail -1 | tee -a "$log"
+  ;;
+pipeline)
+  # issue 31: danet train with train.use_gpu (its driver SIGKILLed at the first checkpoint, then
+  # resumed), the bare loop on the same params, danet evaluate on CUDA, danet tune (2 trials on
+  # half a GPU each), danet register; one JSON line per stage (bench/gpu_pipeline.py)
+  timeout 520 python bench/gpu_pipeline.py --shards "$shards" --out "${PIPELINE_OUT:-/tmp/gpu-pipeline}" \
+    ${TINY:+--tiny} | tee -a "$log"
   ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac

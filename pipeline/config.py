@@ -171,6 +171,7 @@ class TrainParams(Section):
     seed: int = 0
     num_workers: int = param(1, ge=1)
     use_gpu: bool = False
+    gpus_per_worker: float = param(1.0, gt=0, le=1)  # with use_gpu; < 1: runs share a GPU
     cpus_per_worker: int = param(2, ge=1)
     placement_strategy: str = param(
         "PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -230,6 +231,7 @@ class TuneParams(Section):
     epochs: int = param(2, ge=1)  # per trial; replaces train.epochs
     eval_every_epochs: int = param(1, ge=0)  # ASHA's rungs; 0 = train.eval_every_epochs
     cpus_per_trial: int = param(1, ge=0)  # each trial's Train worker; 0 = train.cpus_per_worker
+    gpus_per_trial: float = param(0.0, ge=0, le=1)  # with use_gpu; 0 = train.gpus_per_worker
     grace_period: int = param(1, ge=1)  # evaluations before ASHA may stop a trial
     reduction_factor: float = param(2.0, gt=1)
     seed: int = 0

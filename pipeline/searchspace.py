@@ -39,7 +39,8 @@ _FIXED = {
         "train.epochs train.eval_every_epochs"
     ),
     "where and how a trial runs, not its recipe": (
-        "train.num_workers train.cpus_per_worker train.use_gpu train.placement_strategy "
+        "train.num_workers train.cpus_per_worker train.use_gpu train.gpus_per_worker "
+        "train.placement_strategy "
         "train.max_failures train.checkpoints_to_keep train.checkpoint_every train.run_name "
         "train.storage_path train.out train.ray_address train.log_every data.loader_workers "
         "data.gpu_decode"

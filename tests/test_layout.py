@@ -66,6 +66,7 @@ NOT_OUTPUT_KEYS = {
     "train.max_failures",
     "train.checkpoints_to_keep",
     "train.cpus_per_worker",
+    "train.gpus_per_worker",  # a share of a GPU or a whole one: the same computation
     "train.placement_strategy",
     "train.checkpoint_every",  # a resumed run equals an uninterrupted one
     "mlflow.tracking_uri",
@@ -74,6 +75,7 @@ NOT_OUTPUT_KEYS = {
     "mlflow.num_prediction_images",
     "tune.name",
     "tune.cpus_per_trial",  # where a trial runs, as train.cpus_per_worker
+    "tune.gpus_per_trial",
     "tune.out",
     "evaluate.shards",
     "evaluate.window_batch",  # speed only: the same scores

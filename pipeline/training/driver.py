@@ -76,6 +76,13 @@ def _is_lost(err: BaseException) -> bool:
     return isinstance(err, RayActorError) or isinstance(health, RayActorError)
 
 
+def worker_resources(train: TrainParams) -> dict[str, float]:
+    """What each Train worker asks Ray for: its CPUs, and with ``use_gpu`` its GPU or share of one
+    (``train.gpus_per_worker``; Tune trials: ``tune.gpus_per_trial``)."""
+    gpus = {"GPU": train.gpus_per_worker} if train.use_gpu else {}
+    return {"CPU": train.cpus_per_worker, **gpus}
+
+
 def fit(
     job: TrainJob,
     run_name: str,
@@ -101,7 +108,7 @@ def fit(
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker},
+            resources_per_worker=worker_resources(train),
             placement_strategy=train.placement_strategy,
         ),
         run_config=RunConfig(

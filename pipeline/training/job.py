@@ -53,6 +53,7 @@ NOT_IDENTITY = (
     "max_failures",
     "log_every",
     "checkpoints_to_keep",
+    "gpus_per_worker",  # a share of a GPU or a whole one: the same computation
 )
 
 
@@ -104,6 +105,12 @@ def prepare_job(
     model = resolve_init_from(model)
     model.to_danet_config(manifest.num_classes)  # validates backbone, head, classes
     check_loss_weights(model, train)
+    if train.use_gpu and train.num_workers > 1 and train.gpus_per_worker < 1:
+        raise ConfigError(
+            f"train.gpus_per_worker (or tune.gpus_per_trial) {train.gpus_per_worker} with "
+            f"train.num_workers {train.num_workers}: the workers of one run need a whole GPU each "
+            "(NCCL)"
+        )
     for split, param in (
         (data.train_split, "data.train_split"),
         (data.val_split, "data.val_split"),

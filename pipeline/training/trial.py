@@ -65,12 +65,14 @@ def describe_values(values: dict[str, Any]) -> str:
 
 
 def trial_train(train: TrainParams, tune: TuneParams) -> TrainParams:
-    """The train section a trial runs with: the search's epochs, evaluation cadence and CPUs."""
+    """The train section a trial runs with: the search's epochs, evaluation cadence, CPUs and
+    GPUs (a share of one lets trials train side by side on it)."""
     return dataclasses.replace(
         train,
         epochs=tune.epochs,
         eval_every_epochs=tune.eval_every_epochs or train.eval_every_epochs,
         cpus_per_worker=tune.cpus_per_trial or train.cpus_per_worker,
+        gpus_per_worker=tune.gpus_per_trial or train.gpus_per_worker,
     )
 
 
