@@ -259,10 +259,12 @@ def write_archive(files: Iterable[tuple[Path, str]], out: Path) -> None:
 
 ACTIVATE = """\
 # Sourced on the GPU machine from the checkout's root (after .device/env.sh): bench/gpu_bundle.py's
-# bundle unpacked into /tmp/bundle (byte-compiled once, not in every Ray worker), first on
-# PYTHONPATH, the checkout after it.
+# bundle unpacked into /tmp/bundle, first on PYTHONPATH, the checkout after it. Byte-compiled once
+# here (quietly: a file that does not compile is compiled, or fails, when imported), not again in
+# every Ray worker process.
 python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \\
-  .device/gpu-bundle.tar.xz /tmp/bundle && python3 -m compileall -q -j 0 /tmp/bundle >/dev/null || return 1
+  .device/gpu-bundle.tar.xz /tmp/bundle || return 1
+python3 -m compileall -q -j 0 /tmp/bundle >/dev/null 2>&1
 export PYTHONPATH=/tmp/bundle:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 """
 

@@ -78,12 +78,23 @@ def danet(args: argparse.Namespace, command: str, sets: list[str]) -> list[str]:
     return [sys.executable, "-m", "pipeline", *preset, command, *(f"--set={s}" for s in sets)]
 
 
-def run(args: argparse.Namespace, stage: str, command: list[str], timeout: float) -> str:
+def run(
+    args: argparse.Namespace,
+    stage: str,
+    command: list[str],
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> str:
     """Run ``command`` to its end (its output into ``--out/<stage>.log``); its output."""
     log = args.out / f"{stage}.log"
     with open(log, "w") as out:
         done = subprocess.run(
-            command, stdout=out, stderr=subprocess.STDOUT, env=args.env, cwd=ROOT, timeout=timeout
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**args.env, **(env or {})},
+            cwd=ROOT,
+            timeout=timeout,
         )
     text = log.read_text()
     if done.returncode != 0:
@@ -203,7 +214,12 @@ def gpu_metrics(args: argparse.Namespace, run_id: str) -> dict[str, Any]:
 
 
 def speed(args: argparse.Namespace, trained: dict[str, Any]) -> None:
-    """Stage 2: the bare loop on the same params, as many iterations as the resumed run."""
+    """Stage 2: the bare loop on the same params, as many iterations as the resumed run, with
+    the torch threads Ray gives a Train worker (OMP_NUM_THREADS = train.cpus_per_worker)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{args.out / 'mlflow.db'}")
+    threads = client.get_run(trained["mlflow_run_id"]).data.params["train.cpus_per_worker"]
     iterations = trained["iterations"] - (trained["resumed_at"] or 0)
     preset = ["--preset", args.plan["preset"]] if args.plan["preset"] else []
     sets = [x for s in [f"data.shards={args.shards}", *args.plan["recipe"]] for x in ("--set", s)]
@@ -214,12 +230,12 @@ def speed(args: argparse.Namespace, trained: dict[str, Any]) -> None:
         str(args.shards),
     ]
     command += [*preset, *sets, "--iters", str(iterations), "--out", str(args.out / "bare.json")]
-    run(args, "bare-loop", command, timeout=args.budget["bare"])
+    run(args, "bare-loop", command, args.budget["bare"], {"OMP_NUM_THREADS": threads})
     bare = json.loads((args.out / "bare.json").read_text())
     args.batch = bare["batch"]
     rates = mlflow_rates(args, trained["mlflow_run_id"], trained["resumed_at"] or 0)
     line = {"stage": "speed", **rates, "bare_images_per_s": bare["images_per_s_wall"]}
-    line["bare_iterations"] = bare["iterations"]
+    line.update(bare_iterations=bare["iterations"], threads=int(threads))
     line["ratio"] = rates["train_images_per_s"] / bare["images_per_s_wall"]
     line["ratio_wall"] = rates["train_images_per_s_wall"] / bare["images_per_s_wall"]
     emit({**line, "target": 0.95})
@@ -243,18 +259,36 @@ def evaluate(args: argparse.Namespace, sets: list[str]) -> None:
     )
 
 
+def side_by_side(args: argparse.Namespace, search_run_id: str) -> float:
+    """Seconds during which every trial of the search was training at once (their MLflow runs,
+    nested under the search's, overlap): the trials shared the GPU rather than took turns."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{args.out / 'mlflow.db'}")
+    parent = client.get_run(search_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{search_run_id}'"
+    )
+    if len(runs) < 2:
+        return 0.0
+    start = max(r.info.start_time for r in runs)
+    end = min(r.info.end_time or start for r in runs)
+    return max(0.0, (end - start) / 1000)
+
+
 def tune(args: argparse.Namespace, sets: list[str]) -> None:
+    """Stage 4: two trials at once, half a GPU each."""
     start = time.monotonic()
     command = danet(args, "tune", sets + args.plan["tune"] + args.plan["tune_recipe"])
     text = run(args, "tune", command, timeout=args.budget["tune"])
     search = json.loads((args.out / "tune" / "search.json").read_text())
-    trials = json.loads((args.out / "tune" / "trials.json").read_text())
+    running = [int(n) for n in re.findall(r"Trial status: (?:.*?)(\d+) RUNNING", text)]
     emit(
         {
             "stage": "tune",
-            "trials": len(trials) if isinstance(trials, list) else trials,
-            "gpus_per_trial": 0.5 if args.device == "cuda" else 0,
-            "resources_used": sorted(set(re.findall(r"Logical resource usage: ([^\n]+)", text))),
+            "gpus_per_trial": 0.5 if args.device == "cuda" else None,
+            "most_trials_running": max(running, default=0),
+            "trials_side_by_side_s": round(side_by_side(args, search["search_run_id"]), 1),
             "best_val_miou": search["best_val_miou"],
             "best_values": search["values"],
             "seconds": round(time.monotonic() - start, 1),
