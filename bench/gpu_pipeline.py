@@ -340,8 +340,27 @@ def parse() -> argparse.Namespace:
     return args
 
 
+# the machine's packages the bundle leans on hardest (bench/gpu_machine.txt knows few versions)
+VERSIONS = ("torch", "numpy", "protobuf", "grpcio", "aiohttp", "typing_extensions", "packaging")
+
+
+def versions() -> None:
+    """Stage 0: the Python and the versions the stages run with, Ray's and MLflow's included."""
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    names = (*VERSIONS, "nvidia-ml-py", "ray", "mlflow-skinny", "webdataset")
+    emit({"stage": "python", "python": sys.version.split()[0], **{n: version(n) for n in names}})
+
+
 def main() -> None:
     args = parse()
+    versions()
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     args.out = args.out.resolve()

@@ -84,7 +84,8 @@ def danet(python: Path, bundle: Path, cwd: Path, *args: str) -> subprocess.Compl
 def test_the_bundle_carries_what_the_machine_lacks_and_only_that() -> None:
     """Ray, MLflow's client and SQL store, webdataset, optuna and what they require on the
     machine's Python; nothing the machine has (at a version the requirements accept), nothing
-    left out on purpose. This interpreter's closure is the same set, so the runs below prove it."""
+    left out on purpose. This interpreter's closure holds that set (and the backports an older
+    Python needs), so the runs below prove it."""
     assert MACHINE.python.startswith("3.12.") and {"torch", "numpy", "pyarrow"} <= set(
         MACHINE.packages
     )
@@ -92,7 +93,7 @@ def test_the_bundle_carries_what_the_machine_lacks_and_only_that() -> None:
     assert {"ray", "mlflow-skinny", "sqlalchemy", "alembic", "webdataset", "optuna"} <= names
     assert not names & set(MACHINE.packages) and not names & set(LEAVE_OUT)
     here = ".".join(map(str, sys.version_info[:3]))
-    assert {canon(d.metadata["Name"]) for d in carried(MACHINE, here)} == names
+    assert names <= {canon(d.metadata["Name"]) for d in carried(MACHINE, here)}
 
 
 def test_the_bundle_leaves_out_what_no_command_runs(bundle: Path) -> None:
