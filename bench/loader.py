@@ -1,15 +1,22 @@
-"""Samples/s of decode + augment: from WebDataset shards vs from the raw files of the same data.
+"""Samples/s of decode + augment: from WebDataset shards vs from the raw files of the same data;
+and the training loop fed in turn vs by the prefetch thread.
 
     python bench/loader.py                       # CamVid from ../shared/data/camvid when present
     python bench/loader.py --dataset synthetic
+    python bench/loader.py --loop SHARDS [--preset P] [--set k=v]   # loop: in turn vs prefetched
 
 Both paths run the same training transform (random scale, crop, flip, normalise) in a
-DataLoader, in the main process (0 workers) and with 2 worker processes.
+DataLoader, in the main process (0 workers) and with 2 worker processes. ``--loop`` trains a
+session of the params (params.yaml, a preset, ``--set``) on SHARDS in alternating chunks of
+``--batches`` iterations, its batches made in turn between steps (prefetch 0) or ahead by the
+thread (pipeline/training/prefetch.py, prefetch 2), and prints each mode's images/s: alternating
+chunks share whatever else the machine is running.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -86,16 +93,75 @@ def epochs_rate(stream: TrainStream, workers: int, epochs: int, persistent: bool
     return epochs * stream.batches_per_epoch * stream.batch_size / (time.perf_counter() - start)
 
 
+def loop_rates(args: argparse.Namespace, rounds: int = 6) -> dict[int, list[float]]:
+    """Images/s of chunks of the training loop, batches in turn (0) or prefetched (2)."""
+    import dataclasses
+    import itertools
+
+    from pipeline.config import load_params
+    from pipeline.training.builder import step_options
+    from pipeline.training.job import prepare_job
+    from pipeline.training.loop import train_steps
+    from pipeline.training.prefetch import Prefetcher, on_device
+    from pipeline.training.session import open_session
+
+    params = load_params(args.params, [*args.sets, f"data.shards={args.loop}"], args.preset)
+    train = dataclasses.replace(params.train, num_workers=1, epochs=10_000)
+    run = open_session(prepare_job(params.model, params.data, train), device=torch.device("cpu"))
+    t = run.job.train
+    run.stream.batches_per_epoch = 10**6
+    batches = iter(run.loader)
+    rates: dict[int, list[float]] = {0: [], 2: []}
+    for chunk in range(2 * rounds + 1):  # the first: warm-up
+        depth = 2 * (chunk % 2)
+        made = Prefetcher(batches, run.batch_fn, run.device, depth, t.channels_last)
+        start = time.perf_counter()
+        train_steps(
+            run.model,
+            itertools.islice(made, args.batches),
+            run.optimizer,
+            run.scheduler,
+            run.loss_fn,
+            run.device,
+            batch_fn=on_device,
+            log_every=args.batches,
+            **step_options(t),
+        )
+        seconds = time.perf_counter() - start
+        made.close()  # the batches it made ahead are dropped: speed, not data, is measured here
+        if chunk:
+            rates[depth].append(args.batches * t.batch_size / seconds)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--loop", default="", help="a shards folder: the loop's A/B instead")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value")
     parser.add_argument("--dataset", default="camvid" if CAMVID.is_dir() else "synthetic")
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=25)
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the persistence test")
     args = parser.parse_args()
+    if args.loop:
+        rates = loop_rates(args)
+        print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} threads; {args.loop}")
+        for depth, label in ((0, "in turn"), (2, "prefetched")):
+            r = rates[depth]
+            chunks = ", ".join(f"{x:.1f}" for x in r)
+            print(
+                f"{label:>10}: median {statistics.median(r):6.2f}, best {max(r):6.2f} images/s ({chunks})"
+            )
+        median = statistics.median(rates[2]) / statistics.median(rates[0])
+        print(
+            f"prefetched / in turn: {median:.2f} (medians), {max(rates[2]) / max(rates[0]):.2f} (bests)"
+        )
+        return
     torch.set_num_threads(1)
     if args.dataset == "camvid":
         reader, split = make_reader("camvid", CAMVID), "train"

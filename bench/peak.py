@@ -1,6 +1,6 @@
 """The peaks MFU is counted against (pipeline/training/flops.py ``device_peak``), per precision:
-a GPU's from NVIDIA's data sheets, this CPU's measured (a large matmul on this process's
-threads, under a second per dtype) and cached in ~/.cache/danet/peak.json.
+a GPU's from NVIDIA's data sheets, this CPU's measured (the best rate of one thread's matmuls
+times this process's threads, under a second per dtype) and cached in ~/.cache/danet/peak.json.
 
     python bench/peak.py                 # this machine's CPU (measured once, then read back)
     python bench/peak.py --device cuda   # the GPU's table entry

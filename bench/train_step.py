@@ -52,10 +52,16 @@ MATRIX = [
 
 
 def bench_job(
-    backbone: str, head: str, crop: int, batch: int, precision: str = "fp32",
-    attention: str = "auto", channels_last: bool = False, compile_model: bool = False,
+    backbone: str,
+    head: str,
+    crop: int,
+    batch: int,
+    precision: str = "fp32",
+    attention: str = "auto",
+    channels_last: bool = False,
+    compile_model: bool = False,
     num_classes: int = 19,
-) -> TrainJob:  # fmt: skip
+) -> TrainJob:
     """A training job of this architecture and recipe without shards (params.yaml's defaults
     otherwise): what ``build_step`` builds a run's step from."""
     return TrainJob(
@@ -102,14 +108,17 @@ def timed(step: Step, batch: Any, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def step_rate(job: TrainJob, device: str, steps: int, flops: list[float] | None = None) -> float:
+def step_rate(
+    job: TrainJob, device: str, steps: int, flops: list[float] | None = None, repeats: int = 1
+) -> float:
     """Images/s of ``steps`` timed training steps in this process, after 2 warm-up steps (and
-    compilation); ``flops`` receives the FLOPs of one step when given."""
+    compilation): the best of ``repeats`` such runs (on a shared machine the least disturbed);
+    ``flops`` receives the FLOPs of one step when given."""
     dev = torch.device(device)
     step = build_step(job, dev)
     batch = device_batch(job, dev)
     timed(step, batch, 2)
-    seconds = timed(step, batch, steps)
+    seconds = min(timed(step, batch, steps) for _ in range(repeats))
     if flops is not None:
         t = job.train
         n = t.worker_batch
@@ -188,7 +197,7 @@ def matrix(args: argparse.Namespace, backbone: str) -> None:
             continue  # fp16 is the GPU's (a CPU without fp16 units emulates it)
         job = bench_job(backbone, "danet", args.crop, args.batch, precision, attention, cl, comp)
         flops: list[float] = []
-        r = step_rate(job, args.device, args.steps, flops)
+        r = step_rate(job, args.device, args.steps, flops, args.repeats)
         peak = device_peak(args.device, precision)
         mfu = f"{flops[0] * r / args.batch / peak:7.1%}" if peak else "      -"
         print(
@@ -209,6 +218,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs of --steps steps; the best is shown"
+    )
+    parser.add_argument(
         "--matrix",
         action="store_true",
         help="DANet rows: fp32, bf16, fp16, +channels_last, dense, +compile; MFU",
@@ -224,8 +236,10 @@ def main() -> None:
     )
     parser.add_argument("--rows", type=int, default=20, help="rows of the --profile table")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; "
-          f"crop {args.crop}, batch {args.batch}, {args.steps} timed steps")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; crop "
+        f"{args.crop}, batch {args.batch}, best of {args.repeats} x {args.steps} timed steps"
+    )
     if args.profile:
         job = bench_job(args.backbone[0], "danet", args.crop, args.batch, "bf16", "auto", True)
         print(profile(job, args.device, args.rows))
@@ -238,7 +252,7 @@ def main() -> None:
         rates = {}
         for head in ("danet", "fcn"):
             job = bench_job(backbone, head, args.crop, args.batch)
-            rates[head] = step_rate(job, args.device, args.steps)
+            rates[head] = step_rate(job, args.device, args.steps, repeats=args.repeats)
             print(
                 f"{backbone:>11} {head:>6} {'fp32':>5} {'auto':>9} {'no':>7} {'no':>7} | {rates[head]:7.2f}",
                 flush=True,

@@ -88,8 +88,9 @@ def test_the_cpu_peak_is_measured_once_and_cached(
 
 
 def test_the_matmul_measure_is_a_plausible_rate() -> None:
-    rate = flops.measure_matmul(torch.float32, size=256, seconds=0.05)
-    assert 1e8 < rate < 1e14
+    threads = torch.get_num_threads()
+    rate = flops.measure_matmul(torch.float32, sizes=(128,), seconds=0.05)
+    assert 1e8 < rate < 1e14 and torch.get_num_threads() == threads
 
 
 def test_mfu_over_devices() -> None:

@@ -10,9 +10,10 @@ counted, as in the field's MFU (PaLM, Appendix B): it is model FLOPs, not hardwa
 
 MFU = images/s x FLOPs per image / (peak x devices). The peak is the device's dense throughput in
 the step's precision: NVIDIA's data-sheet figures for GPUs (bf16/fp16 tensor cores; TF32 for
-fp32, in which cuDNN runs convolutions by default), and for a CPU the best rate a large matmul
-reaches in that dtype on this process's threads, measured once (under a second) and cached in
-``~/.cache/danet/peak.json`` per CPU model, thread count and torch version.
+fp32, in which cuDNN runs convolutions by default), and for a CPU the best rate matmuls reach in
+that dtype on one of this process's threads, times its threads (``measure_matmul``),
+measured once (under a second) and cached in ``~/.cache/danet/peak.json`` per CPU model, thread
+count and torch version.
 """
 
 from __future__ import annotations
@@ -70,17 +71,29 @@ def _cpu_name() -> str:
     return str(torch.cpu.get_capabilities().get("cpu_name", "cpu"))
 
 
-def measure_matmul(dtype: torch.dtype, size: int = 2048, seconds: float = 0.25) -> float:
-    """The best FLOP/s of ``size``-square matmuls in ``dtype`` over about ``seconds``."""
-    a, b = (torch.randn(size, size, generator=torch.Generator().manual_seed(0)) for _ in range(2))
-    a, b = a.to(dtype), b.to(dtype)
-    torch.mm(a, b)  # warm-up: the BLAS's threads and kernels
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end or best == 0.0:
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    return best
+def measure_matmul(
+    dtype: torch.dtype, sizes: tuple[int, ...] = (256, 512, 1024), seconds: float = 0.1
+) -> float:
+    """This process's peak in ``dtype``: the best rate of one thread's square matmuls of
+    ``sizes`` (about ``seconds`` each), times its threads. Short single-thread calls are what a
+    shared machine disturbs least: one call that ran undisturbed gives the core's rate, where a
+    multi-threaded call waits for its slowest thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = 0.0
+    try:
+        for size in sizes:
+            g = torch.Generator().manual_seed(0)
+            a, b = (torch.randn(size, size, generator=g).to(dtype) for _ in range(2))
+            torch.mm(a, b)  # warm-up: the kernel's first call
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                torch.mm(a, b)
+                best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
+    return best * threads
 
 
 def cpu_peak(dtype: torch.dtype, cache: Path | None = None) -> float:

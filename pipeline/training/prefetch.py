@@ -13,6 +13,10 @@ batch), and the batch's tensors are marked ``record_stream`` on the training str
 caching allocator does not hand their memory back to the side stream before the step that reads
 them has run.
 
+On a CPU the thread does the same without streams: with ``data.loader_workers`` 0 it decodes and
+augments (PIL and torch release the GIL) while the step computes; training uses it there too
+(BENCHMARKS.md, issue 33: faster in every alternating A/B on 2 shared cores).
+
 The order is the loader's and nothing here draws a random number, so the batches are the ones
 the serial path (``depth`` 0: ``batch_fn`` in the training thread, between steps) gives, bit for
 bit (tests/test_prefetch.py): the overlap changes when a batch is made, not what it holds.
@@ -32,7 +36,7 @@ import torch
 
 from pipeline.training.loop import BatchFn
 
-DEPTH = 2  # batches prepared ahead on CUDA: one being made while one waits for the step
+DEPTH = 2  # batches made ahead: one being made while one waits for the step
 _END = object()  # the loader is exhausted
 Prepared = tuple[torch.Tensor, torch.Tensor, Any]  # images, labels, the side stream's event
 
