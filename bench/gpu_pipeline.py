@@ -62,7 +62,7 @@ TINY = {
         "tune.epochs=1",
         "tune.eval_every_epochs=1",
         "tune.cpus_per_trial=1",
-        'tune.space={"train.lr": {"loguniform": [0.005, 0.02]}, "data.crop_size": {"choice": [32, 40]}}',
+        "tune.space={train.lr: {loguniform: [0.005, 0.02]}, data.crop_size: {choice: [32, 40]}}",
     ],
     "tune_recipe": [],
 }
@@ -111,7 +111,8 @@ def newest_checkpoint(run_dir: Path) -> int:
 
 
 def kill_after_checkpoint(args: argparse.Namespace, command: list[str], timeout: float) -> int:
-    """Start ``command``; SIGKILL its driver once a checkpoint exists; that checkpoint's iteration."""
+    """Start ``command``, SIGKILL its driver once a checkpoint exists; that checkpoint's
+    iteration."""
     run_dir = args.out / "ray" / RUN
     with open(args.out / "train-killed.log", "w") as out:
         driver = subprocess.Popen(

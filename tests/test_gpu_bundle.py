@@ -1,8 +1,9 @@
 """The bundle for a bare GPU machine (bench/gpu_bundle.py), proven on this CPU: a venv holding
 only the GPU machine's packages (bench/gpu_machine.txt) cannot import what the pipeline needs
 beyond them; with the bundle on PYTHONPATH, as .device/gpu-bundle.sh puts it there, ``danet
-shard``, ``train`` and ``evaluate`` run through it, Ray's workers and MLflow's SQLite store
-included. A module the bundle forgot fails here, not in a paid GPU minute.
+shard``, ``train``, ``evaluate`` and ``register`` run through it, Ray's workers and MLflow's
+SQLite store and registry included. A module the bundle forgot fails here, not in a paid GPU
+minute.
 
 The bundle here is built for this interpreter from the project's .venv, file by file as the GPU
 machine's archive is built from the same versions' wheels for its Python; the machine's packages
@@ -127,7 +128,7 @@ def test_a_module_the_bundle_forgot_fails(machine: Path, tmp_path: Path) -> None
 def params_file(tmp: Path) -> Path:
     """Synthetic scenes sharded at 64x48 (6 train, 4 val), the tests' tiny training
     (tests.conftest.tiny_params: 2 epochs of 2 iterations, one single-CPU worker), an
-    evaluation of its model.pt: all under ``tmp``."""
+    evaluation of its model.pt, its registration: all under ``tmp``."""
     shards = tmp / "shards"
     model, data, train, tracking = tiny_params(tmp, shards)
     params = {
@@ -140,18 +141,22 @@ def params_file(tmp: Path) -> Path:
         "evaluate": {"model": str(tmp / "out/model.pt"), "shards": str(shards)},
     }
     params["evaluate"]["out"] = str(tmp / "eval")
+    params["register"] = {
+        "eval_metrics": str(tmp / "eval" / "metrics.json"),
+        "out": str(tmp / "register" / "registered.json"),
+    }
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp / "params.yaml"
 
 
 @pytest.mark.slow
-def test_shard_train_evaluate_through_the_bundle(
+def test_shard_train_evaluate_register_through_the_bundle(
     machine: Path, bundle: Path, tmp_path: Path
 ) -> None:
-    """The three commands as the GPU machine runs them, on the CPU: Ray Train (its GCS, raylet,
-    dashboard and worker processes) and MLflow's SQLite store from the bundle."""
+    """The commands as the GPU machine runs them, on the CPU: Ray Train (its GCS, raylet,
+    dashboard and worker processes), MLflow's SQLite store and registry from the bundle."""
     params = str(params_file(tmp_path))
-    for stage in ("shard", "train", "evaluate"):
+    for stage in ("shard", "train", "evaluate", "register"):
         done = danet(machine, bundle, tmp_path, stage, "--params", params)
         assert done.returncode == 0, f"danet {stage}:\n{done.stdout[-2000:]}{done.stderr[-4000:]}"
         if stage == "train":
@@ -166,3 +171,5 @@ def test_shard_train_evaluate_through_the_bundle(
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(trained["mlflow_run_id"])
     assert run.info.status == "FINISHED" and "val/miou" in run.data.metrics
+    registered = json.loads((tmp_path / "register" / "registered.json").read_text())
+    assert (registered["version"], registered["alias"]) == ("1", "champion")
