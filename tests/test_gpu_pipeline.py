@@ -101,7 +101,8 @@ def test_ray_train_runs_its_worker_on_the_gpu(cuda_run: tuple[Path, RunSummary])
 def test_cuda_evaluation_scores_as_the_cpu_does(
     cuda_run: tuple[Path, RunSummary], jpeg_shards: Path
 ) -> None:
-    """The same model.pt on both devices: TF32 convolutions may flip a near-tie pixel, no more."""
+    """The same model.pt on both devices, as users run them (cuDNN's TF32 convolutions on): a
+    near-tie pixel may flip, no more; a wrong normalisation or decode on one path moves far more."""
     from pipeline.evaluation.evaluate import run_evaluation
 
     tmp, _ = cuda_run
@@ -118,8 +119,8 @@ def test_cuda_evaluation_scores_as_the_cpu_does(
     }
     cpu, cuda = scores["cpu"], scores["cuda"]
     assert cuda.images == cpu.images == 4
-    assert cuda.pixel_acc == pytest.approx(cpu.pixel_acc, abs=2e-3)
-    assert cuda.miou == pytest.approx(cpu.miou, abs=1e-2)
+    assert cuda.pixel_acc == pytest.approx(cpu.pixel_acc, abs=5e-3)
+    assert cuda.miou == pytest.approx(cpu.miou, abs=2e-2)
 
 
 @pytest.mark.gpu
