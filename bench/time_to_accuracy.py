@@ -209,12 +209,13 @@ def calibrate(
         done += chunk
         now = time.perf_counter()
         per_iter = (now - mark) / chunk
-        left = int((args.budget - (now - start)) / per_iter)
+        left = round((args.budget - (now - start)) / per_iter)  # off by half a step at most
         sched.total_iters = done + max(0, left)
         if left <= 0:
             return
-        # a quarter of what is left per chunk while the estimate settles; the last 2 s at once
-        chunk = left if left * per_iter < 2.0 else max(1, left // 4)
+        # half of what is left per chunk while the estimate settles; the last 1% at once (a
+        # slower last chunk overshoots by at most a share of that)
+        chunk = left if left * per_iter < 0.01 * args.budget else max(1, left // 2)
         mark = now
 
 
