@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import statistics
 import sys
 import tempfile
 import time
@@ -126,6 +128,26 @@ def step_rate(
             step_flops(step.core, n, job.data.crop_size, dev, t.precision, t.channels_last)
         )
     return steps * job.train.worker_batch / seconds
+
+
+def compile_ab(job: TrainJob, device: str, steps: int, rounds: int = 6) -> dict[str, list[float]]:
+    """Images/s of chunks of ``steps`` steps, eager and torch.compile'd builds of ``job``
+    alternating in one process (after warm-up and compilation): both see the same machine."""
+    dev = torch.device(device)
+    built = {
+        mode: build_step(
+            dataclasses.replace(job, train=dataclasses.replace(job.train, compile=c)), dev
+        )
+        for mode, c in (("eager", False), ("compiled", True))
+    }
+    batch = device_batch(job, dev)
+    rates: dict[str, list[float]] = {mode: [] for mode in built}
+    for step in built.values():
+        timed(step, batch, 3)  # warm-up; compilation, forward and backward
+    for _ in range(rounds):
+        for mode, step in built.items():
+            rates[mode].append(steps * job.train.worker_batch / timed(step, batch, steps))
+    return rates
 
 
 def profile(job: TrainJob, device: str, rows: int = 20) -> str:
@@ -235,6 +257,11 @@ def main() -> None:
         help="only the top kernels of the first backbone's bf16 + channels_last step",
     )
     parser.add_argument("--rows", type=int, default=20, help="rows of the --profile table")
+    parser.add_argument(
+        "--compile-ab",
+        action="store_true",
+        help="only eager vs torch.compile (bf16, channels_last), alternating chunks",
+    )
     args = parser.parse_args()
     print(
         f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; crop "
@@ -243,6 +270,17 @@ def main() -> None:
     if args.profile:
         job = bench_job(args.backbone[0], "danet", args.crop, args.batch, "bf16", "auto", True)
         print(profile(job, args.device, args.rows))
+        return
+    if args.compile_ab:
+        job = bench_job(args.backbone[0], "danet", args.crop, args.batch, "bf16", "auto", True)
+        chunked = compile_ab(job, args.device, args.steps, max(2, args.repeats))
+        for mode, r in chunked.items():
+            chunks = ", ".join(f"{x:.1f}" for x in r)
+            print(
+                f"{mode:>9}: median {statistics.median(r):7.2f}, best {max(r):7.2f} img/s ({chunks})"
+            )
+        ratio = statistics.median(chunked["compiled"]) / statistics.median(chunked["eager"])
+        print(f"compiled / eager: {ratio:.2f} (medians)")
         return
 
     print(

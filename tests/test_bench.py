@@ -31,7 +31,7 @@ def test_time_to_accuracy_on_synthetic_shards(tiny_shards: Path) -> None:
         line["iterations"] >= 6 and line["images_per_s_wall"] > 0 and line["images_per_s_step"] > 0
     )
     assert line["step_tflop"] > 0 and 0 < line["mfu"] < 1  # against the CPU's measured peak
-    assert line["prefetch"] == 2 and line["loop_vs_step"] > 0  # batches made ahead, as training
+    assert line["prefetch"] == 0 and line["loop_vs_step"] > 0  # a CPU's batches: in turn
     # the schedule fills the budget (3% on a GPU; 20 s of ~0.3 s steps on a CPU: 5%)
     assert 0.95 <= line["budget_used"] <= 1.05, line["train_seconds"]
     assert line["diverged"] is None and line["windows"] > 0 and not line["recoveries"]

@@ -13,9 +13,9 @@ batch), and the batch's tensors are marked ``record_stream`` on the training str
 caching allocator does not hand their memory back to the side stream before the step that reads
 them has run.
 
-On a CPU the thread does the same without streams: with ``data.loader_workers`` 0 it decodes and
-augments (PIL and torch release the GIL) while the step computes; training uses it there too
-(BENCHMARKS.md, issue 33: faster in every alternating A/B on 2 shared cores).
+On a CPU the thread works the same way without streams, but training feeds a CPU's steps in
+turn: on 2 cores the thread's torch work (its own OpenMP team) and the GIL slowed the loop to
+0.76-0.79 of the serial one, loader processes or not (BENCHMARKS.md, issue 33).
 
 The order is the loader's and nothing here draws a random number, so the batches are the ones
 the serial path (``depth`` 0: ``batch_fn`` in the training thread, between steps) gives, bit for
@@ -36,7 +36,7 @@ import torch
 
 from pipeline.training.loop import BatchFn
 
-DEPTH = 2  # batches made ahead: one being made while one waits for the step
+DEPTH = 2  # batches made ahead on CUDA: one being made while one waits for the step
 _END = object()  # the loader is exhausted
 Prepared = tuple[torch.Tensor, torch.Tensor, Any]  # images, labels, the side stream's event
 
