@@ -17,7 +17,8 @@ from bench import time_to_accuracy, train_step
 from pipeline.training import builder, session
 from pipeline.training.builder import Step, build_step
 from pipeline.training.job import TrainJob, prepare_job
-from tests.conftest import tiny_params
+from pipeline.training.loop import to_device
+from tests.conftest import DEVICES, tiny_params
 
 CPU = torch.device("cpu")
 
@@ -146,3 +147,14 @@ def test_train_step_matrix_and_profile_run_at_a_tiny_size() -> None:
     assert all(float(r[7]) > 0 and r[8].endswith("%") for r in matrix)
     profile = run_bench("train_step.py", *common, "--profile", "--rows", "5")
     assert "aten::" in profile and "Self CPU" in profile
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if not isinstance(d, str)])
+def test_on_cuda_the_step_autotunes_and_decodes_on_the_gpu(job: TrainJob, device: str) -> None:
+    """What the issue's H200 bench lacked: cuDNN's autotuner, as training turns it on; and the
+    batch path decodes JPEGs on the GPU (``data.gpu_decode``)."""
+    torch.backends.cudnn.benchmark = False
+    step = build_step(job, torch.device(device))
+    assert torch.backends.cudnn.benchmark
+    assert step.batch_fn is not to_device
+    assert describe(session.open_session(job, device=torch.device(device))) == describe(step)
