@@ -12,17 +12,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from pipeline import logs
 from pipeline.command import (
     DanetGroup,
-    load,
+    FlipOption,
+    ModelOption,
+    ParamsOption,
+    ScalesOption,
+    SetOption,
     one_line_errors,
+    opt,
     parse_scales,
+    print_report,
     split_list,
+    stage,
+    switch,
     tracking_uri,
 )
 
@@ -33,22 +41,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-ParamsOption = Annotated[Path, typer.Option("--params", help="params file (default params.yaml)")]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set", help="override one param: section.key=value (repeatable), as dvc exp run -S"
-    ),
-]
-FlipOption = Annotated[
-    bool | None, typer.Option("--flip/--no-flip", help="add horizontally flipped predictions")
-]
-
-
-def opt(help: str, min: int | None = None) -> Any:
-    """An option whose value None means "not given": the params file's value stands."""
-    return typer.Option(help=help, min=min)
 
 
 @app.callback(invoke_without_command=True)
@@ -79,21 +71,15 @@ def shard(
     """Raw dataset -> WebDataset shards + manifest.json (params: shard, synthetic)."""
     from pipeline.data.shard import describe, shard_from_params
 
-    with one_line_errors():
-        p = load(
-            ctx,
-            params,
-            sets,
-            ("shard.out",),
-            **{
-                "shard.dataset": dataset,
-                "shard.root": root,
-                "shard.out": out,
-                "shard.splits": split_list(splits),
-                "shard.on_error": on_error,
-                "shard.workers": workers,
-            },
-        )
+    flags = {
+        "shard.dataset": dataset,
+        "shard.root": root,
+        "shard.out": out,
+        "shard.splits": split_list(splits),
+        "shard.on_error": on_error,
+        "shard.workers": workers,
+    }
+    with stage(ctx, params, sets, flags, ("shard.out",)) as p:
         start = time.perf_counter()
         manifest = shard_from_params(p.shard, p.synthetic)
     typer.echo(describe(manifest, p.shard.out, time.perf_counter() - start))
@@ -111,18 +97,8 @@ def synthetic(
     """Write the embedded synthetic scenes as a `folder` dataset of PNGs (params: synthetic)."""
     from pipeline.data.readers.synthetic import export_folder
 
-    with one_line_errors():
-        p = load(
-            ctx,
-            params,
-            sets,
-            ("synthetic.out",),
-            **{
-                "synthetic.out": out,
-                "synthetic.splits": split_list(splits),
-                "synthetic.count": count,
-            },
-        )
+    flags = {"synthetic.out": out, "synthetic.splits": split_list(splits), "synthetic.count": count}
+    with stage(ctx, params, sets, flags, ("synthetic.out",)) as p:
         images = export_folder(p.synthetic)
     o = p.synthetic.out
     typer.echo(f"{len(images)} scenes -> {o}/images/, masks in {o}/masks/, {o}/classes.txt")
@@ -133,20 +109,12 @@ def train(
     ctx: typer.Context,
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
-    address: Annotated[
-        str | None,
-        opt("Ray cluster address (else RAY_ADDRESS or a local Ray)"),
-    ] = None,
-    run_name: Annotated[
-        str | None, opt("resume this run (default: derived from the config)")
-    ] = None,
+    address: Annotated[str | None, opt("Ray address (else RAY_ADDRESS or a local Ray)")] = None,
+    run_name: Annotated[str | None, opt("resume this run (default: from the config)")] = None,
     restart: Annotated[
-        bool, typer.Option("--restart", help="delete the run's checkpoints and train it anew")
+        bool, switch("--restart", "delete the run's checkpoints, train anew")
     ] = False,
-    refit: Annotated[
-        Path | None,
-        opt("a search's tune.out: train its best params (over params.yaml) for the full schedule"),
-    ] = None,
+    refit: Annotated[Path | None, opt("a search's tune.out: train its best params in full")] = None,
 ) -> None:
     """Train DANet with Ray Train on the shards; resumes a run of the same name (params: model, data, train, mlflow)."""
     from pipeline.training.driver import run_training
@@ -154,14 +122,9 @@ def train(
 
     with one_line_errors():
         overlay, tags = read_refit(refit) if refit is not None else (None, {})
-        p = load(
-            ctx,
-            params,
-            sets,
-            ("train.out", "train.storage_path"),
-            overlay=overlay,
-            **{"train.ray_address": address, "train.run_name": run_name},
-        )
+    flags = {"train.ray_address": address, "train.run_name": run_name}
+    writes = ("train.out", "train.storage_path")
+    with stage(ctx, params, sets, flags, writes, overlay) as p:
         summary = run_training(p.model, p.data, p.train, p.mlflow, restart=restart, tags=tags)
     typer.echo(summary.describe())
 
@@ -172,14 +135,13 @@ def tune(
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
     restart: Annotated[
-        bool, typer.Option("--restart", help="delete the search's results and run it anew")
+        bool, switch("--restart", "delete the search's results, run it anew")
     ] = False,
 ) -> None:
     """Ray Tune search over tune.space (random or Optuna TPE, ASHA); writes best_params.yaml for --refit (params: tune, model, data, train, mlflow)."""
     from pipeline.training.search import run_search
 
-    with one_line_errors():
-        p = load(ctx, params, sets, ("tune.out", "train.storage_path"))
+    with stage(ctx, params, sets, writes=("tune.out", "train.storage_path")) as p:
         summary = run_search(p.model, p.data, p.train, p.mlflow, p.tune, restart=restart)
     typer.echo(summary.describe(p.tune.out))
 
@@ -189,38 +151,25 @@ def evaluate(
     ctx: typer.Context,
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
-    model: Annotated[
-        str | None,
-        opt(
-            "model.pt, MLflow run id, runs:/ or models:/ URI (default: evaluate.model)",
-        ),
-    ] = None,
+    model: ModelOption = None,
     split: Annotated[str | None, opt("split of the shards to evaluate")] = None,
     mode: Annotated[str | None, opt("whole or slide")] = None,
-    scales: Annotated[
-        str | None, opt("comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5,1.75")
-    ] = None,
+    scales: ScalesOption = None,
     flip: FlipOption = None,
     out: Annotated[str | None, opt("report folder (replaced atomically)")] = None,
 ) -> None:
     """Evaluate a model on a split: mIoU, per-class IoU, confusion matrix, overlays (params: evaluate)."""
     from pipeline.evaluation.evaluate import candidates, describe, run_evaluation
 
-    with one_line_errors():
-        p = load(
-            ctx,
-            params,
-            sets,
-            ("evaluate.out",),
-            **{
-                "evaluate.model": model,
-                "evaluate.split": split,
-                "evaluate.mode": mode,
-                "evaluate.scales": parse_scales(scales),
-                "evaluate.flip": flip,
-                "evaluate.out": out,
-            },
-        )
+    flags = {
+        "evaluate.model": model,
+        "evaluate.split": split,
+        "evaluate.mode": mode,
+        "evaluate.scales": parse_scales(scales),
+        "evaluate.flip": flip,
+        "evaluate.out": out,
+    }
+    with stage(ctx, params, sets, flags, ("evaluate.out",)) as p:
         result = run_evaluation(p.evaluate, tracking_uri(p), candidates(p))
     typer.echo(describe(result, p.evaluate.out))
 
@@ -232,25 +181,17 @@ def register(
     sets: SetOption = None,
     eval_metrics: Annotated[str | None, opt("metrics.json written by danet evaluate")] = None,
     name: Annotated[str | None, opt("registered model name (default danet-<dataset>)")] = None,
-    onnx: Annotated[
-        str | None, opt("danet export files of these weights to serve too, comma-separated")
-    ] = None,
+    onnx: Annotated[str | None, opt("ONNX files of these weights to serve too, a,b")] = None,
 ) -> None:
     """Register the evaluated model in MLflow; move the champion alias only if it wins (params: register)."""
     from pipeline.registry.register import register as do_register
 
-    with one_line_errors():
-        p = load(
-            ctx,
-            params,
-            sets,
-            ("register.out",),
-            **{
-                "register.eval_metrics": eval_metrics,
-                "register.name": name,
-                "register.onnx": split_list(onnx),
-            },
-        )
+    flags = {
+        "register.eval_metrics": eval_metrics,
+        "register.name": name,
+        "register.onnx": split_list(onnx),
+    }
+    with stage(ctx, params, sets, flags, ("register.out",)) as p:
         result = do_register(p.register, tracking_uri(p))
     typer.echo(result.describe())
 
@@ -259,27 +200,18 @@ def register(
 def predict(
     ctx: typer.Context,
     inputs: Annotated[
-        list[Path] | None, typer.Argument(help="image files or folders (or --shards)")
+        list[Path] | None, typer.Argument(help="images, folders (or --shards)")
     ] = None,
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
-    model: Annotated[
-        str | None,
-        opt("model.pt, MLflow run id, runs:/ or models:/ URI"),
-    ] = None,
+    model: ModelOption = None,
     out: Annotated[str | None, opt("folder for the predictions")] = None,
     shards: Annotated[str | None, opt("predict a split of these shards (folder or URL)")] = None,
     split: Annotated[str | None, opt("the split of --shards (default test)")] = None,
-    format: Annotated[
-        str | None, opt("masks (pictures), cityscapes (labelIds for the test server) or voc")
-    ] = None,
+    format: Annotated[str | None, opt("masks (pictures), cityscapes (labelIds) or voc")] = None,
     mode: Annotated[str | None, opt("auto (by slide_above), whole or slide")] = None,
-    scales: Annotated[
-        str | None, opt("comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5,1.75")
-    ] = None,
-    slide_above: Annotated[
-        int | None, opt("sliding window for images with a longer side", min=0)
-    ] = None,
+    scales: ScalesOption = None,
+    slide_above: Annotated[int | None, opt("slide over images with a longer side", min=0)] = None,
     crop: Annotated[int | None, opt("sliding-window crop", min=16)] = None,
     flip: FlipOption = None,
 ) -> None:
@@ -289,32 +221,21 @@ def predict(
     A file that is not a readable image is listed and skipped (exit 1 after the others)."""
     from pipeline.registry.predict import predict_from_params
 
-    with one_line_errors():
-        p = load(
-            ctx,
-            params,
-            sets,
-            ("predict.out",),
-            **{
-                "predict.model": model,
-                "predict.out": out,
-                "predict.shards": shards,
-                "predict.split": split,
-                "predict.format": format,
-                "predict.mode": mode,
-                "predict.scales": parse_scales(scales),
-                "predict.slide_above": slide_above,
-                "predict.crop": crop,
-                "predict.flip": flip,
-            },
-        )
+    flags = {
+        "predict.model": model,
+        "predict.out": out,
+        "predict.shards": shards,
+        "predict.split": split,
+        "predict.format": format,
+        "predict.mode": mode,
+        "predict.scales": parse_scales(scales),
+        "predict.slide_above": slide_above,
+        "predict.crop": crop,
+        "predict.flip": flip,
+    }
+    with stage(ctx, params, sets, flags, ("predict.out",)) as p:
         report = predict_from_params(p.predict, inputs or [], tracking_uri(p))
-    errors, done = report.describe(p.predict.out)
-    if errors:
-        typer.echo(errors, err=True)
-    typer.echo(done)
-    if report.failed:
-        raise typer.Exit(1)
+    print_report(report, p.predict.out)
 
 
 @app.command()
@@ -330,25 +251,11 @@ def explain(
     """Images -> pictures of the model's position and channel attention (<stem>_pam.png, _cam.png).
 
     Computed for the chosen query pixels only, never the N x N map (danet/explain.py)."""
-    from pipeline.artifacts.refs import load_model
-    from pipeline.devices import pick_device
-    from pipeline.registry.explain import explain_files, parse_points
-    from pipeline.stores import check_outputs
+    from pipeline.registry.explain import explain_from_params
 
-    with one_line_errors():
-        p = load(ctx, params, sets, ())
-        check_outputs(p, {"--out": out})  # the pictures never land on a store
-        queries = parse_points(points)
-        device = pick_device(p.predict.device, "predict.device")
-        report = explain_files(
-            load_model(model, tracking_uri(p)), inputs, Path(out), queries, device
-        )
-    errors, done = report.describe(out)
-    if errors:
-        typer.echo(errors, err=True)
-    typer.echo(done)
-    if report.failed:
-        raise typer.Exit(1)
+    with stage(ctx, params, sets) as p:
+        report = explain_from_params(p, model, inputs, out, points, tracking_uri(p))
+    print_report(report, out)
 
 
 @app.command()
@@ -356,31 +263,23 @@ def export(
     ctx: typer.Context,
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
-    model: Annotated[str | None, opt("model.pt, MLflow run id, runs:/ or models:/ URI")] = None,
+    model: ModelOption = None,
     format: Annotated[str | None, opt("onnx")] = None,
     out: Annotated[str | None, opt("the .onnx file to write (replaced atomically)")] = None,
-    quantize: Annotated[
-        str | None, opt("none or int8 (calibrated on export.calibration_shards)")
-    ] = None,
+    quantize: Annotated[str | None, opt("none or int8 (calibrated on calibration_shards)")] = None,
     attention: Annotated[str | None, opt("fused (ONNX Runtime, no N x N map) or standard")] = None,
 ) -> None:
     """A model as an ONNX file: input image RGB [0, 1], output logits; INT8 on request (params: export)."""
     from pipeline.artifacts.export import export_model
 
-    with one_line_errors():
-        p = load(
-            ctx,
-            params,
-            sets,
-            ("export.out",),
-            **{
-                "export.model": model,
-                "export.format": format,
-                "export.out": out,
-                "export.quantize": quantize,
-                "export.attention": attention,
-            },
-        )
+    flags = {
+        "export.model": model,
+        "export.format": format,
+        "export.out": out,
+        "export.quantize": quantize,
+        "export.attention": attention,
+    }
+    with stage(ctx, params, sets, flags, ("export.out",)) as p:
         result = export_model(p.export, tracking_uri(p))
     typer.echo(result.describe())
 
@@ -392,7 +291,6 @@ def summary(
     """What the pipeline produced: the champion, its val mIoU, where to look, how to open MLflow."""
     from pipeline.registry.register import summary as pipeline_summary
 
-    with one_line_errors():
-        p = load(ctx, params, sets)
+    with stage(ctx, params, sets) as p:
         text = pipeline_summary(p, tracking_uri(p))
     typer.echo(text)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -23,6 +23,31 @@ from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
     from pipeline.config import Params
+
+
+def opt(help: str, min: int | None = None) -> Any:
+    """An option whose value None means "not given": the params file's value stands."""
+    return typer.Option(help=help, min=min)
+
+
+def switch(name: str, help: str) -> Any:
+    """A flag that is only ever turned on (``--restart``)."""
+    return typer.Option(name, help=help)
+
+
+# the options several commands share
+ParamsOption = Annotated[Path, typer.Option("--params", help="params file (default params.yaml)")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="override one param: section.key=value (repeatable), as dvc exp run -S"
+    ),
+]
+FlipOption = Annotated[
+    bool | None, typer.Option("--flip/--no-flip", help="add horizontally flipped predictions")
+]
+ModelOption = Annotated[str | None, opt("model.pt, MLflow run id, runs:/ or models:/ URI")]
+ScalesOption = Annotated[str | None, opt("comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5,1.75")]
 
 
 class DanetGroup(TyperGroup):
@@ -126,6 +151,31 @@ def load(
     named = {k: getattr(getattr(p, k.split(".")[0]), k.split(".")[1]) for k in writes}
     check_outputs(p, {k: v for k, v in named.items() if v})  # "" = not given: the stage says so
     return p
+
+
+@contextmanager
+def stage(
+    ctx: typer.Context,
+    params: Path,
+    sets: Sequence[str] | None,
+    flags: Mapping[str, Any] | None = None,
+    writes: Sequence[str] = (),
+    overlay: Any = None,
+) -> Iterator[Params]:
+    """``with stage(...) as p:`` -- the command's params (:func:`load`), and its body's bad
+    input as one line (:func:`one_line_errors`)."""
+    with one_line_errors():
+        yield load(ctx, params, sets, writes, overlay=overlay, **(flags or {}))
+
+
+def print_report(report: Any, out: str | Path) -> None:
+    """predict's and explain's report: failures on stderr, what was written; exit 1 if any failed."""
+    errors, done = report.describe(out)
+    if errors:
+        typer.echo(errors, err=True)
+    typer.echo(done)
+    if report.failed:
+        raise typer.Exit(1)
 
 
 def tracking_uri(p: Params) -> str:

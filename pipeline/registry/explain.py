@@ -20,7 +20,7 @@ from danet.head import DANetHead
 from danet.inference import to_input
 from danet.model import Segmenter
 from pipeline.artifacts.refs import LoadedModel
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, Params
 from pipeline.outputs import atomic_file, check_output, check_own
 from pipeline.pictures import ATTENTION_FIGURES
 from pipeline.registry.predict import PredictReport, expand_inputs, read_image
@@ -84,3 +84,17 @@ def explain_files(
             report.written.append(target)
         report.images += 1
     return report
+
+
+def explain_from_params(
+    p: Params, model: str, inputs: Sequence[Path], out: str, points: str, tracking_uri: str
+) -> PredictReport:
+    """``danet explain``: the pictures never land on a store; on predict.device."""
+    from pipeline.artifacts.refs import load_model
+    from pipeline.devices import pick_device
+    from pipeline.stores import check_outputs
+
+    check_outputs(p, {"--out": out})
+    queries = parse_points(points)
+    device = pick_device(p.predict.device, "predict.device")
+    return explain_files(load_model(model, tracking_uri), inputs, Path(out), queries, device)
