@@ -9,6 +9,7 @@ writes are checked against every store before anything runs (pipeline/stores.py)
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -192,8 +193,11 @@ def parse_scales(value: str | None) -> list[float] | None:
     if value is None:
         return None
     try:
-        return [float(v) for v in value.split(",") if v]
+        scales = [float(v) for v in value.split(",") if v]
     except ValueError:
+        scales = [math.nan]
+    if not all(map(math.isfinite, scales)):
         raise typer.BadParameter(
-            f"must be numbers separated by commas, got {value!r}", param_hint="--scales"
-        ) from None
+            f"must be finite numbers separated by commas, got {value!r}", param_hint="--scales"
+        )
+    return scales

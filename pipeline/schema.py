@@ -9,6 +9,7 @@ code, coerces YAML values to the annotated types and checks every rule, naming t
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -18,6 +19,15 @@ from typing import Any, ClassVar
 
 from pipeline.errors import ConfigError
 from pipeline.locations import check_name
+
+# Bounds of sizes (pixels), scales, seeds and search sizes: a value past them is a typo or an
+# attack, and would exhaust memory or time before the first result (a 16384-pixel side at 3
+# channels in fp32 is 3 GiB).
+MAX_SIDE = 16384  # an image side, a resize target
+MAX_CROP = 4096  # a training crop, a sliding window
+MAX_SCALE = 8.0  # a resize factor
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes no more
+MAX_TRIALS = 100_000  # a search's samples
 
 
 def check_names(value: Any, key: str) -> None:
@@ -47,6 +57,12 @@ class Section:
     """Base of every params section: coerces YAML values to the annotated types, checks rules."""
 
     NAME: ClassVar[str] = ""
+    KNOWN: ClassVar[dict[str, type[Section]]] = {}  # every section by NAME (pipeline/sections/)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.NAME:
+            Section.KNOWN[cls.NAME] = cls
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
@@ -88,7 +104,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            number = float(value) if abs(value) < 2**1000 else math.inf  # an int past a float
+            if not math.isfinite(number):  # .inf, .nan
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return number
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if hint in (int, str, bool) and (type(value) is not hint):
         raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}")

@@ -644,6 +644,65 @@ CASES = [
     Case(
         "hidden run name", [*TRAIN, "--set", "train.run_name=.x"], r"train.run_name '\.x': must be"
     ),
+    # issue 35: every number has a range (pipeline/schema.py MAX_*), checked before any work
+    Case(
+        "infinite shard size",
+        [*SHARD, "--set", "shard.max_size_mb=.inf"],
+        r"shard.max_size_mb must be a finite number, got inf",
+    ),
+    Case("NaN lr", [*TRAIN, "--set", "train.lr=.nan"], r"train.lr must be a finite number"),
+    Case(
+        "huge integer as a float",
+        [*TRAIN, "--set", f"train.grad_clip={10**400}"],
+        r"train.grad_clip must be a finite number",
+    ),
+    Case(
+        "huge evaluate scale",
+        [*EVALUATE, "--scales", "1,1e9"],
+        r"evaluate.scales\[1\] must be <= 8.0, got 1000000000.0",
+    ),
+    Case(
+        "infinite predict scale",
+        [*PREDICT, "--scales", "inf", "mine"],
+        r"Invalid value for --scales: must be finite numbers separated by commas, got 'inf'",
+    ),
+    Case(
+        "huge crop",
+        [*TRAIN, "--set", "data.crop_size=100000"],
+        r"data.crop_size must be <= 4096, got 100000",
+    ),
+    Case(
+        "huge base size",
+        [*EVALUATE, "--set", "evaluate.base_size=10000000"],
+        r"evaluate.base_size must be <= 16384",
+    ),
+    Case(
+        "base size x scale past memory",
+        [*EVALUATE, "--set", "evaluate.base_size=8192", "--scales", "1,4"],
+        r"evaluate.base_size 8192 x scale 4.0 is a 32768-pixel side",
+    ),
+    Case(
+        "stride larger than crop",
+        [
+            *EVALUATE,
+            "--set",
+            "evaluate.stride=600",
+            "--set",
+            "evaluate.crop=512",
+            "--mode",
+            "slide",
+        ],
+        r"evaluate.stride 600 is larger than evaluate.crop 512: .*unpredicted",
+    ),
+    Case("negative seed", [*TRAIN, "--set", "train.seed=-1"], r"train.seed must be >= 0, got -1"),
+    Case(
+        "seed past 2^32", [*TUNE, "--set", f"tune.seed={2**64}"], r"tune.seed must be <= 4294967295"
+    ),
+    Case(
+        "huge synthetic scenes",
+        [*SHARD, "--set", "synthetic.width=1000000"],
+        r"synthetic.width must be <= 16384",
+    ),
     Case(
         "run name with a space",
         [*TRAIN, "--set", "train.run_name=a b"],
