@@ -34,24 +34,29 @@ def _parse(path: Path, stamp: tuple[int, int]) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
 
-def _running(tree: ast.AST) -> Iterable[ast.AST]:
-    """Every node of ``tree`` except the bodies of ``if TYPE_CHECKING:``, which never run."""
+def _nodes(tree: ast.AST, type_checking: bool) -> Iterable[ast.AST]:
+    """Every node of ``tree``; the bodies of ``if TYPE_CHECKING:``, which never run, only with
+    ``type_checking``."""
     todo = [tree]
     while todo:
         node = todo.pop()
         yield node
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if (
+            not type_checking
+            and isinstance(node, ast.If)
+            and "TYPE_CHECKING" in ast.unparse(node.test)
+        ):
             todo += node.orelse
         else:
             todo += ast.iter_child_nodes(node)
 
 
-def imports(path: Path, root: Path = PROJECT) -> frozenset[str]:
-    """Every project module ``path`` imports, at module level or inside a function (not those
-    for type checkers only)."""
+def imports(path: Path, root: Path = PROJECT, type_checking: bool = False) -> frozenset[str]:
+    """Every project module ``path`` imports, at module level or inside a function; those for
+    type checkers only (which never run) with ``type_checking``."""
     stat = path.stat()
     found = set()
-    for node in _running(_parse(path, (stat.st_mtime_ns, stat.st_size))):
+    for node in _nodes(_parse(path, (stat.st_mtime_ns, stat.st_size)), type_checking):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.errors import ServiceError
 from pipeline.outputs import project_path
-
-if TYPE_CHECKING:
-    from pipeline.evaluation.record import Evaluation
 
 RUN_NAME_TAG = "danet.run_name"
 
@@ -293,10 +290,10 @@ def model_run(ref: str) -> tuple[str, str | None] | None:
     return run_id, uri.removeprefix("models:/") if uri else None
 
 
-def log_scores(uri: str, ref: str, evaluation: Evaluation) -> bool:
+def log_scores(uri: str, ref: str, metrics: Mapping[str, float], dataset: tuple[str, str]) -> bool:
     """Log an evaluation's scores into the model's run, linked to the logged model (MLflow 3
-    shows them on the model's page) and to the evaluated shards (the dataset the run lists
-    under that name and digest); False when the model has no MLflow run."""
+    shows them on the model's page) and to the evaluated shards (``dataset``: the name and
+    digest the run lists them under); False when the model has no MLflow run."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -306,12 +303,12 @@ def log_scores(uri: str, ref: str, evaluation: Evaluation) -> bool:
         return False
     run_id, model_id = found
     now = int(time.time() * 1000)
-    name, digest = evaluation.mlflow_dataset()
+    name, digest = dataset
     entries = [
         Metric(
             k, v, now, 0, model_id=model_id, run_id=run_id, dataset_name=name, dataset_digest=digest
         )
-        for k, v in evaluation.mlflow_metrics().items()
+        for k, v in metrics.items()
     ]
     client = MlflowClient(uri)  # the run keeps its status (mlflow.start_run would end it anew)
     for i in range(0, len(entries), 1000):

@@ -215,14 +215,6 @@ def train_transform(
     )
 
 
-def eval_transform(
-    image: np.ndarray, label: np.ndarray, mean: Sequence[float], std: Sequence[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole image, no augmentation: (3, H, W) float32 and (H, W) int64."""
-    img, mask = to_tensors(image, label)
-    return normalize(img, mean, std), mask.long()
-
-
 def largest_side(h: int, w: int, p: DataParams) -> int:
     """The largest side ``scaled_size`` can give an image of (h, w)."""
     return max(size_range(h, w, p)[1])

@@ -219,7 +219,9 @@ def log_to_model(evaluation: Evaluation, ref: str, tracking_uri: str) -> None:
     from pipeline.artifacts.tracking import log_scores
 
     try:
-        if not log_scores(tracking_uri, ref, evaluation):
+        if not log_scores(
+            tracking_uri, ref, evaluation.mlflow_metrics(), evaluation.mlflow_dataset()
+        ):
             log.info("%s has no MLflow run: the scores are in metrics.json only", ref)
     except Exception as err:  # MLflow down: the report is written all the same
         log.warning("MLflow unreachable (%s): the scores are in metrics.json only", first_line(err))

@@ -183,7 +183,12 @@ def log_into_run(
             weights, read_model_info(weights), evaluation.miou, onnx, digests, name
         )
     client.set_terminated(run_id, status)  # leaving start_run marked it FINISHED
-    log_scores(mlflow.get_tracking_uri(), str(info.model_uri), evaluation)
+    log_scores(
+        mlflow.get_tracking_uri(),
+        str(info.model_uri),
+        evaluation.mlflow_metrics(),
+        evaluation.mlflow_dataset(),
+    )
     return str(info.model_uri)
 
 

@@ -10,7 +10,6 @@ import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from danet.inference import Protocol
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file, save_model_file
@@ -155,7 +154,3 @@ def log_outputs(job: TrainJob, out: Path, summary: RunSummary, tracking: MlflowP
             mlflow.log_artifact(str(out / "model.pt"))
         # in-training validation = the whole-image protocol (argmax of the logits)
         mlflow.set_tags({VAL_MIOU: f"{best[VAL_MIOU]:.4f}", "eval_protocol": Protocol().name})
-
-
-def summary_dict(summary: RunSummary) -> dict[str, Any]:
-    return asdict(summary)
