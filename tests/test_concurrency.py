@@ -198,10 +198,10 @@ def test_three_registers_at_once_crown_the_best(tmp_path: Path) -> None:
     versions = client.search_model_versions("name = 'danet-synthetic'")
     assert sorted(str(v.version) for v in versions) == ["1", "2", "3"]
     champion = client.get_model_version_by_alias("danet-synthetic", "champion")
-    assert champion.tags["val_miou"] == "0.700000"
+    assert champion.tags["eval_miou"] == "0.700000"
     registered = json.loads((tmp_path / "registered.json").read_text())
     assert registered["champion_version"] == str(champion.version)
-    assert registered["champion_val_miou"] == pytest.approx(0.7)
+    assert registered["champion_eval_miou"] == pytest.approx(0.7)
 
 
 @pytest.mark.slow

@@ -22,13 +22,13 @@ BASE = {
 
 
 def tags(miou: float, **changes: str) -> dict[str, str]:
-    return {**BASE, "val_miou": f"{miou:.6f}", **changes}
+    return {**BASE, "eval_miou": f"{miou:.6f}", **changes}
 
 
 @pytest.mark.parametrize(
     ("new", "alias", "reason"),
     [
-        (tags(0.6), CHAMPION, "val mIoU 0.6000 beats the champion's 0.5000"),
+        (tags(0.6), CHAMPION, "eval mIoU 0.6000 beats the champion's 0.5000"),
         (tags(0.5), CHALLENGER, "does not beat"),  # a tie does not move it
         (tags(0.4), CHALLENGER, "does not beat"),
         (tags(0.9, dataset="cityscapes"), CHALLENGER, "not comparable: the champion has dataset"),
@@ -60,6 +60,25 @@ def test_the_champions_model_registered_again_with_onnx_files_takes_over() -> No
     assert "served by torch,onnx,onnx-int8" in decide(torch_only, with_onnx)[1]
     assert decide(with_onnx, torch_only)[0] == CHALLENGER
     assert decide(torch_only, {**with_onnx, "source_run_id": "r2"})[0] == CHALLENGER  # a tie
+
+
+def test_a_champion_registered_before_the_rename_defends_its_val_miou_tag() -> None:
+    """Versions registered before ``eval_miou`` carry the same score as ``val_miou``: it still
+    defends the champion (pipeline/scores.py), and NaN never wins."""
+    old = {**BASE, "val_miou": "0.500000"}
+    assert decide(old, tags(0.5))[0] == CHALLENGER
+    assert decide(old, tags(0.6)) == (CHAMPION, "eval mIoU 0.6000 beats the champion's 0.5000")
+    assert decide(tags(0.5), tags(float("nan")))[0] == CHALLENGER
+
+
+def test_one_rule_for_best() -> None:
+    from pipeline.scores import beats, best
+
+    assert beats(0.6, 0.5) and not beats(0.5, 0.5) and not beats(float("nan"), None)
+    assert beats(0.1, None) and beats(0.1, float("nan"))
+    rows = [("a", 0.5), ("b", float("nan")), ("c", 0.7), ("d", 0.7)]
+    assert best(rows, lambda r: r[1]) == ("c", 0.7)  # the first on ties
+    assert best([("x", float("nan"))], lambda r: r[1]) is None
 
 
 def log_model(uri: str, dataset: str = "synthetic") -> str:
@@ -129,7 +148,7 @@ def test_register_moves_champion_only_on_a_win(tmp_path: Path) -> None:
     assert (won.version, won.alias, won.champion_version) == ("6", CHAMPION, "6")
     champion = client.get_model_version_by_alias("danet-synthetic", CHAMPION)
     assert (
-        champion.tags["val_miou"] == "0.550000"
+        champion.tags["eval_miou"] == "0.550000"
         and champion.tags["eval_protocol"] == "official-whole-flip"
     )
     assert {"dataset", "split", "data_sha256", "git_commit", "source_run_id"} <= set(champion.tags)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,10 @@ class ModelInfo:
     meta: dict[str, Any] = field(default_factory=dict)  # val_miou, iteration, mlflow_run_id, ...
 
     @property
-    def val_miou(self) -> float:
-        return float(self.meta.get("val_miou", 0.0))
+    def best_val_miou(self) -> float:
+        """The training run's own validation at its best evaluation (pipeline/scores.py); the
+        file keeps it as ``meta["val_miou"]``."""
+        return float(self.meta.get("val_miou", math.nan))
 
 
 def save_bytes(obj: Any, path: Path) -> None:

@@ -13,7 +13,6 @@ model under bf16 autocast on CUDA (the attention's energies stay fp32).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from pipeline.errors import DataError, first_line
 from pipeline.evaluation.record import REPORT, Evaluation
 from pipeline.outputs import atomic_dir, check_output, check_outside, check_own
 from pipeline.pictures import plot_confusion_matrix, prediction_grid, save_png, write_per_class_iou
+from pipeline.scores import best
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,22 @@ def protocol_of(params: EvaluateParams | PredictParams, mode: str = "") -> Proto
 
 
 def pick_model(ref: str, candidates: Sequence[str]) -> str:
-    """``auto`` -> the candidate model file with the best recorded (in-training) val mIoU."""
+    """``auto`` -> the candidate model file whose training run's own validation is best
+    (pipeline/scores.py: the first on ties)."""
     if ref != "auto":
         return ref
-    scored = [(read_model_info(c).val_miou, c) for c in candidates if Path(c).is_file()]
-    scored = [(score, c) for score, c in scored if math.isfinite(score)]
-    if not scored:
+    there = [c for c in candidates if Path(c).is_file()]
+    if not there:
         raise ConfigError(
             f"evaluate.model is auto but none of {', '.join(candidates)} exists (run danet train)"
         )
-    return max(scored)[1]
+    found = best(there, lambda c: read_model_info(c).best_val_miou)
+    if found is None:
+        raise ConfigError(
+            f"evaluate.model is auto but {', '.join(there)} record no validation score "
+            "(not trained here): name the model with evaluate.model"
+        )
+    return found
 
 
 def evaluate_model(

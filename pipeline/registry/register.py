@@ -35,11 +35,12 @@ from pipeline.registry.served import (
     usage,
 )
 from pipeline.schema import check_name
+from pipeline.scores import LEGACY_PROTOCOL_SCORE, PROTOCOL_SCORE, beats
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 COMPARABLE = ("dataset", "split", "data_sha256", "eval_protocol")  # tags that must be equal
-SAME_MODEL = ("source_run_id", "val_miou", *COMPARABLE)  # one model, one evaluation
+SAME_MODEL = ("source_run_id", PROTOCOL_SCORE, *COMPARABLE)  # one model, one evaluation
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,10 @@ class Registration:
     version: str
     alias: str
     reason: str
-    val_miou: float
+    eval_miou: float  # the evaluate stage's protocol score (pipeline/scores.py)
     eval_protocol: str
     champion_version: str
-    champion_val_miou: float
+    champion_eval_miou: float
     champion_uri: str
     runtimes: str = TORCH  # what the version serves: torch, onnx, onnx-int8 (params.runtime)
 
@@ -63,7 +64,7 @@ class Registration:
             f"{self.name} version {self.version} -> @{self.alias}: {self.reason}\n"
             f"serves: {self.runtimes.replace(',', ', ')} (request params.runtime)\n"
             f"champion: {self.champion_uri} (version {self.champion_version}, "
-            f"val mIoU {self.champion_val_miou:.4f})"
+            f"eval mIoU {self.champion_eval_miou:.4f})"
         )
 
 
@@ -80,7 +81,7 @@ def summary(p: Params, tracking_uri: str) -> str:
     return "\n".join(
         [
             f"champion: {result.champion_uri} = {result.name} version {result.champion_version}",
-            f"  val mIoU {result.champion_val_miou:.4f} ({result.eval_protocol})",
+            f"  eval mIoU {result.champion_eval_miou:.4f} on {result.eval_protocol} (danet evaluate)",
             f"  this run: version {result.version} -> @{result.alias} ({result.reason})",
             f"prediction overlays: {ev / REPORT['predictions']}",
             f"confusion matrix:    {ev / REPORT['confusion_matrix']}",
@@ -99,7 +100,7 @@ def version_tags(
         "split": evaluation.split,
         "data_sha256": evaluation.split_sha256,
         "eval_protocol": evaluation.protocol,
-        "val_miou": f"{evaluation.miou:.6f}",
+        PROTOCOL_SCORE: f"{evaluation.miou:.6f}",
         "git_commit": git_state()[0],
         "source_run_id": run_id,
         "runtimes": ",".join([TORCH, *onnx]),
@@ -111,14 +112,14 @@ def decide(champion_tags: dict[str, str] | None, tags: dict[str, str]) -> tuple[
     """``(alias, reason)`` for a new version with ``tags`` against the champion's tags."""
     if champion_tags is None:
         return CHAMPION, "no champion yet"
-    old = _score(champion_tags.get("val_miou"))
+    text = protocol_score(champion_tags)
+    old = _score(text)
     if not math.isfinite(old):  # registered before scores were checked: no score to defend
-        return (
-            CHAMPION,
-            f"the champion's val mIoU {champion_tags.get('val_miou')!r} is not a number",
-        )
+        return CHAMPION, f"the champion's eval mIoU {text!r} is not a number"
     same = tags.get("source_run_id") and all(
-        champion_tags.get(k) == tags.get(k) for k in SAME_MODEL
+        (protocol_score(champion_tags) if k == PROTOCOL_SCORE else champion_tags.get(k))
+        == tags.get(k)
+        for k in SAME_MODEL
     )
     if same:  # the champion's model and evaluation, registered again (with other ONNX files)
         had = set(champion_tags.get("runtimes", TORCH).split(","))
@@ -135,10 +136,15 @@ def decide(champion_tags: dict[str, str] | None, tags: dict[str, str]) -> tuple[
                 CHALLENGER,
                 f"not comparable: the champion has {key} {champion_tags.get(key)!r}, this {tags[key]!r}",
             )
-    new = float(tags["val_miou"])
-    if new > old:
-        return CHAMPION, f"val mIoU {new:.4f} beats the champion's {old:.4f}"
-    return CHALLENGER, f"val mIoU {new:.4f} does not beat the champion's {old:.4f}"
+    new = float(tags[PROTOCOL_SCORE])
+    if beats(new, old):
+        return CHAMPION, f"eval mIoU {new:.4f} beats the champion's {old:.4f}"
+    return CHALLENGER, f"eval mIoU {new:.4f} does not beat the champion's {old:.4f}"
+
+
+def protocol_score(tags: dict[str, str]) -> str | None:
+    """A version's eval mIoU tag (``val_miou`` on versions registered before it was renamed)."""
+    return tags.get(PROTOCOL_SCORE, tags.get(LEGACY_PROTOCOL_SCORE))
 
 
 def _score(text: str | None) -> float:
@@ -256,16 +262,17 @@ def _register(
         champion_version, champion_miou = str(version.version), evaluation.miou
     else:
         assert champion is not None and champion_tags is not None
-        champion_version, champion_miou = str(champion.version), float(champion_tags["val_miou"])
+        champion_version = str(champion.version)
+        champion_miou = _score(protocol_score(champion_tags))
     return Registration(
         name=name,
         version=str(version.version),
         alias=alias,
         reason=reason,
-        val_miou=evaluation.miou,
+        eval_miou=evaluation.miou,
         eval_protocol=evaluation.protocol,
         champion_version=champion_version,
-        champion_val_miou=champion_miou,
+        champion_eval_miou=champion_miou,
         champion_uri=f"models:/{name}@{CHAMPION}",
         runtimes=tags["runtimes"],
     )
@@ -275,6 +282,10 @@ def read_registration(path: Path) -> Registration:
     if not path.is_file():
         raise ConfigError(f"{path}: nothing registered yet (run dvc repro)")
     try:
-        return Registration(**json.loads(path.read_text()))
+        values = json.loads(path.read_text())
+        for old, new in (("val_miou", "eval_miou"), ("champion_val_miou", "champion_eval_miou")):
+            if isinstance(values, dict) and old in values:  # written before the rename
+                values[new] = values.pop(old)
+        return Registration(**values)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
         raise DataError(path, f"not written by danet register ({err})") from None

@@ -23,6 +23,7 @@ from pipeline.pictures import (
     save_png,
     write_per_class_iou,
 )
+from pipeline.scores import TRAINING_SCORE
 from pipeline.training.checkpoint import TrainState
 from pipeline.training.job import TrainJob, code_digest
 from pipeline.training.records import VAL_MIOU, EvalRecord, History
@@ -146,11 +147,12 @@ def log_outputs(job: TrainJob, out: Path, summary: RunSummary, tracking: MlflowP
 
     best = summary.best
     with tracking_uri(job.tracking_uri), mlflow.start_run(run_id=job.mlflow_run_id):
-        mlflow.log_metrics({"best_val_miou": best[VAL_MIOU], "best_iteration": best["iteration"]})
+        mlflow.log_metrics({TRAINING_SCORE: best[VAL_MIOU], "best_iteration": best["iteration"]})
         for name in OUTPUT_FILES:
             if (out / name).exists():
                 mlflow.log_artifact(str(out / name))
         if tracking.log_model:  # the weights only: loading them runs no code (weights_only)
             mlflow.log_artifact(str(out / "model.pt"))
-        # in-training validation = the whole-image protocol (argmax of the logits)
-        mlflow.set_tags({VAL_MIOU: f"{best[VAL_MIOU]:.4f}", "eval_protocol": Protocol().name})
+        # the run's own validation (pipeline/scores.py), by the whole-image protocol; the
+        # evaluate stage's score is eval_miou, under its eval_protocol, on the registry's version
+        mlflow.set_tags({TRAINING_SCORE: f"{best[VAL_MIOU]:.4f}", "val_protocol": Protocol().name})
