@@ -4,9 +4,17 @@ DANet (Fu et al., CVPR 2019, Sec. 3.1 and 4.1) removes the down-sampling of the 
 stages and dilates them instead, so the attention modules see a feature map of 1/8 the input size.
 The paper's multi-grid ("MG", Table 3) sets the last stage's three blocks to dilations (4, 8, 16).
 
-timm builds the network: `features_only` + `output_stride` give the dilated stages, and the
-``resnet*d`` models have the deep stem of mmsegmentation's V1c and the current official code, while
-plain ``resnet50``/``resnet101`` have the 7x7 stem of the original 2019 code.
+timm builds the network: `features_only` + `output_stride` give the dilated stages. The stems and
+downsampling differ between the variants, and released weights fit only their own one:
+
+- ``resnet50``/``resnet101``: the 7x7 stem of the paper's code (junfu1115/DANet v0.5.0) and
+  torchvision; a strided 1x1 conv downsamples.
+- ``resnet50c``/``resnet101c``: a deep stem of three 3x3 convs (32, 32, 64 channels), strided 1x1
+  downsampling: mmsegmentation's ResNetV1c, the backbone of its DANet configs.
+- ``resnet50s``/``resnet101s``: the deep stem at 64, 64, 128 channels, strided 1x1 downsampling: the
+  official code's ``deep_stem`` from v1.0.0 on.
+- ``resnet*d``: the deep stem at 32, 32, 64 and average-pool downsampling (timm's ResNet-D, which
+  also averages 2x2 in the dilated stages; mmsegmentation's V1d and the official resnet50d do not).
 """
 
 from __future__ import annotations
@@ -19,7 +27,18 @@ import timm
 import torch
 from torch import nn
 
-SUPPORTED_BACKBONES = ("resnet18d", "resnet34d", "resnet50d", "resnet101d", "resnet50", "resnet101")
+SUPPORTED_BACKBONES = (
+    "resnet18d",
+    "resnet34d",
+    "resnet50d",
+    "resnet101d",
+    "resnet50",
+    "resnet101",
+    "resnet50c",
+    "resnet101c",
+    "resnet50s",
+    "resnet101s",
+)
 
 
 class DilatedResNet(nn.Module):
