@@ -294,3 +294,18 @@ def summary(
     with stage(ctx, params, sets) as p:
         text = pipeline_summary(p, tracking_uri(p))
     typer.echo(text)
+
+
+@app.command("import-weights")
+def import_weights(
+    file: Annotated[Path, typer.Argument(help="their checkpoint (.pth)")],
+    source: Annotated[str, typer.Option("--from", help="official (junfu1115/DANet) or mmseg")],
+    out: Annotated[Path, typer.Option(help="the model.pt to write (replaced atomically)")],
+    dataset: Annotated[str | None, opt("class names: cityscapes, voc, ade20k, ...")] = None,
+    multi_grid: Annotated[str | None, opt("last stage's dilations: 4,8,16 or none")] = None,
+) -> None:
+    """Released DANet weights (official code or mmsegmentation) -> a model.pt the stages load."""
+    from pipeline.artifacts.importweights import import_weights as run
+
+    with one_line_errors():
+        typer.echo(run(source, file, out, dataset, multi_grid).describe())
