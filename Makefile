@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo test test-fast lint readme-check ui-check bench-attention bench-train gpu-bundle clean
+.PHONY: install demo params test test-fast lint readme-check ui-check bench-attention bench-train gpu-bundle clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ demo: $(STAMP)
 	@git rev-parse --git-dir >/dev/null 2>&1 || git init -q
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 	$(VENV)/bin/danet summary
+
+# A preset (configs/NAME.yaml: what differs from params.yaml) written out as a complete params.yaml,
+# which `dvc repro` reads: make params PRESET=cityscapes. `git checkout params.yaml` is the demo's.
+# Written to a temporary file first: an unknown preset leaves params.yaml as it was.
+params: $(STAMP)
+	@test -n "$(PRESET)" || { echo "usage: make params PRESET=NAME (configs/NAME.yaml)" >&2; exit 2; }
+	$(PY) -m pipeline.presets $(PRESET) > params.yaml.tmp && mv params.yaml.tmp params.yaml \
+	  || { rm -f params.yaml.tmp; exit 2; }
 
 # Fast tests first (seconds, TEST_WORKERS processes through pytest-xdist), then the slow
 # end-to-end ones (minutes) one at a time: each trains on every core, two at once only compete

@@ -11,9 +11,11 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.config import SECTIONS, ConfigError, Params, load_params
 from pipeline.data.readers import READERS
 from pipeline.paramsfile import read_yaml
+from pipeline.presets import main as presets_main
+from pipeline.presets import params_yaml, preset_params_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -65,13 +67,8 @@ def test_every_paper_dataset_has_a_preset() -> None:
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
-def test_preset_is_valid_and_complete(path: Path) -> None:
+def test_preset_is_valid(path: Path) -> None:
     p = load_params(preset=path.stem)
-    default = read_yaml(ROOT / "params.yaml")
-    for name, values in read_yaml(path).items():
-        assert set(values) == set(default[name]), (
-            f"{path.name}: {name} keys differ from params.yaml"
-        )
     assert p.shard.dataset in READERS and p.shard.root
     assert p.model.num_classes == CLASSES[p.shard.dataset]
     p.model.to_danet_config(CLASSES[p.shard.dataset])  # backbone, grid
@@ -84,6 +81,72 @@ def test_preset_is_valid_and_complete(path: Path) -> None:
         "data/shards",
         "outputs/train",
     )
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_holds_only_what_differs(path: Path) -> None:
+    """A preset is an overlay: every key in it is a known param whose value differs from
+    params.yaml's (a mapping such as tune.space is given whole and replaces the default's)."""
+    default, loaded = Params(), load_params(preset=path.stem)
+    redundant = []
+    for name, values in read_yaml(path).items():
+        assert name in SECTIONS and isinstance(values, dict) and values, f"{path.name}: {name}"
+        known = {f.name for f in dataclasses.fields(getattr(default, name))}
+        for key in values:
+            assert key in known, f"{path.name}: {name}.{key} is not a known param"
+            if getattr(getattr(loaded, name), key) == getattr(getattr(default, name), key):
+                redundant.append(f"{name}.{key}")
+    assert not redundant, f"{path.name} repeats params.yaml's values: {redundant}"
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_values_name_their_source(path: Path) -> None:
+    """Each value line says where it comes from: ``# paper|official|mmseg|measured|dataset|ours``."""
+    unsourced = [
+        f"{path.name}:{number}: {line.strip()}"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if line.startswith(" ")
+        and not line.lstrip().startswith("#")
+        and not re.search(r"\s#\s(paper|official|mmseg|measured|dataset|ours)\b", line)
+    ]
+    assert not unsourced, f"values without a source: {unsourced}"
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_writes_a_complete_params_file(path: Path, tmp_path: Path) -> None:
+    """``python -m pipeline.presets NAME > params.yaml`` (make params): every key dvc.yaml may
+    list, with the preset's header; it loads to the preset's params."""
+    out = tmp_path / "params.yaml"
+    out.write_text(preset_params_yaml(path.stem))
+    default = read_yaml(ROOT / "params.yaml")
+    written = read_yaml(out)
+    assert list(written) == list(default)
+    for name in default:
+        assert set(written[name]) == set(default[name]), name
+    assert load_params(out) == load_params(preset=path.stem)
+    assert path.read_text().split("\n\n", 1)[0] in out.read_text()
+
+
+def test_params_yaml_written_from_the_defaults_is_params_yaml(tmp_path: Path) -> None:
+    out = tmp_path / "params.yaml"
+    out.write_text(params_yaml(Params()))
+    assert load_params(out) == Params() == load_params(ROOT / "params.yaml")
+
+
+def test_presets_module_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert presets_main(["kitti"]) == 2
+    assert "error: --preset kitti: no such preset" in capsys.readouterr().err
+    assert presets_main([]) == 2
+    assert presets_main(["camvid"]) == 0
+    assert "dataset: camvid" in capsys.readouterr().out
+
+
+def test_a_partial_params_file_takes_the_defaults(tmp_path: Path) -> None:
+    """``--params FILE`` with some keys (or sections) only: the rest are params.yaml's."""
+    path = tmp_path / "p.yaml"
+    path.write_text("train: {lr: 0.02}\n")
+    expected = dataclasses.replace(Params(), train=dataclasses.replace(Params().train, lr=0.02))
+    assert load_params(path) == expected
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
