@@ -4,7 +4,9 @@ both on 127.0.0.1; tiny synthetic shards; model files as training writes them.""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,15 +16,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from danet import DANetConfig, build_danet
 from pipeline.artifacts.modelfile import ModelInfo, save_model_file
-from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams
+from pipeline.config import DataParams, MlflowParams, ModelParams, RegisterParams, TrainParams
 from pipeline.data.manifest import load_manifest
+from pipeline.data.readers.base import bitwise_palette
 from pipeline.data.readers.synthetic import SyntheticReader
 from pipeline.data.shard import shard_dataset
+from pipeline.training.checkpoint import TrainState, load_checkpoint
 
 
 def takes_ctrl_c() -> None:
@@ -266,3 +272,160 @@ def evaluation_record(model_uri: str, miou: float, **changes: Any) -> Any:
         "images": 4,
     }
     return Evaluation(**{**fields, **changes})
+
+
+def billion_laughs() -> str:
+    """Nine anchors, each a list of nine aliases to the one before: 9**9 values in ~600 bytes."""
+    lists = ["&a [" + ", ".join(["lol"] * 9) + "]"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lists.append(f"&{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "train:\n  lr: [" + ",\n    ".join(lists) + "]\n"
+
+
+BILLION_LAUGHS = billion_laughs()
+
+
+def run_bench(script: str, *args: str) -> str:
+    command = [sys.executable, str(ROOT / "bench" / script), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def synthetic(n_train: int = 7, n_val: int = 3) -> SyntheticReader:
+    return SyntheticReader(num_samples={"train": n_train, "val": n_val}, width=64, height=48)
+
+
+def latest_state(storage: Path, run_name: str) -> TrainState:
+    checkpoints = sorted(p for p in (storage / run_name).glob("checkpoint_*") if p.is_dir())
+    return load_checkpoint(checkpoints[-1])[0]
+
+
+def stop_after_checkpoints(command: list[str], tmp: Path, sig: signal.Signals, more: int) -> int:
+    """Run ``command`` until ``more`` checkpoints past the current newest exist, send ``sig``;
+    the iteration of the newest checkpoint when it stopped."""
+    run_dir = tmp / "ray" / "signals"
+
+    def newest() -> int:
+        done = [
+            json.loads(p.read_text())["iteration"]
+            for p in run_dir.glob("checkpoint_*/progress.json")
+        ]
+        return max(done, default=0)
+
+    start, env = newest(), {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = tmp / f"{sig.name}.log"
+    with open(log, "w") as output:  # a file: a full pipe would block the driver
+        process = subprocess.Popen(
+            command, cwd=tmp, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 300
+        while newest() < start + more:
+            alive = process.poll() is None and time.monotonic() < deadline
+            assert alive, log.read_text()[-3000:]
+            time.sleep(0.2)
+        process.send_signal(sig)
+        process.wait(timeout=120)
+    if sig != signal.SIGKILL:  # stopped, not killed: one line and the interrupt's exit code
+        assert process.returncode in (1, 130, 128 + sig), log.read_text()[-3000:]
+    if start:
+        resumed = re.search(r"resumed at iteration (\d+)", log.read_text())
+        assert resumed and int(resumed.group(1)) >= start - 1, log.read_text()[-3000:]
+    return newest()
+
+
+BARE = ("onnxruntime", "numpy", "numpy.libs", "PIL", "pillow.libs")  # and nothing else
+
+
+def readme_python() -> str:
+    """The README's one ```python block: running an exported file without torch or the project."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = re.findall(r"<!-- readme-check: bare python -->\n```python\n(.*?)```", readme, re.S)
+    return block
+
+
+def run_bare_python(code: str, cwd: Path, tmp: Path) -> str:
+    """``code`` in a Python that sees the standard library, onnxruntime, numpy and pillow only:
+    no site-packages (``-I -S``), one folder on the path holding links to those three."""
+    import site
+    import subprocess
+    import sys
+
+    packages = Path(site.getsitepackages()[0])
+    bare = tmp / "bare-site"
+    bare.mkdir(exist_ok=True)
+    for name in BARE:
+        if (packages / name).exists() and not (bare / name).exists():
+            (bare / name).symlink_to(packages / name)
+    prelude = (
+        f"import sys; sys.path.insert(0, {str(bare)!r})\n"
+        "for name in ('torch', 'danet', 'pipeline', 'mlflow', 'onnx'):\n"
+        "    try:\n"
+        "        __import__(name)\n"
+        "    except ImportError:\n"
+        "        continue\n"
+        "    raise SystemExit(f'{name} is importable: not a bare Python')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", prelude + code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def write_image(path: Path, w: int = 8, h: int = 6, fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path, format=fmt)
+
+
+def write_label(path: Path, values: np.ndarray, palette: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(values.astype(np.uint8), mode="L")
+    if palette:
+        im = im.convert("P")
+        im.putpalette([v for c in bitwise_palette(256) for v in c])
+    im.save(path)
+
+
+def label_grid(values: list[int], h: int = 6, w: int = 8) -> np.ndarray:
+    return np.resize(np.array(values, dtype=np.uint8), (h, w))
+
+
+def log_model(uri: str, dataset: str = "synthetic") -> str:
+    """A tiny logged model (with a run) as training logs it; returns its model URI."""
+    import mlflow
+    import torch
+
+    from pipeline.artifacts.tracking import tracking_uri
+
+    metadata = {"classes": ["a", "b"], "palette": [[0, 0, 0], [255, 255, 255]], "dataset": dataset}
+    with tracking_uri(uri):
+        use_experiment(uri, dataset)
+        with mlflow.start_run() as run:
+            mlflow.pytorch.log_model(
+                torch.nn.Conv2d(3, 2, 1),
+                name="model",
+                serialization_format="pickle",
+                metadata=metadata,
+                pip_requirements=["torch"],  # not inferred: that imports the model in a subprocess
+            )
+        found = mlflow.search_logged_models(
+            filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"
+        )
+    return str(found[0].model_uri)
+
+
+def evaluation(tmp: Path, uri: str, miou: float, **changes: str) -> RegisterParams:
+    """An evaluation of a freshly logged model, as danet evaluate writes it."""
+    model_uri = log_model(uri)
+    record = evaluation_record(model_uri, miou, **changes)
+    path = tmp / f"eval-{model_uri.rsplit('/', 1)[-1]}.json"
+    path.write_text(record.to_json())
+    return RegisterParams(eval_metrics=str(path), out=str(tmp / "registered.json"))

@@ -34,8 +34,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from tests.conftest import takes_ctrl_c, use_experiment, write_model_file
-from tests.test_datasets import label_grid, write_image, write_label
+from tests.conftest import (
+    BILLION_LAUGHS,
+    label_grid,
+    takes_ctrl_c,
+    use_experiment,
+    write_image,
+    write_label,
+    write_model_file,
+)
 
 runner = CliRunner()
 Setup = Callable[[Path], None]
@@ -350,17 +357,6 @@ def full_disk(path: str, read_only: bool = False) -> Setup:
 
 def params_text(text: str | bytes) -> Setup:
     return write("bad.yaml", text)
-
-
-def billion_laughs() -> str:
-    """Nine anchors, each a list of nine aliases to the one before: 9**9 values in ~600 bytes."""
-    lists = ["&a [" + ", ".join(["lol"] * 9) + "]"]
-    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
-        lists.append(f"&{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
-    return "train:\n  lr: [" + ",\n    ".join(lists) + "]\n"
-
-
-BILLION_LAUGHS = billion_laughs()
 
 
 SHARD = ["shard", "--params", "params.yaml"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAMVID, ROOT, mean_of
+from tests.conftest import CAMVID, ROOT, mean_of, run_bench
 
 
 def time_to_accuracy(shards: Path, *args: str) -> dict:
@@ -76,13 +76,6 @@ def test_time_to_accuracy_on_camvid(tmp_path: Path) -> None:
     assert line["iterations"] == 3
     assert line["val"]["miou"] == pytest.approx(mean_of(line["val"]["iou_per_class"]))
     assert line["protocol"] == "official-base120-whole-flip"
-
-
-def run_bench(script: str, *args: str) -> str:
-    command = [sys.executable, str(ROOT / "bench" / script), *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
 
 
 @pytest.mark.slow

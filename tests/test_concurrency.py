@@ -61,11 +61,10 @@ def test_a_waiting_holder_gets_the_lock_when_it_is_released(tmp_path: Path) -> N
     thread = threading.Thread(target=first)
     thread.start()
     held.wait(10)
-    start = time.monotonic()
     with exclusive(location, "second", wait=True):
         order.append("second in")
     thread.join()
-    assert order == ["first done", "second in"] and time.monotonic() - start >= 0.3
+    assert order == ["first done", "second in"]  # the second waited for the first's release
 
 
 def test_a_killed_holder_leaves_nothing_locked(tmp_path: Path) -> None:
@@ -180,7 +179,7 @@ def test_three_registers_at_once_crown_the_best(tmp_path: Path) -> None:
     and registered.json (written last) names that champion."""
     from mlflow.tracking import MlflowClient
 
-    from tests.test_registry import evaluation
+    from tests.conftest import evaluation
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     evals = {miou: evaluation(tmp_path, uri, miou).eval_metrics for miou in (0.5, 0.7, 0.6)}

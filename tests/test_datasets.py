@@ -9,30 +9,10 @@ import pytest
 from PIL import Image
 
 from pipeline.data.readers import READERS, Reader, make_reader
-from pipeline.data.readers.base import bitwise_palette
 from pipeline.data.readers.scene import render_scene
 from pipeline.data.readers.synthetic import SyntheticReader
 from pipeline.errors import ConfigError, DataError
-from tests.conftest import CAMVID
-
-
-def write_image(path: Path, w: int = 8, h: int = 6, fmt: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(path, format=fmt)
-
-
-def write_label(path: Path, values: np.ndarray, palette: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(values.astype(np.uint8), mode="L")
-    if palette:
-        im = im.convert("P")
-        im.putpalette([v for c in bitwise_palette(256) for v in c])
-    im.save(path)
-
-
-def label_grid(values: list[int], h: int = 6, w: int = 8) -> np.ndarray:
-    return np.resize(np.array(values, dtype=np.uint8), (h, w))
+from tests.conftest import CAMVID, label_grid, write_image, write_label
 
 
 def read_all(reader: Reader, split: str) -> dict[str, np.ndarray]:

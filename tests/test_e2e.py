@@ -175,7 +175,7 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     assert (repo / "dvc_plots" / "index.html").is_file()
     # The champion's INT8 ONNX file (the README's `danet export`) in a Python that has only
     # onnxruntime, numpy and pillow: the README's block, as written
-    from tests.test_export import readme_python, run_bare_python
+    from tests.conftest import readme_python, run_bare_python
 
     printed = run_bare_python(readme_python(), repo, tmp_path)
     assert (repo / "street_mask.png").is_file() and "{" in printed

@@ -259,7 +259,7 @@ def test_corrupt_checkpoint_is_one_line(tiny_shards: Path, tmp_path: Path) -> No
 def test_class_mismatch_and_unknown_registry_uri(tiny_shards: Path, tmp_path: Path) -> None:
     from pipeline.data.readers import make_reader
     from pipeline.data.shard import shard_dataset
-    from tests.test_datasets import write_image, write_label
+    from tests.conftest import write_image, write_label
 
     # a 2-class folder dataset: the 11-class model does not fit it
     root = tmp_path / "folder"

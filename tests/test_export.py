@@ -25,7 +25,7 @@ from pipeline.config import EvaluateParams, ExportParams
 from pipeline.data.manifest import load_manifest
 from pipeline.data.readers.scene import render_scene
 from pipeline.evaluation.evaluate import run_evaluation
-from tests.conftest import synthetic_shards, write_model_file
+from tests.conftest import readme_python, run_bare_python, synthetic_shards, write_model_file
 
 PROTOCOLS = {
     "whole": Protocol(mode="whole"),
@@ -272,51 +272,6 @@ def test_int8_val_miou_is_within_one_point_of_float(tmp_path: Path) -> None:
     print(json.dumps({"miou": scores}))  # pytest -s shows it (BENCHMARKS.md)
     assert scores["none"] > 0.25, scores  # it learned something
     assert scores["int8"] >= scores["none"] - 0.01, scores
-
-
-BARE = ("onnxruntime", "numpy", "numpy.libs", "PIL", "pillow.libs")  # and nothing else
-
-
-def readme_python() -> str:
-    """The README's one ```python block: running an exported file without torch or the project."""
-    import re
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    (block,) = re.findall(r"<!-- readme-check: bare python -->\n```python\n(.*?)```", readme, re.S)
-    return block
-
-
-def run_bare_python(code: str, cwd: Path, tmp: Path) -> str:
-    """``code`` in a Python that sees the standard library, onnxruntime, numpy and pillow only:
-    no site-packages (``-I -S``), one folder on the path holding links to those three."""
-    import site
-    import subprocess
-    import sys
-
-    packages = Path(site.getsitepackages()[0])
-    bare = tmp / "bare-site"
-    bare.mkdir(exist_ok=True)
-    for name in BARE:
-        if (packages / name).exists() and not (bare / name).exists():
-            (bare / name).symlink_to(packages / name)
-    prelude = (
-        f"import sys; sys.path.insert(0, {str(bare)!r})\n"
-        "for name in ('torch', 'danet', 'pipeline', 'mlflow', 'onnx'):\n"
-        "    try:\n"
-        "        __import__(name)\n"
-        "    except ImportError:\n"
-        "        continue\n"
-        "    raise SystemExit(f'{name} is importable: not a bare Python')\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", prelude + code],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
 
 
 def test_the_readme_runs_an_exported_file_with_onnxruntime_numpy_and_pillow_alone(

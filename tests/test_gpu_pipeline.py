@@ -28,8 +28,7 @@ from pipeline.training.driver import run_training, worker_resources
 from pipeline.training.job import prepare_job
 from pipeline.training.results import RunSummary
 from pipeline.training.trial import trial_train
-from tests.conftest import tiny_params
-from tests.test_train import latest_state, stop_after_checkpoints
+from tests.conftest import latest_state, stop_after_checkpoints, tiny_params
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ON_GPU = {"use_gpu": True}

@@ -22,8 +22,7 @@ from pipeline.data.shard import shard_dataset
 from pipeline.errors import DataError
 from pipeline.training.loop import to_device
 from pipeline.training.prefetch import Prefetcher
-from tests.conftest import DEVICES, tiny_params
-from tests.test_shard_loader import synthetic
+from tests.conftest import DEVICES, synthetic, tiny_params
 
 CPU = torch.device("cpu")
 

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import ConfigError, RegisterParams
 from pipeline.registry.register import CHALLENGER, CHAMPION, decide, register
-from tests.conftest import evaluation_record, use_experiment
+from tests.conftest import evaluation, evaluation_record, use_experiment
 
 BASE = {
     "dataset": "synthetic",
@@ -79,39 +79,6 @@ def test_one_rule_for_best() -> None:
     rows = [("a", 0.5), ("b", float("nan")), ("c", 0.7), ("d", 0.7)]
     assert best(rows, lambda r: r[1]) == ("c", 0.7)  # the first on ties
     assert best([("x", float("nan"))], lambda r: r[1]) is None
-
-
-def log_model(uri: str, dataset: str = "synthetic") -> str:
-    """A tiny logged model (with a run) as training logs it; returns its model URI."""
-    import mlflow
-    import torch
-
-    from pipeline.artifacts.tracking import tracking_uri
-
-    metadata = {"classes": ["a", "b"], "palette": [[0, 0, 0], [255, 255, 255]], "dataset": dataset}
-    with tracking_uri(uri):
-        use_experiment(uri, dataset)
-        with mlflow.start_run() as run:
-            mlflow.pytorch.log_model(
-                torch.nn.Conv2d(3, 2, 1),
-                name="model",
-                serialization_format="pickle",
-                metadata=metadata,
-                pip_requirements=["torch"],  # not inferred: that imports the model in a subprocess
-            )
-        found = mlflow.search_logged_models(
-            filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"
-        )
-    return str(found[0].model_uri)
-
-
-def evaluation(tmp: Path, uri: str, miou: float, **changes: str) -> RegisterParams:
-    """An evaluation of a freshly logged model, as danet evaluate writes it."""
-    model_uri = log_model(uri)
-    record = evaluation_record(model_uri, miou, **changes)
-    path = tmp / f"eval-{model_uri.rsplit('/', 1)[-1]}.json"
-    path.write_text(record.to_json())
-    return RegisterParams(eval_metrics=str(path), out=str(tmp / "registered.json"))
 
 
 def champion_version(uri: str) -> str:

@@ -18,17 +18,11 @@ from pipeline.data.augment import train_transform
 from pipeline.data.loader import EvalStream, TrainStream, read_shard, train_loader
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
 from pipeline.data.readers import make_reader
-from pipeline.data.readers.synthetic import SyntheticReader
 from pipeline.data.shard import shard_dataset
 from pipeline.errors import DataError
-from tests.conftest import CAMVID
-from tests.test_datasets import label_grid, write_image, write_label
+from tests.conftest import CAMVID, label_grid, synthetic, write_image, write_label
 
 runner = CliRunner()
-
-
-def synthetic(n_train: int = 7, n_val: int = 3) -> SyntheticReader:
-    return SyntheticReader(num_samples={"train": n_train, "val": n_val}, width=64, height=48)
 
 
 def digest(directory: Path) -> dict[str, str]:

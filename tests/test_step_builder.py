@@ -132,7 +132,7 @@ def test_time_to_accuracy_trains_the_sessions_step(
 def test_train_step_matrix_and_profile_run_at_a_tiny_size() -> None:
     """bench/gpu.sh speed's commands on the CPU at a tiny size: every matrix row prints its
     images/s and MFU (against the CPU's measured peak), and the profile prints its table."""
-    from tests.test_bench import run_bench
+    from tests.conftest import run_bench
 
     common = ["--no-ray", "--crop", "32", "--batch", "2", "--steps", "1"]
     table = run_bench("train_step.py", *common, "--matrix", "--no-compile")

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,11 +21,11 @@ from pipeline.artifacts.refs import load_model
 from pipeline.cli import app
 from pipeline.config import ConfigError, DataParams, MlflowParams, ModelParams, TrainParams
 from pipeline.errors import DataError, TrainingError
-from pipeline.training.checkpoint import TrainState, load_checkpoint
+from pipeline.training.checkpoint import TrainState
 from pipeline.training.driver import run_training
 from pipeline.training.job import prepare_job
 from pipeline.training.results import RunSummary
-from tests.conftest import synthetic_shards, tiny_params
+from tests.conftest import latest_state, stop_after_checkpoints, synthetic_shards, tiny_params
 
 runner = CliRunner()
 Configs = tuple[ModelParams, DataParams, TrainParams, MlflowParams]
@@ -50,11 +49,6 @@ def configs(shards: Path, tmp: Path, **train: object) -> Configs:
         "seed": 3,
     }
     return tiny_params(tmp, shards, train={**values, **train}, mlflow={"num_prediction_images": 2})
-
-
-def latest_state(storage: Path, run_name: str) -> TrainState:
-    checkpoints = sorted(p for p in (storage / run_name).glob("checkpoint_*") if p.is_dir())
-    return load_checkpoint(checkpoints[-1])[0]
 
 
 def assert_same_weights(a: TrainState, b: TrainState) -> None:
@@ -279,39 +273,6 @@ def train_command(tmp: Path, shards: Path, **train: object) -> list[str]:
         "--params",
         str(tmp / "params.yaml"),
     ]
-
-
-def stop_after_checkpoints(command: list[str], tmp: Path, sig: signal.Signals, more: int) -> int:
-    """Run ``command`` until ``more`` checkpoints past the current newest exist, send ``sig``;
-    the iteration of the newest checkpoint when it stopped."""
-    run_dir = tmp / "ray" / "signals"
-
-    def newest() -> int:
-        done = [
-            json.loads(p.read_text())["iteration"]
-            for p in run_dir.glob("checkpoint_*/progress.json")
-        ]
-        return max(done, default=0)
-
-    start, env = newest(), {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = tmp / f"{sig.name}.log"
-    with open(log, "w") as output:  # a file: a full pipe would block the driver
-        process = subprocess.Popen(
-            command, cwd=tmp, env=env, stdout=output, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 300
-        while newest() < start + more:
-            alive = process.poll() is None and time.monotonic() < deadline
-            assert alive, log.read_text()[-3000:]
-            time.sleep(0.2)
-        process.send_signal(sig)
-        process.wait(timeout=120)
-    if sig != signal.SIGKILL:  # stopped, not killed: one line and the interrupt's exit code
-        assert process.returncode in (1, 130, 128 + sig), log.read_text()[-3000:]
-    if start:
-        resumed = re.search(r"resumed at iteration (\d+)", log.read_text())
-        assert resumed and int(resumed.group(1)) >= start - 1, log.read_text()[-3000:]
-    return newest()
 
 
 @pytest.mark.slow
