@@ -1,12 +1,6 @@
-"""The ``danet`` command: one sub-command per pipeline stage (``danet --help`` lists them).
-
-Every command reads its params the same way (pipeline/command.py): ``--params FILE`` (default
-params.yaml) or ``danet --preset NAME`` (configs/<name>.yaml), then ``--set section.key=value``
-overrides, then the command's own options, which are shorthands for ``--set``. Each command
-parses, calls its stage's core function and prints what that returns: no stage logic here. A
-``PipelineError`` (bad input, an unreachable service) prints one line and exits 2 (a lost
-training worker: 1); any other exception is a bug and keeps its traceback.
-"""
+"""The ``danet`` command: one sub-command per pipeline stage (``danet --help`` lists them). Each
+parses its params (pipeline/command.py: file or preset, ``--set``, its options), calls its
+stage's core function and prints what that returns: no stage logic here."""
 
 from __future__ import annotations
 
@@ -123,8 +117,7 @@ def train(
     with one_line_errors():
         overlay, tags = read_refit(refit) if refit is not None else (None, {})
     flags = {"train.ray_address": address, "train.run_name": run_name}
-    writes = ("train.out", "train.storage_path")
-    with stage(ctx, params, sets, flags, writes, overlay) as p:
+    with stage(ctx, params, sets, flags, ("train.out", "train.storage_path"), overlay) as p:
         summary = run_training(p.model, p.data, p.train, p.mlflow, restart=restart, tags=tags)
     typer.echo(summary.describe())
 
@@ -142,8 +135,8 @@ def tune(
     from pipeline.training.search import run_search
 
     with stage(ctx, params, sets, writes=("tune.out", "train.storage_path")) as p:
-        summary = run_search(p.model, p.data, p.train, p.mlflow, p.tune, restart=restart)
-    typer.echo(summary.describe(p.tune.out))
+        found = run_search(p.model, p.data, p.train, p.mlflow, p.tune, restart)
+    typer.echo(found.describe(p.tune.out))
 
 
 @app.command()
@@ -192,8 +185,7 @@ def register(
         "register.onnx": split_list(onnx),
     }
     with stage(ctx, params, sets, flags, ("register.out",)) as p:
-        result = do_register(p.register, tracking_uri(p))
-    typer.echo(result.describe())
+        typer.echo(do_register(p.register, tracking_uri(p)).describe())
 
 
 @app.command()
@@ -216,9 +208,7 @@ def predict(
     flip: FlipOption = None,
 ) -> None:
     """Images, folders or a split of shards -> label maps, as pictures or as a benchmark server
-    reads them (params: predict; protocols as evaluate's: predict.mode, scales, flip, ...).
-
-    A file that is not a readable image is listed and skipped (exit 1 after the others)."""
+    reads them (params: predict, evaluate's protocols); unreadable files are listed (exit 1)."""
     from pipeline.registry.predict import predict_from_params
 
     flags = {
@@ -280,8 +270,7 @@ def export(
         "export.attention": attention,
     }
     with stage(ctx, params, sets, flags, ("export.out",)) as p:
-        result = export_model(p.export, tracking_uri(p))
-    typer.echo(result.describe())
+        typer.echo(export_model(p.export, tracking_uri(p)).describe())
 
 
 @app.command()
@@ -292,8 +281,7 @@ def summary(
     from pipeline.registry.register import summary as pipeline_summary
 
     with stage(ctx, params, sets) as p:
-        text = pipeline_summary(p, tracking_uri(p))
-    typer.echo(text)
+        typer.echo(pipeline_summary(p, tracking_uri(p)))
 
 
 @app.command("import-weights")
