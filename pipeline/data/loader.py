@@ -32,12 +32,12 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 if TYPE_CHECKING:
     from pipeline.config import DataParams
 
+from pipeline import images
 from pipeline.data.augment import Draw, apply_image, apply_label, draw, normalize
 from pipeline.data.manifest import ShardRef
 from pipeline.data.storage import open_binary
@@ -52,6 +52,11 @@ class RawSample:
     image: bytes
     image_format: str  # jpg or png
     label: bytes  # single-channel PNG of train ids; b"" in an images-only shard
+    shard: str = ""  # the shard's URL: where a bad sample is reported
+
+    @property
+    def where(self) -> str:
+        return f"{self.shard}:{self.key}" if self.shard else self.key
 
 
 class _Hashing(io.RawIOBase):
@@ -114,24 +119,33 @@ def _sample(key: str, files: dict[str, bytes], url: str, labelled: bool) -> RawS
     if fmt is None or (labelled and "seg.png" not in files):
         raise DataError(url, f"sample {key} lacks an image or seg.png")
     label = files.get("seg.png", b"") if labelled else b""
-    return RawSample(key, files[fmt], "jpg" if fmt == "jpeg" else fmt, label)
+    return RawSample(key, files[fmt], "jpg" if fmt == "jpeg" else fmt, label, url)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.array(im.convert("RGB"))
+def decode_image(data: bytes, where: str = "image") -> np.ndarray:
+    """A shard's image -> (H, W, 3) uint8 by the one decoder (pipeline/images.py), as stored:
+    ``danet shard`` stored it upright, and nvJPEG reads no EXIF either. A truncated, oversized
+    or unsupported image is a ``DataError`` naming ``where`` (shard:key)."""
+    try:
+        return images.decode_rgb(data, ("PNG", "JPEG"), exif=False)
+    except ValueError as err:
+        raise DataError(where, f"bad image ({err})") from None
 
 
-def decode_label(data: bytes) -> np.ndarray:
+def decode_label(data: bytes, where: str = "label") -> np.ndarray:
     """The stored train ids, untouched: no palette or colour conversion."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.array(im)
+    try:
+        return images.decode_label(data)
+    except ValueError as err:
+        raise DataError(where, f"bad seg.png ({err})") from None
 
 
-def image_size(data: bytes) -> tuple[int, int]:
+def image_size(data: bytes, where: str = "image") -> tuple[int, int]:
     """(H, W) from the image header, without decoding the pixels."""
-    with Image.open(io.BytesIO(data)) as im:
-        return im.height, im.width
+    try:
+        return images.image_size(data)
+    except ValueError as err:
+        raise DataError(where, f"bad image ({err})") from None
 
 
 def read_shard(shard: ShardRef | str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
@@ -140,13 +154,13 @@ def read_shard(shard: ShardRef | str) -> Iterator[tuple[str, np.ndarray, np.ndar
     if isinstance(shard, ShardRef) and not shard.labelled:
         raise DataError(shard.url, "shard holds images only (no labels)")
     for raw in iter_raw(shard):
-        yield raw.key, decode_image(raw.image), decode_label(raw.label)
+        yield raw.key, decode_image(raw.image, raw.where), decode_label(raw.label, raw.where)
 
 
 def read_images(shard: ShardRef) -> Iterator[tuple[str, np.ndarray]]:
     """(key, image (H, W, 3)) of each sample of one shard, labelled or not, in order."""
     for raw in iter_raw(shard):
-        yield raw.key, decode_image(raw.image)
+        yield raw.key, decode_image(raw.image, raw.where)
 
 
 def _worker() -> tuple[int, int]:
@@ -227,8 +241,8 @@ class TrainStream(IterableDataset):
     ) -> tuple[RawSample, Draw, torch.Tensor]:
         """The next sample, its draw (the size from the image header) and its label."""
         raw = next(samples)
-        h, w = image_size(raw.image)
-        label = torch.from_numpy(decode_label(raw.label))
+        h, w = image_size(raw.image, raw.where)
+        label = torch.from_numpy(decode_label(raw.label, raw.where))
         return (
             raw,
             draw(h, w, self.augment, rng, label if self.augment.cat_max_ratio < 1 else None),
@@ -243,7 +257,7 @@ class TrainStream(IterableDataset):
         if self.gpu_decode and raw.image_format == "jpg":
             image = torch.frombuffer(bytearray(raw.image), dtype=torch.uint8)
         else:
-            image = torch.from_numpy(decode_image(raw.image)).permute(2, 0, 1)
+            image = torch.from_numpy(decode_image(raw.image, raw.where)).permute(2, 0, 1)
             if not self.gpu_decode:
                 image = normalize(apply_image(image, d, crop), self.mean, self.std)
         return image, apply_label(label, d, crop)

@@ -1,6 +1,9 @@
 """Raw dataset -> WebDataset tar shards per split, plus manifest.json.
 
-Each sample is ``{key}.{png|jpg}`` (the image, in its original encoding or re-encoded to JPEG),
+Each sample is ``{key}.{png|jpg}`` (the image, in its original encoding, or re-encoded: to JPEG
+when ``image_format`` is jpg or the source is neither PNG nor JPEG; upright and 8-bit RGB, PNG
+for a PNG source, when its pixels need converting -- an EXIF rotation, 16-bit, float, palette,
+alpha, CMYK: pipeline/images.py -- so the loader and nvJPEG read what every stage reads),
 ``{key}.seg.png`` (a single-channel PNG of train ids, 255 = ignore; never a palette PNG) and
 ``{key}.json`` (source and size); an images-only split (no labels: a benchmark's test set) has no
 ``seg.png`` and its manifest entry says ``labelled: false``. webdataset's ``ShardWriter`` writes ``{split}-%06d.tar``, closing a
@@ -39,6 +42,7 @@ from pipeline.data.readers import Item, Reader, Sample, reader_for
 from pipeline.data.readers.base import check_unique_keys, images_only
 from pipeline.data.storage import publish
 from pipeline.errors import DataError
+from pipeline.images import TooLarge, decode_rgb, needs_conversion
 from pipeline.locations import check_name, is_url
 from pipeline.outputs import atomic_dir, check_output, check_outside, check_own
 
@@ -66,12 +70,18 @@ def encode_sample(
 ) -> Encoded:
     """Sample -> tar members and stats (runs in worker processes); a sample without a label
     (images only) gets no ``seg.png`` and counts no pixel of any class."""
-    image = Image.open(io.BytesIO(sample.image_bytes)).convert("RGB")
+    pixels = _decoded(sample)
+    image = Image.fromarray(pixels)
     image_bytes, fmt = sample.image_bytes, sample.image_format
-    if (image_format == "jpg" and fmt != "jpg") or fmt not in ("jpg", "png"):
+    convert = needs_conversion(image_bytes)  # upright 8-bit pixels stored, never the source's
+    if (image_format == "jpg" and fmt != "jpg") or fmt not in ("jpg", "png") or convert:
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=jpeg_quality)
-        image_bytes, fmt = buffer.getvalue(), "jpg"
+        if fmt == "png" and image_format != "jpg":  # lossless stays lossless
+            image.save(buffer, format="PNG", compress_level=6)
+        else:
+            image.save(buffer, format="JPEG", quality=jpeg_quality)
+            fmt = "jpg"
+        image_bytes = buffer.getvalue()
     files = {fmt: image_bytes}
     counts = np.zeros(256, dtype=np.int64)
     if sample.label is not None:
@@ -83,7 +93,7 @@ def encode_sample(
     if root and source.startswith(root):  # relative: the same data elsewhere gives the same bytes
         source = os.path.relpath(source, root)
     meta = {"source": source, "width": image.width, "height": image.height}
-    rgb = np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255.0
+    rgb = pixels.astype(np.float64).reshape(-1, 3) / 255.0
     return Encoded(
         key=sample.key,
         files={**files, "json": json.dumps(meta, sort_keys=True).encode()},
@@ -93,6 +103,16 @@ def encode_sample(
         rgb_sq_sum=np.square(rgb).sum(0),
         size=(image.width, image.height),
     )
+
+
+def _decoded(sample: Sample) -> np.ndarray:
+    """The sample's image as (H, W, 3) uint8 by the one decoder (pipeline/images.py)."""
+    try:
+        return decode_rgb(sample.image_bytes, None)
+    except TooLarge as err:
+        raise DataError(sample.source, f"too large to decode safely ({err})") from None
+    except ValueError as err:
+        raise DataError(sample.source, f"unreadable or truncated image ({err})") from None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,14 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.images import open_image, probe, read_file, require_regular
+from pipeline.images import (
+    TooLarge,
+    Unreadable,
+    decode_label,
+    probe,
+    read_file,
+    require_regular,
+)
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -102,7 +109,12 @@ class Reader(ABC):
         if label.shape != (size[1], size[0]):
             raise DataError(
                 item.label,
-                f"label is {label.shape[1]}x{label.shape[0]} but its image is {size[0]}x{size[1]}",
+                f"label is {label.shape[1]}x{label.shape[0]} but its image is {size[0]}x{size[1]}"
+                + (  # the image's EXIF orientation turns it (pipeline/images.py): shown upright
+                    " upright (its EXIF orientation rotates it; the label fits the stored pixels)"
+                    if label.shape == size
+                    else ""
+                ),
             )
         check_label_values(label, self.info.num_classes, item.label)
         return Sample(item.key, image_bytes, fmt, label, item.image)
@@ -132,15 +144,13 @@ def check_raw_values(raw: np.ndarray, path: str) -> None:
 def load_label_array(path: str) -> np.ndarray:
     """A label PNG as its raw stored values: palette PNGs give indices, never colours."""
     try:
-        with open_image(read_file(path)) as im:
-            im.load()
-            if im.mode not in ("L", "P", "I", "I;16", "I;16B"):
-                raise DataError(path, f"label must be a single-channel PNG, got mode {im.mode}")
-            return np.array(im)
-    except DataError:
-        raise
-    except Exception as err:
-        raise DataError(path, f"unreadable or truncated label ({err})") from None
+        return decode_label(read_file(path))
+    except TooLarge as err:
+        raise DataError(path, f"too large to decode safely ({err})") from None
+    except Unreadable as err:
+        raise DataError(path, f"unreadable or truncated label ({err.reason})") from None
+    except ValueError as err:  # a colour label (Unsupported), or no parser reads it
+        raise DataError(path, str(err)) from None
 
 
 def check_label_values(label: np.ndarray, num_classes: int, path: str) -> None:
