@@ -5,15 +5,19 @@ A shared leaf: training, the search and distributed evaluation connect through i
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ConfigError, ServiceError, first_line
 from pipeline.locations import is_url
 from pipeline.outputs import project_path
+
+log = logging.getLogger(__name__)
 
 
 def ray_address(address: str) -> str:
@@ -71,6 +75,13 @@ def connect_ray(address: str, num_cpus: int | None = None) -> None:
         elif address:
             ray.init(address=address, log_to_driver=True)
         else:
+            if others := other_local_ray():
+                log.warning(
+                    "another Ray instance runs on this machine (GCS pid %s): its work competes "
+                    "for the CPUs this one counts as its own; join it with --address auto or stop "
+                    "it (ray stop)",
+                    ", ".join(map(str, others)),
+                )
             # The dashboard serves Ray's state API, which Train's placement-group cleanup and Tune's
             # stopping of trials that run Train jobs rely on; it listens on 127.0.0.1 only.
             ray.init(
@@ -85,6 +96,69 @@ def connect_ray(address: str, num_cpus: int | None = None) -> None:
         ) from None
     if callable(ours):
         signal.signal(signal.SIGTERM, ours)
+
+
+# Ray Train V2 retries a worker group that cannot start (not placed within
+# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default) without end unless
+# FailureConfig.controller_failure_limit bounds it (ray/train/v2/api/config.py): these many.
+START_RETRIES = 2
+
+
+def check_fits(address: str, train: Any) -> None:
+    """Each Train worker of ``train`` (its CPUs, its GPU share) must fit on one node, and the
+    group on the cluster: a request the cluster can never meet would wait forever. Checked
+    against the connected cluster, or before a local Ray starts against this machine."""
+    nodes = _node_resources(address)
+    if not nodes:
+        return
+    need = {"CPU": ("train.cpus_per_worker", float(train.cpus_per_worker))}
+    if train.use_gpu:
+        need["GPU"] = ("train.gpus_per_worker", float(train.gpus_per_worker))
+    for resource, (param, amount) in need.items():
+        largest = max(n.get(resource, 0.0) for n in nodes)
+        if amount > largest:
+            raise ConfigError(
+                f"{param} {amount:g}: no node of the Ray cluster has {amount:g} {resource} "
+                f"(the largest has {largest:g}): lower it (tune.{resource.lower()}s_per_trial "
+                "for a search) or add a node that has them"
+            )
+    total = sum(n.get("CPU", 0.0) for n in nodes)
+    if train.num_workers * train.cpus_per_worker > total:
+        raise ConfigError(
+            f"train.num_workers {train.num_workers} x train.cpus_per_worker "
+            f"{train.cpus_per_worker}: the Ray cluster has {total:g} CPUs in all: lower them or "
+            "add nodes"
+        )
+
+
+def _node_resources(address: str) -> list[dict[str, float]]:
+    """Each alive node's resources; for a local Ray not started yet, this machine's."""
+    import ray
+
+    if ray.is_initialized():
+        return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    if ray_address(address):
+        return []  # a cluster not joined yet: checked once connected
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}]
+
+
+def other_local_ray() -> list[int]:
+    """The pids of Ray instances already running on this machine (their GCS servers) that are
+    not this process's own: trials share the machine's CPUs with them."""
+    import psutil
+
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "ppid"]):
+        try:
+            if proc.info["name"] == "gcs_server" and proc.info["ppid"] != me:
+                found.append(int(proc.info["pid"]))
+        except (psutil.Error, TypeError):
+            continue
+    return found
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:
@@ -109,3 +183,59 @@ def storage_uri(path: str) -> str:
     the project's root (workers and Tune trials run in other working directories, and a DVC
     experiment in a temporary copy of the project)."""
     return path if is_url(path) else str(project_path(path))
+
+
+# --- one namespace under train.storage_path: runs, searches and their trials -----------------
+
+TRIALS = "-trials"  # a search's trials live in <storage>/<search><TRIALS>/
+
+
+def _entries(folder: str) -> list[str]:
+    """The names in a storage folder (local or a bucket URI); [] when it does not exist."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(folder)
+    fs.invalidate_cache()
+    try:
+        return [str(i).rstrip("/").rsplit("/", 1)[-1] for i in fs.ls(path, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def folder_kind(folder: str) -> str:
+    """What a folder under the storage holds: "search" (Tune's experiment state), "run" (a Train
+    run's checkpoints), "trials" (runs of a search's trials) or "" (nothing recognised)."""
+    names = _entries(folder)
+    if any(n == "tuner.pkl" or n.startswith("experiment_state-") for n in names):
+        return "search"
+    if any(n.startswith("checkpoint_") for n in names):
+        return "run"
+    if folder.rstrip("/").endswith(TRIALS) and names:
+        return "trials"
+    return ""
+
+
+def check_run_name(storage: str, name: str) -> None:
+    """A training run's folder must not be a search's or its trials' (``--restart`` deletes it)."""
+    kind = folder_kind(f"{storage}/{name}")
+    if name.endswith(TRIALS) or kind in ("search", "trials"):
+        what = "a search's folder" if kind == "search" else "a search's trials folder"
+        raise ConfigError(
+            f"train.run_name {name!r}: {storage}/{name} is {what} (runs and searches share "
+            f"train.storage_path; a name ending in {TRIALS} is a search's): choose another run name"
+        )
+
+
+def check_search_name(storage: str, name: str) -> None:
+    """A search's folders (``<name>``, ``<name>-trials``) must not be a training run's."""
+    if name.endswith(TRIALS):
+        raise ConfigError(
+            f"tune.name {name!r}: a name ending in {TRIALS} is another search's trials folder: "
+            "choose another search name"
+        )
+    for folder in (f"{storage}/{name}", f"{storage}/{name}{TRIALS}"):
+        if folder_kind(folder) == "run":
+            raise ConfigError(
+                f"tune.name {name!r}: {folder} is a training run's folder (runs and searches "
+                "share train.storage_path): choose another search name"
+            )

@@ -11,6 +11,7 @@ params when the search starts (pipeline/training/search.py ``check_space``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +48,9 @@ _FIXED = {
     ),
 }
 FIXED_IN_SEARCH = {key: why for why, keys in _FIXED.items() for key in keys.split()}
+MAX_POINTS = 1_000  # values of one choice or grid: each is checked before the search starts
+MAX_TRIALS = 10_000  # tune.num_samples x every grid's points
+INT64 = 2**63 - 1  # randint's ends: numpy draws int64, and high + 1 must be one too
 
 
 def check_space(space: Mapping[str, Any], search_alg: str, fields: Mapping[str, list[str]]) -> None:
@@ -57,13 +61,27 @@ def check_space(space: Mapping[str, Any], search_alg: str, fields: Mapping[str, 
         check_entry(key, spec, search_alg, fields)
 
 
+def search_size(space: Mapping[str, Mapping[str, Any]], num_samples: int) -> None:
+    """The number of trials a search would run (``num_samples`` x every grid's points), bounded
+    before anything starts."""
+    grids = [len(args) for spec in space.values() for kind, args in spec.items() if kind == "grid"]
+    trials = num_samples * math.prod(grids)
+    if trials > MAX_TRIALS:
+        shown = " x ".join([*(str(n) for n in grids), f"tune.num_samples {num_samples}"])
+        raise ConfigError(
+            f"tune.space: {trials:,} trials ({shown}): at most {MAX_TRIALS:,}; use fewer grid "
+            "points or a range"
+        )
+
+
 def candidates(space: Mapping[str, Mapping[str, Any]]) -> dict[str, list[Any]]:
     """Per key, every choice or grid point, or both ends of a range (floats for the uniform
     ones: what a trial draws there)."""
     out: dict[str, list[Any]] = {}
     for key, spec in space.items():
         ((kind, args),) = spec.items()
-        out[key] = [float(a) for a in args] if kind.endswith("uniform") else list(args)
+        values = [float(a) for a in args] if kind.endswith("uniform") else list(args)
+        out[key] = list({repr(v): v for v in values}.values())  # each distinct value once
     return out
 
 
@@ -88,9 +106,21 @@ def check_entry(key: str, spec: Any, search_alg: str, fields: Mapping[str, list[
     ((kind, args),) = spec.items()
     if not isinstance(args, list | tuple) or not args:
         raise ConfigError(f"{where}.{kind} must be a non-empty list, got {args!r}")
+    if len(args) > MAX_POINTS:
+        raise ConfigError(
+            f"{where}.{kind} lists {len(args):,} values: at most {MAX_POINTS:,} (each is checked "
+            "before the search starts); use a range (uniform, loguniform, randint) instead"
+        )
     if kind in ("loguniform", "uniform", "randint"):
         number = int if kind == "randint" else (int, float)
-        ok = len(args) == 2 and all(isinstance(a, number) and not isinstance(a, bool) for a in args)
+        ok = len(args) == 2 and all(
+            isinstance(a, number) and not isinstance(a, bool) and math.isfinite(a) for a in args
+        )
+        if ok and kind == "randint" and not all(-INT64 <= a < INT64 for a in args):
+            raise ConfigError(
+                f"{where}.randint {list(args)}: both ends must lie within -(2**63 - 1) and "
+                "2**63 - 2 (64-bit integers)"
+            )
         if not ok or args[0] > args[1] or (kind == "loguniform" and args[0] <= 0):
             shape = "two integers" if kind == "randint" else "two numbers"
             low = " > 0" if kind == "loguniform" else ""

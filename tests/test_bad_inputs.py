@@ -198,6 +198,22 @@ def foreign_onnx(path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
 
+def onnx_of_other_classes(tmp: Path) -> None:
+    """A foreign graph (3 output channels) carrying danet export's metadata for 11 classes."""
+    import onnx
+
+    foreign_onnx(tmp / "m.onnx")
+    graph = onnx.load(str(tmp / "m.onnx"))
+    meta = {
+        "classes": json.dumps([f"c{i}" for i in range(11)]),
+        "palette": json.dumps([[i, i, i] for i in range(11)]),
+        "dataset": "camvid", "source_ref": "model.pt", "source_sha256": "0" * 64,
+    }  # fmt: skip
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(tmp / "m.onnx"))
+
+
 def foreign_model(tmp: Path) -> None:
     torch.save({"weights": torch.zeros(3)}, tmp / "model.pt")
 
@@ -1404,6 +1420,106 @@ CASES = [
         r"predict.out notes\.txt: exists and is not a folder",
         write("notes.txt", "a user's file"),
     ),
+    # issue 35: onnx, debris, ray
+    Case(
+        "ONNX file whose classes are not its output channels",
+        ["predict", "--model", "m.onnx", "--out", "predicted", "camvid/val"],
+        r"m\.onnx: its output 'logits' has shape \['N', 3, 'H', 'W'\] but its metadata names 11 "
+        r"classes",
+        onnx_of_other_classes,
+    ),
+    Case(
+        "register an ONNX file whose classes are not its output channels",
+        [*REGISTER, "--onnx", "m.onnx"],
+        r"m\.onnx: its output 'logits' has shape .* but its metadata names 11 classes",
+        both(evaluation_of("models:/m/1"), onnx_of_other_classes),
+    ),
+    Case(
+        "search grid of a million points",
+        [
+            *TUNE,
+            "--set",
+            "tune.space="
+            + json.dumps(
+                {
+                    "train.lr": {"grid": [i / 1e5 for i in range(1, 1001)]},
+                    "train.momentum": {"grid": [i / 1e3 for i in range(1000)]},
+                }
+            ),
+        ],
+        r"tune\.space: 2,000,000 trials \(1000 x 1000 x tune\.num_samples 2\): at most 10,000",
+    ),
+    Case(
+        "search seed range past 2**63",
+        [*TUNE, "--set", 'tune.space={"train.seed": {"randint": [0, 18446744073709551616]}}'],
+        r"tune\.space\.train\.seed\.randint \[0, 18446744073709551616\]: both ends must lie",
+    ),
+    Case(
+        "run name of a search's trials folder, with --restart",
+        [*TRAIN, "--restart", "--run-name", "tune-x-trials"],
+        r"train\.run_name 'tune-x-trials': .*ray/tune-x-trials is a search's trials folder",
+        write("ray/tune-x-trials/tune-x-1/checkpoint_000000/state.pt", "a trial's checkpoint"),
+    ),
+    Case(
+        "run name of a search, with --restart",
+        [*TRAIN, "--restart", "--run-name", "mine"],
+        r"train\.run_name 'mine': .*ray/mine is a search's folder",
+        write("ray/mine/tuner.pkl", "a search's state"),
+    ),
+    Case(
+        "search named after a training run",
+        [*TUNE, "--set", "tune.name=run1"],
+        r"tune\.name 'run1': .*ray/run1 is a training run's folder",
+        write("ray/run1/checkpoint_000001/state.pt", "a run's checkpoint"),
+    ),
+    Case(
+        "workers that need more CPUs than any node has",
+        [*TRAIN, "--set", "train.cpus_per_worker=4096"],
+        r"train\.cpus_per_worker 4096: no node of the Ray cluster has 4096 CPU",
+    ),
+    Case(
+        "trials that need more CPUs than any node has",
+        [*TUNE, "--set", "tune.cpus_per_trial=4096"],
+        r"train\.cpus_per_worker 4096: no node of the Ray cluster has 4096 CPU .*tune\.cpus_per_trial",
+    ),
+    Case(
+        "refit over best params the search never searched",
+        [*TRAIN, "--refit", "search"],
+        r"--refit search/best_params\.yaml: train\.epochs was not searched",
+        both(
+            write("search/best_params.yaml", "train: {lr: 0.01, epochs: 500}\n"),
+            write(
+                "search/search.json",
+                json.dumps(
+                    {
+                        "search": "s",
+                        "search_run_id": "r",
+                        "best_trial": "t",
+                        "values": {"train.lr": 0.01},
+                    }
+                ),
+            ),
+        ),
+    ),
+    Case(
+        "refit over a malformed best_params.yaml",
+        [*TRAIN, "--refit", "search"],
+        r"--refit search/best_params\.yaml: train must be a mapping of params",
+        both(
+            write("search/best_params.yaml", "train: 5\n"),
+            write(
+                "search/search.json",
+                json.dumps(
+                    {
+                        "search": "s",
+                        "search_run_id": "r",
+                        "best_trial": "t",
+                        "values": {"train.lr": 0.01},
+                    }
+                ),
+            ),
+        ),
+    ),
 ]
 
 
@@ -1607,3 +1723,45 @@ def test_an_experiment_in_dvcs_temporary_copy_writes_its_outputs(
         check_outputs(p, {"evaluate.out": str(case_project / ".dvc" / "cache")})
     with pytest.raises(ConfigError, match=r"overlaps train\.storage_path"):
         check_outputs(p, {"evaluate.out": str(case_project / "ray")})
+
+
+# issue 35: onnx, debris, ray
+
+
+def danet_subprocess(
+    tmp: Path, args: list[str], env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``danet ARGS`` in the case project, as a process of its own (Ray in a process that ends)."""
+    danet = str(Path(sys.executable).parent / "danet")
+    return subprocess.run(
+        [danet, *args],
+        cwd=tmp,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_training_workers_that_cannot_start_end_the_command(case_project: Path) -> None:
+    """Ray Train retries a worker group that does not start (not placed in time: no resources,
+    another Ray instance competing) a bounded number of times, then the command ends in one
+    line saying what to do (was: retried with "max allowed: inf" until killed)."""
+    tmp = case_project
+    before = {p: digest(tmp / p) for p in STORES if p != "ray"}
+    start = time.monotonic()
+    done = danet_subprocess(
+        tmp,
+        [*TRAIN, "--set", "train.cpus_per_worker=1"],
+        env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "0.001"},
+    )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(errors) == 1 and re.match(
+        r"error: Ray could not start the training workers \(.*; 3 tries\): free the cluster",
+        errors[0],
+    ), errors or done.stderr[-3000:]
+    assert time.monotonic() - start < 240
+    assert {p: digest(tmp / p) for p in before} == before
+    assert not (tmp / "previous/train/model.pt").exists()

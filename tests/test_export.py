@@ -3,6 +3,7 @@ INT8 accuracy, and ONNX models in evaluate and predict."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -374,3 +375,49 @@ def test_register_attaches_the_onnx_file_and_the_pyfunc_serves_it_on_request(
     assert info.metadata["runtimes"] == ["torch", "onnx"]
     assert info.metadata["sha256"]["model.pt"] == file_sha256(model_file)
     assert "runtime" in {p.name for p in info.signature.params.params}
+
+
+def test_register_refuses_a_graph_that_is_not_the_weights_whatever_its_metadata(
+    exported: Path, model_file: Path, tmp_path: Path
+) -> None:
+    """register.onnx runs each graph on a probe image beside the weights: a graph with the
+    export's metadata copied (its source_sha256 included) but other weights is refused, and so
+    is one whose output channels are not its classes; the registry is left as it was."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from onnx import numpy_helper
+
+    from pipeline.artifacts.onnxfile import check_same_model
+    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.config import RegisterParams
+    from pipeline.errors import ModelError
+    from pipeline.registry.register import register
+    from tests.conftest import use_experiment
+
+    graph = onnx.load(str(exported))
+    rng = np.random.default_rng(0)
+    for weight in graph.graph.initializer:  # every convolution's kernel, perturbed
+        if len(weight.dims) == 4:
+            kernel = numpy_helper.to_array(weight)
+            noisy = kernel + rng.normal(0, kernel.std() + 1e-3, kernel.shape)
+            weight.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), weight.name))
+    forged = tmp_path / "forged.onnx"
+    onnx.save(graph, str(forged))  # the same metadata, other weights
+    module = load_model(str(model_file)).module  # the weights' torch module
+    check_same_model(exported, module, quantized=False)  # the real export passes
+    with pytest.raises(ModelError, match=r"forged\.onnx: not an export of the registered"):
+        check_same_model(forged, module, quantized=False)
+    with pytest.raises(ModelError, match=r"labels agree on .* \(INT8: at least 90%\)"):
+        check_same_model(forged, module, quantized=True)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking_uri(uri):
+        use_experiment(uri, "synthetic")
+        with mlflow.start_run() as run:
+            mlflow.log_artifact(str(model_file))
+    metrics = registered_evaluation(tmp_path, run.info.run_id)
+    params = RegisterParams(eval_metrics=str(metrics), out=str(tmp_path / "r.json"))
+    with pytest.raises(ModelError, match=r"forged\.onnx: not an export of the registered model"):
+        register(dataclasses.replace(params, onnx=(str(forged),)), uri)
+    assert not MlflowClient(uri).search_model_versions("name = 'danet-synthetic'")
+    assert not (tmp_path / "r.json").exists()

@@ -281,7 +281,7 @@ def test_best_params_is_a_params_file(tmp_path: Path) -> None:
     write_summary(tmp_path, best, [best], trial_job(search, values))
     text = (tmp_path / "best_params.yaml").read_text()
     loaded = load_params(tmp_path / "best_params.yaml")
-    assert (loaded.train.lr, loaded.data.crop_size) == (0.0123457, 48)
+    assert (loaded.train.lr, loaded.data.crop_size) == (0.0123456789, 48)  # exact, not rounded
     assert loaded.train.loss_weights["pam"] == 0.5 and loaded.train.loss_weights["out"] == 1.0
     assert text.startswith("# the best trial of the search: s-trial-1, val mIoU 0.500000\n")
     assert json.loads((tmp_path / "trials.json").read_text())[0]["values"] == values
@@ -294,7 +294,12 @@ def test_refit_trains_the_searchs_best_params_over_params_yaml(tmp_path: Path) -
 
     values = {"train.lr": 0.0123, "data.crop_size": 48}
     best = Trial("1", "tune-x-1", values, 2, 0.5, False, "", "checkpoint_0")
-    origin = {"search": "tune-x", "search_run_id": "abc", "best_trial": "tune-x-1"}
+    origin = {
+        "search": "tune-x",
+        "search_run_id": "abc",
+        "best_trial": "tune-x-1",
+        "values": values,
+    }
     (tmp_path / "tune").mkdir()
     write_summary(tmp_path / "tune", best, [best], None, origin)
     (tmp_path / "params.yaml").write_text(
@@ -316,3 +321,32 @@ def test_refit_trains_the_searchs_best_params_over_params_yaml(tmp_path: Path) -
     (tmp_path / "tune" / "search.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"search.json: not written by danet tune"):
         read_refit(tmp_path / "tune")
+
+
+def test_refit_takes_only_what_the_search_searched_and_exactly(tmp_path: Path) -> None:
+    """best_params.yaml may set only the searched keys (a train.epochs or mlflow.experiment
+    added by hand is refused in one line); a malformed one is one line; a float rounded to 6
+    digits (files of earlier versions) is the trial's exact value from search.json."""
+    from pipeline.training.search_summary import read_refit
+
+    exact = 0.012345678901234
+    values = {"train.lr": exact, "train.loss_weights.pam": 0.5}
+    origin = {"search": "s", "search_run_id": "a", "best_trial": "t", "values": values}
+    folder = tmp_path / "tune"
+    folder.mkdir()
+    (folder / "search.json").write_text(json.dumps(origin))
+    best = folder / "best_params.yaml"
+    best.write_text("train: {lr: 0.0123457, loss_weights: {out: 1.0, pam: 0.5}}\n")
+    overlay, _ = read_refit(folder)
+    assert overlay["train"]["lr"] == exact
+    for extra, key in (
+        ("train: {epochs: 500}", "train.epochs"),
+        ("mlflow: {experiment: x}", "mlflow.experiment"),
+    ):
+        best.write_text(f"{extra}\n")
+        with pytest.raises(ConfigError, match=rf"best_params\.yaml: {key} was not searched"):
+            read_refit(folder)
+    for text in ("train: 5\n", "- a list\n", "train: {lr: [\n"):
+        best.write_text(text)
+        with pytest.raises(ConfigError, match=r"best_params\.yaml: "):
+            read_refit(folder)

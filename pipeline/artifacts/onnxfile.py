@@ -99,7 +99,58 @@ def read_onnx_info(session: Any, path: str | Path) -> OnnxInfo:
         raise ModelError(path, f"expects input {INPUT!r} and output {OUTPUT!r}, has {names}")
     if len(palette) != len(classes):
         raise ModelError(path, f"{len(classes)} class names and {len(palette)} colours")
+    output = next(o for o in session.get_outputs() if o.name == OUTPUT)
+    shape = list(output.shape or [])
+    channels = shape[1] if len(shape) == 4 else None  # unknown: the probe at register checks
+    if (shape and len(shape) != 4) or (isinstance(channels, int) and channels != len(classes)):
+        raise ModelError(
+            path,
+            f"its output {OUTPUT!r} has shape {shape} but its metadata names {len(classes)} "
+            "classes: not a danet export of this model (N, K, H, W)",
+        )
     return OnnxInfo(classes, palette, meta["dataset"], meta)
+
+
+# What an ONNX file attached to a model must do on the probe image (danet export's) beside the
+# weights: a float graph the same logits, an INT8 graph the same labels on most pixels
+# (quantization moves logits: argmax agreement, or for a model whose margins are tiny, an
+# untrained one, logits within a small share of their spread).
+FLOAT_TOLERANCE = 1e-3  # max |dlogits|, as danet export checks it
+INT8_AGREEMENT = 0.9  # share of the probe's pixels whose labels agree
+INT8_RELATIVE = 0.1  # RMS of dlogits / the weights' logits' standard deviation
+
+
+def check_same_model(path: Path, module: nn.Module, quantized: bool) -> None:
+    """The ONNX graph at ``path`` run on the probe image beside ``module`` (the weights it is
+    attached to) must agree, whatever its metadata says: a foreign graph is one line."""
+    from pipeline.artifacts.export import probe_image
+
+    image = torch.from_numpy(probe_image())
+    try:
+        ours = OnnxModule(path)(image).numpy()
+    except Exception as err:  # onnxruntime's own error types
+        raise ModelError(path, f"does not run on a probe image ({first_line(err)})") from None
+    with torch.no_grad():
+        theirs = module(image).numpy()
+    if ours.shape != theirs.shape:
+        raise ModelError(
+            path, f"gives logits of shape {list(ours.shape)} where the weights give "
+            f"{list(theirs.shape)}: not an export of the registered model",
+        )  # fmt: skip
+    max_abs = float(np.abs(ours - theirs).max())
+    agree = float((ours.argmax(1) == theirs.argmax(1)).mean())
+    relative = float(np.sqrt(((ours - theirs) ** 2).mean()) / max(float(theirs.std()), 1e-12))
+    if quantized:
+        ok = agree >= INT8_AGREEMENT or relative <= INT8_RELATIVE
+        want = f"labels agree on {agree:.1%} of a probe image's pixels (INT8: at least {INT8_AGREEMENT:.0%})"
+    else:
+        ok = max_abs <= FLOAT_TOLERANCE
+        want = f"logits differ by up to {max_abs:.3g} on a probe image (float: at most {FLOAT_TOLERANCE:g})"
+    if not ok:
+        raise ModelError(
+            path,
+            f"not an export of the registered model's weights: {want}; export that model again",
+        )
 
 
 def load_onnx(path: str | Path, device: torch.device | None = None) -> tuple[OnnxModule, OnnxInfo]:

@@ -62,7 +62,11 @@ def read_attachments(files: Sequence[str]) -> list[Attachment]:
 
 
 def check_sources(attachments: Sequence[Attachment], weights: Path) -> str:
-    """The weights' sha256, which every attachment must have been exported from."""
+    """The weights' sha256, which every attachment must have been exported from (its metadata
+    says so) and whose logits its graph must give on a probe image (metadata can be copied)."""
+    from pipeline.artifacts.onnxfile import check_same_model
+    from pipeline.artifacts.refs import load_model
+
     expected = file_sha256(weights)
     for item in attachments:
         if item.source_sha256 != expected:
@@ -71,6 +75,10 @@ def check_sources(attachments: Sequence[Attachment], weights: Path) -> str:
                 f"exported from another model (sha256 {item.source_sha256[:12]}), not the "
                 f"registered one ({weights.name}, sha256 {expected[:12]}): export that model again",
             )
+    if attachments:
+        module = load_model(str(weights)).module
+        for item in attachments:
+            check_same_model(item.path, module, quantized=item.runtime == "onnx-int8")
     return expected
 
 

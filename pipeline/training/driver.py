@@ -17,10 +17,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster import check_tracking_for, connect_ray, storage_uri
+from pipeline.cluster import (
+    START_RETRIES,
+    check_fits,
+    check_run_name,
+    check_tracking_for,
+    connect_ray,
+    storage_uri,
+)
 from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams
 from pipeline.errors import (
     PipelineError,
+    ServiceError,
     TrainingDiverged,
     TrainingError,
     cause_chain,
@@ -59,6 +67,13 @@ def unwrap_failure(err: BaseException) -> BaseException:
         found = next((e for e in cause_chain(inner) if isinstance(e, PipelineError)), None)
         if found is not None:
             return found
+    if any(_not_started(c) for c in causes):
+        return ServiceError(
+            f"Ray could not start the training workers ({first_line(causes[0]).split('. ')[0]}; "
+            f"{START_RETRIES + 1} tries): free the cluster's CPUs/GPUs (`ray status`: another "
+            "Ray instance on this machine? `ray stop` it or join it with --address auto), lower "
+            "train.num_workers or cpus_per_worker, or raise RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+        )
     # A worker process or node died (Ray's actor errors, also behind a failed health check): the
     # other ranks' errors follow from it.
     lost = [c for c in causes if any(_is_lost(e) for e in cause_chain(c))]
@@ -67,6 +82,19 @@ def unwrap_failure(err: BaseException) -> BaseException:
             f"training failed after train.max_failures retries: {first_line(lost[0])}"
         )
     return err
+
+
+def _not_started(err: BaseException) -> bool:
+    """Ray Train's worker group never started (not placed in time, or its actors failed)."""
+    try:
+        from ray.train.v2._internal.exceptions import (
+            WorkerGroupStartupFailedError,
+            WorkerGroupStartupTimeoutError,
+        )
+    except ImportError:  # another Ray: the error stays as Ray raised it
+        return False
+    started = (WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError)
+    return any(isinstance(e, started) for e in cause_chain(err))
 
 
 def _is_lost(err: BaseException) -> bool:
@@ -97,6 +125,7 @@ def fit(
 
     train = job.train
     storage = storage_uri(train.storage_path)
+    check_fits(train.ray_address, train)  # a request no node can meet would wait forever
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -114,7 +143,10 @@ def fit(
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=train.max_failures),
+            failure_config=FailureConfig(  # Train V2's at runtime; typed as V1's
+                max_failures=train.max_failures,
+                controller_failure_limit=START_RETRIES,  # type: ignore[call-arg]
+            ),
             # the newest ones: every checkpoint carries the best weights so far
             checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
             callbacks=callbacks,
@@ -156,6 +188,8 @@ def run_training(
     uri = mlt.resolve_tracking_uri(tracking.tracking_uri)
     check_tracking_for(train.ray_address, uri)
     run_name = train.run_name or default_run_name(job)
+    check_run_name(storage_uri(train.storage_path), run_name)
+    check_fits(train.ray_address, train)  # before a local Ray starts: against this machine
     run_dir = f"{storage_uri(train.storage_path)}/{run_name}"
     experiment = tracking.experiment or job.dataset
     with exclusive(run_dir, f"train.run_name {run_name}"):  # one driver per run at a time

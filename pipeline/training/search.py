@@ -30,7 +30,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster import check_tracking_for, connect_ray, storage_uri
+from pipeline.cluster import (
+    check_fits,
+    check_search_name,
+    check_tracking_for,
+    connect_ray,
+    storage_uri,
+)
 from pipeline.config import (
     ConfigError,
     DataParams,
@@ -41,7 +47,7 @@ from pipeline.config import (
 )
 from pipeline.locks import exclusive
 from pipeline.outputs import check_output, check_outside
-from pipeline.searchspace import candidates
+from pipeline.searchspace import candidates, search_size
 from pipeline.training.checkpoint import delete_run
 from pipeline.training.driver import ray_put
 from pipeline.training.job import TrainJob, default_run_name, flat_params, prepare_job
@@ -84,10 +90,12 @@ def prepare_search(
     check_outside(tune.out, {"data.shards": data.shards})
     uri = mlt.resolve_tracking_uri(tracking.tracking_uri)
     check_tracking_for(train.ray_address, uri)
-    connect_ray(train.ray_address)
     name = tune.name or search_name(job, tune)
     experiment = tracking.experiment or job.dataset
     storage = storage_uri(train.storage_path)
+    check_search_name(storage, name)
+    check_fits(train.ray_address, trial_train(train, tune))
+    connect_ray(train.ray_address)
     if hold is not None:
         hold.enter_context(exclusive(f"{storage}/{name}", f"tune.name {name}"))
     if restart:
@@ -115,6 +123,7 @@ def check_space(
     """The base job, checked with each value that bounds ``tune.space`` (every choice or grid
     point, both ends of a range) set in turn: a value a trial could draw and not run is one line
     now, not a failed trial later."""
+    search_size(tune.space, tune.num_samples)
     base = {"model": model, "data": data, "train": train}
     bounds = candidates(tune.space)
     for key, values in bounds.items():

@@ -167,9 +167,7 @@ def best_params(values: dict[str, Any], job: Any = None) -> dict[str, Any]:
             value = dict(getattr(getattr(job, section), name))
         elif sub:
             value = {sub[0]: value}
-        out.setdefault(section, {})[name] = (
-            float(f"{value:.6g}") if isinstance(value, float) else value
-        )
+        out.setdefault(section, {})[name] = value  # exact: YAML writes a float's repr
     return out
 
 
@@ -204,7 +202,12 @@ REFIT_TAGS = {  # search.json key -> the refit run's tag
 
 def read_refit(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """A finished search's folder (``tune.out``) -> (its best params, as sections' values, for
-    ``load_params``'s overlay; the tags that link the refit run to the search and trial)."""
+    ``load_params``'s overlay; the tags that link the refit run to the search and trial).
+
+    best_params.yaml may set only the keys the search searched (search.json's ``values``): a
+    key it never searched (``train.epochs``, ``mlflow.experiment``) belongs in params.yaml or
+    ``--set``. A float that search.json holds exactly and best_params.yaml rounded (files of
+    earlier versions wrote 6 digits) is the trial's exact value."""
     from pipeline.config import ConfigError
     from pipeline.paramsfile import read_yaml
 
@@ -218,7 +221,38 @@ def read_refit(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise ConfigError(f"--refit {files[1]}: not written by danet tune ({err})") from None
     if not isinstance(origin, dict) or not all(k in origin for k in REFIT_TAGS):
         raise ConfigError(f"--refit {files[1]}: not written by danet tune (no search named)")
-    return overlay, {tag: str(origin[key]) for key, tag in REFIT_TAGS.items()}
+    values = origin.get("values")
+    if not isinstance(values, dict) or not values:
+        raise ConfigError(f"--refit {files[1]}: not written by danet tune (no searched values)")
+    return _searched_only(overlay, values, files[0]), {
+        tag: str(origin[key]) for key, tag in REFIT_TAGS.items()
+    }
+
+
+def _searched_only(overlay: dict[str, Any], values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """best_params.yaml's sections, each key one the search searched; rounded floats exact."""
+    from pipeline.config import ConfigError
+
+    searched = {".".join(key.split(".")[:2]): key for key in values}  # train.loss_weights.pam
+    for section, entries in overlay.items():
+        if not isinstance(entries, dict):
+            raise ConfigError(f"--refit {path}: {section} must be a mapping of params")
+        for name, value in entries.items():
+            key = f"{section}.{name}"
+            if key not in searched:
+                raise ConfigError(
+                    f"--refit {path}: {key} was not searched (the search varied "
+                    f"{', '.join(sorted(values))}): set it in params.yaml or with --set"
+                )
+            exact = values.get(key)
+            if (
+                isinstance(exact, float)
+                and isinstance(value, float)
+                and value != exact
+                and value == float(f"{exact:.6g}")
+            ):
+                entries[name] = exact
+    return overlay
 
 
 def format_trials(trials: list[Trial], best: Trial) -> str:
