@@ -19,6 +19,47 @@ from pipeline.errors import ConfigError, ServiceError
 from pipeline.locations import is_url
 
 
+def _host() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def tmp_prefix(out: Path) -> str:
+    """The temporary sibling's name prefix: ``.<name>.tmp-<host>-<pid>-``, so that a later run
+    can tell its own command's debris (a killed writer's) from a live writer's."""
+    return f".{out.name}.tmp-{_host()}-{os.getpid()}-"
+
+
+def sweep_stale(out: Path) -> None:
+    """Delete the temporary siblings of ``out`` that a process of this host wrote and that no
+    longer runs (a SIGKILLed command's: a later run of it cleans them); a live writer's stay."""
+    host = _host()
+    try:
+        found = list(out.parent.glob(f".{out.name}.tmp-{host}-*"))
+    except OSError:
+        return
+    for path in found:
+        pid = path.name[len(f".{out.name}.tmp-{host}-") :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``out``; it replaces ``out`` when the block ends
@@ -26,7 +67,8 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        sweep_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(out), dir=out.parent))
     except OSError as err:
         raise ServiceError(f"{out}: cannot write the output here ({err.strerror or err})") from None
     try:
@@ -60,7 +102,8 @@ def atomic_file(path: Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+        sweep_stale(path)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix(path), suffix=path.suffix)
     except OSError as err:
         raise ServiceError(f"{path}: cannot write here ({err.strerror or err})") from None
     os.close(fd)

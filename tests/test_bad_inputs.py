@@ -1765,3 +1765,33 @@ def test_training_workers_that_cannot_start_end_the_command(case_project: Path) 
     assert time.monotonic() - start < 240
     assert {p: digest(tmp / p) for p in before} == before
     assert not (tmp / "previous/train/model.pt").exists()
+
+
+def test_the_next_run_cleans_a_killed_runs_temporary_files(tmp_path: Path) -> None:
+    """A command SIGKILLed while it wrote leaves its temporary sibling (a 51 MB ONNX export, a
+    shard folder): the next write of the same output deletes those of this host whose writer is
+    dead (the pid in the name), never a live writer's."""
+    from pipeline.outputs import atomic_dir, atomic_file, tmp_prefix
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is no process now
+    out = tmp_path / "model.onnx"
+    live = tmp_prefix(out).replace(f"-{os.getpid()}-", f"-{os.getppid()}-")
+    killed = tmp_prefix(out).replace(f"-{os.getpid()}-", f"-{dead.pid}-")
+    debris = [tmp_path / f"{killed}abc.onnx", tmp_path / f"{killed}abc.onnx.float.onnx"]
+    for path in [*debris, tmp_path / f"{live}xyz.onnx"]:
+        path.write_bytes(b"\0" * 1024)
+    other_host = tmp_path / f".model.onnx.tmp-00000000-{dead.pid}-q.onnx"
+    other_host.write_bytes(b"another host's")
+    with atomic_file(out) as tmp:
+        tmp.write_text("new")
+    assert out.read_text() == "new" and not any(p.exists() for p in debris)
+    assert (tmp_path / f"{live}xyz.onnx").exists() and other_host.exists()
+
+    shards = tmp_path / "shards"
+    stale = tmp_path / (tmp_prefix(shards).replace(f"-{os.getpid()}-", f"-{dead.pid}-") + "k")
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "train-000000.tar").write_bytes(b"half a shard")
+    with atomic_dir(shards) as folder:
+        (folder / "manifest.json").write_text("{}")
+    assert not stale.exists() and (shards / "manifest.json").is_file()
