@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from pipeline.config import Params
 from pipeline.errors import ConfigError
 from pipeline.locations import is_url
+from pipeline.modelrefs import parse_model_ref
 from pipeline.outputs import project_path
 
 
@@ -60,12 +61,8 @@ def locations(p: Params) -> dict[str, str]:
     }
     found |= {"synthetic.out": p.synthetic.out, "predict.out": p.predict.out}
     for key, model in (("evaluate.model", p.evaluate.model), ("predict.model", p.predict.model)):
-        if (
-            model != "auto"
-            and not model.startswith(("models:/", "runs:/"))
-            and Path(model).exists()
-        ):
-            found[key] = model
+        if model != "auto" and parse_model_ref(model).kind in ("file", "onnx"):
+            found[key] = model if Path(model).exists() else ""
     found |= _mlflow_stores(p.mlflow.tracking_uri)
     if (root := repository_root()) is not None:
         found["the git repository"] = str(root / ".git")

@@ -285,3 +285,25 @@ def test_a_runs_identity_is_the_code_that_decides_its_weights(tmp_path: Path) ->
         "pipeline/registry/register.py",
     }
     assert not reports & changed, sorted(reports & changed)
+
+
+# a concept's literals, and the one module that may spell them (issue 34: one owner per concept)
+OWNED = {
+    "models:/": "pipeline/modelrefs.py",
+    "runs:/": "pipeline/modelrefs.py",
+    "model.pt": "pipeline/modelrefs.py",
+}
+
+
+def test_each_concept_is_spelled_by_its_owner_only() -> None:
+    """A model reference is parsed (and a ``models:/``/``runs:/`` URI built) in
+    pipeline/modelrefs.py only: every other module asks it."""
+    wrong = []
+    for path in project_files():
+        where = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                owner = OWNED.get(node.value)
+                if owner is not None and owner != where:
+                    wrong.append(f"{where}:{node.lineno} {node.value!r} (owner: {owner})")
+    assert not wrong, f"spelled outside its owner: {wrong}"

@@ -22,6 +22,7 @@ from torch import nn
 from pipeline.artifacts.onnxgraph import INPUT, OUTPUT
 from pipeline.artifacts.refs import LoadedModel, load_model
 from pipeline.errors import ModelError, first_line
+from pipeline.modelrefs import parse_model_ref
 
 METADATA = ("classes", "palette", "dataset", "source_ref", "source_sha256")
 CUDA = "CUDAExecutionProvider"
@@ -167,7 +168,7 @@ def load_onnx(path: str | Path, device: torch.device | None = None) -> tuple[Onn
 
 
 def is_onnx(ref: str) -> bool:
-    return Path(ref).suffix == ".onnx" and not ref.startswith(("models:/", "runs:/"))
+    return parse_model_ref(ref).kind == "onnx"
 
 
 def load_any_model(

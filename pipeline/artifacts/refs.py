@@ -1,14 +1,8 @@
-"""Resolve a model reference to an inference module and its class table.
-
-A reference is a ``model.pt`` file written by training, an MLflow run id (its served model once
-registered, else the weights it logged), ``runs:/<run_id>/model.pt`` (those weights),
-``runs:/<run_id>/model``, a logged-model URI ``models:/m-...``, or a registry URI such as
-``models:/danet-synthetic@champion`` or ``models:/danet-synthetic/3``.
-"""
+"""Resolve a model reference (pipeline/modelrefs.py: a ``model.pt``, a run id, ``runs:/``,
+``models:/``) to an inference module and its class table."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,18 +10,12 @@ from typing import Any
 from torch import nn
 
 from pipeline.artifacts.modelfile import load_model_file, palette_of
-from pipeline.artifacts.tracking import (
-    WEIGHTS_ARTIFACT,
-    logged_model_uri,
-    resolve_tracking_uri,
-    run_weights,
-    weights_run,
-)
+from pipeline.artifacts.tracking import logged_model_uri, resolve_tracking_uri, run_weights
 from pipeline.artifacts.tracking import tracking_uri as using
 from pipeline.errors import ModelError, first_line
+from pipeline.modelrefs import EXPECTED, WEIGHTS_FILE, parse_model_ref, run_artifact_uri
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
@@ -44,33 +32,31 @@ class LoadedModel:
 def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
     """Load ``ref``; a missing file, unknown run or registry entry, or corrupt file is one line.
     (``.onnx`` files: ``pipeline.artifacts.onnxfile.load_any_model``.)"""
-    path = Path(ref)
-    if not ref.startswith(("models:/", "runs:/")) and (
-        path.suffix in (".pt", ".pth") or path.exists()
-    ):
-        module, info = load_model_file(path)
+    parsed = parse_model_ref(ref)
+    if parsed.kind == "file":
+        module, info = load_model_file(parsed.path)
+        path = parsed.path
         return LoadedModel(module, info.classes, info.palette, info.dataset, ref, str(path), path)
+    if not parsed.in_mlflow:
+        raise ModelError(ref, f"not {EXPECTED}")
     import mlflow
     from mlflow.exceptions import MlflowException
 
     uri = ref
     try:
         with using(resolve_tracking_uri(tracking_uri or DEFAULT_TRACKING_URI)):
-            run_id = ref if RUN_ID.match(ref) else weights_run(ref)
-            found = logged_model_uri(run_id) if RUN_ID.match(ref) else None
-            if run_id and found is None:  # a training run: its weights (a file, no code)
-                weights = run_weights(run_id)
+            found = logged_model_uri(parsed.run_id) if parsed.kind == "run" else None
+            if parsed.is_run_weights or (parsed.kind == "run" and found is None):
+                weights = run_weights(parsed.run_id)  # a training run's: a file, no code
                 if weights is None:
                     raise ModelError(ref, "no MLflow run with this id holds a model")
                 module, info = load_model_file(weights)
-                uri = f"runs:/{run_id}/{WEIGHTS_ARTIFACT}"
+                uri = run_artifact_uri(parsed.run_id)
                 return LoadedModel(
                     module, info.classes, info.palette, info.dataset, ref, uri, Path(weights)
                 )
             if found is not None:
                 uri = found
-            elif not ref.startswith(("models:/", "runs:/")):
-                raise ModelError(ref, "not a model file, MLflow run id, runs:/ or models:/ URI")
             logged = mlflow.models.get_model_info(uri)  # the MLmodel file: YAML, no code
             meta: dict[str, Any] = logged.metadata or {}
             flavors = set(logged.flavors)
@@ -80,10 +66,10 @@ def load_model(ref: str, tracking_uri: str = "") -> LoadedModel:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except MlflowException as err:
         raise ModelError(ref, f"cannot load the model ({first_line(err)})") from None
-    weights = local / "artifacts" / "model.pt"
+    weights = local / "artifacts" / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelError(
-            ref, "the logged model has no artifacts/model.pt (not logged by danet train)"
+            ref, f"the logged model has no artifacts/{WEIGHTS_FILE} (not logged by danet train)"
         )
     module, info = load_model_file(weights)
     if list(info.classes) != list(meta["classes"]):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ServiceError
+from pipeline.modelrefs import WEIGHTS_FILE, parse_model_ref
 from pipeline.outputs import project_path
 
 RUN_NAME_TAG = "danet.run_name"
@@ -240,16 +241,6 @@ def logged_model_uri(run_id: str) -> str | None:
     return models[0].model_uri if models else None
 
 
-WEIGHTS_ARTIFACT = "model.pt"  # a training run's weights, logged as a plain artifact
-
-
-def weights_run(ref: str) -> str:
-    """The run id of ``runs:/<id>/model.pt``, a training run's weights artifact ("" otherwise)."""
-    parts = ref.removeprefix("runs:/").split("/")
-    is_weights = ref.startswith("runs:/") and parts[1:] == [WEIGHTS_ARTIFACT]
-    return parts[0] if is_weights else ""
-
-
 def run_weights(run_id: str) -> Path | None:
     """The run's ``model.pt`` artifact, downloaded (None: no such run, or it logged no weights)."""
     import mlflow
@@ -258,9 +249,9 @@ def run_weights(run_id: str) -> Path | None:
 
     try:
         names = {a.path for a in MlflowClient().list_artifacts(run_id)}
-        if WEIGHTS_ARTIFACT not in names:
+        if WEIGHTS_FILE not in names:
             return None
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model.pt"))
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_FILE))
     except MlflowException:
         return None
 
@@ -273,10 +264,12 @@ def model_run(ref: str) -> tuple[str, str | None] | None:
 
     from pipeline.artifacts.modelfile import read_model_info
 
+    parsed = parse_model_ref(ref)
     try:
-        if run_id := weights_run(ref):
+        if parsed.is_run_weights:
+            run_id = parsed.run_id
             mlflow.get_run(run_id)
-        elif ref.startswith(("models:/", "runs:/")):
+        elif parsed.kind in ("runs", "models"):
             info = mlflow.models.get_model_info(ref)
             return (info.run_id, info.model_id) if info.run_id else None
         else:
@@ -287,7 +280,7 @@ def model_run(ref: str) -> tuple[str, str | None] | None:
         uri = logged_model_uri(run_id)
     except MlflowException:
         return None
-    return run_id, uri.removeprefix("models:/") if uri else None
+    return run_id, parse_model_ref(uri).model_name if uri else None
 
 
 def log_scores(uri: str, ref: str, metrics: Mapping[str, float], dataset: tuple[str, str]) -> bool:

@@ -32,6 +32,7 @@ from pipeline.data.preview import Row, prediction_rows
 from pipeline.devices import autocast, pick_device
 from pipeline.errors import DataError, first_line
 from pipeline.evaluation.record import REPORT, Evaluation
+from pipeline.modelrefs import WEIGHTS_FILE
 from pipeline.outputs import atomic_dir, check_output, check_outside, check_own
 from pipeline.pictures import plot_confusion_matrix, prediction_grid, save_png, write_per_class_iou
 from pipeline.scores import best
@@ -235,7 +236,7 @@ def log_to_model(evaluation: Evaluation, ref: str, tracking_uri: str) -> None:
 
 def candidates(p: Params) -> list[str]:
     """The model files ``evaluate.model: auto`` chooses from: train.out's and tune.out's."""
-    return [str(Path(p.train.out) / "model.pt"), str(Path(p.tune.out) / "model.pt")]
+    return [str(Path(p.train.out) / WEIGHTS_FILE), str(Path(p.tune.out) / WEIGHTS_FILE)]
 
 
 def write_report(

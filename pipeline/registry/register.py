@@ -25,6 +25,7 @@ from pipeline.config import ConfigError, Params, RegisterParams
 from pipeline.errors import DataError, ServiceError, first_line
 from pipeline.evaluation.record import REPORT, Evaluation
 from pipeline.locks import exclusive
+from pipeline.modelrefs import registry_uri
 from pipeline.outputs import atomic_file
 from pipeline.registry.served import (
     TORCH,
@@ -273,7 +274,7 @@ def _register(
         eval_protocol=evaluation.protocol,
         champion_version=champion_version,
         champion_eval_miou=champion_miou,
-        champion_uri=f"models:/{name}@{CHAMPION}",
+        champion_uri=registry_uri(name, CHAMPION),
         runtimes=tags["runtimes"],
     )
 

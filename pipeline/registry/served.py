@@ -20,13 +20,13 @@ from pipeline.artifacts.tracking import (
     log_scores,
     model_run,
     run_weights,
-    weights_run,
 )
 from pipeline.config import ConfigError
 from pipeline.errors import DataError, ModelError, first_line
 from pipeline.evaluation.record import Evaluation
+from pipeline.modelrefs import WEIGHTS_FILE, parse_model_ref
 
-WEIGHTS = "model.pt"  # the weights' entry in a served model's sha256 metadata
+WEIGHTS = WEIGHTS_FILE  # the weights' entry in a served model's sha256 metadata
 TORCH = "torch"  # the runtime of the weights (pipeline/artifacts/serving.py RUNTIMES)
 
 
@@ -92,9 +92,9 @@ def mlflow_model_uri(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    run_id = weights_run(model_uri)
+    ref = parse_model_ref(model_uri)
     weights: Path | None = None
-    if model_uri.startswith(("models:/", "runs:/")) and not run_id:
+    if ref.in_mlflow and not ref.is_run_weights:
         try:
             info = mlflow.models.get_model_info(model_uri)
         except MlflowException as err:
@@ -113,7 +113,7 @@ def mlflow_model_uri(
                 model_uri, "has no MLflow run to register it from (trained without one)"
             )
         run_id = found[0]
-        weights = Path(model_uri) if not model_uri.startswith("runs:/") else None
+        weights = ref.path if ref.kind == "file" else None
     digests = {item.runtime: item.sha256 for item in attachments}
     weights_sha256 = ""  # hashed once: by the check, else by log_into_run
     if attachments:  # checked before a served model is looked for or logged

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts.modelfile import read_model_info
-from pipeline.artifacts.refs import RUN_ID
 from pipeline.codebase import PROJECT, closure
 from pipeline.config import ConfigError, DataParams, ModelParams, TrainParams
 from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, largest_side
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
+from pipeline.modelrefs import parse_model_ref
 
 # A run's code identity is the code that decides its weights: the import closure of the worker
 # (the model library, loop, loss, loader and augmentation, this job, the checkpoint and model
@@ -153,7 +153,8 @@ def resolve_init_from(model: ModelParams) -> ModelParams:
     """``model.init_from`` as a model file is checked here, before Ray starts, and made absolute:
     the workers run in other working directories. MLflow references are resolved by them."""
     ref = model.init_from
-    if not ref or ref.startswith(("models:/", "runs:/")) or RUN_ID.match(ref):
+    parsed = parse_model_ref(ref)
+    if not ref or parsed.in_mlflow:
         return model
     path = Path(ref).resolve()
     if not path.is_file():

@@ -15,6 +15,7 @@ from danet.inference import Protocol
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file, save_model_file
 from pipeline.config import MlflowParams
 from pipeline.data.preview import prediction_rows
+from pipeline.modelrefs import WEIGHTS_FILE
 from pipeline.outputs import atomic_dir
 from pipeline.pictures import (
     plot_confusion_matrix,
@@ -118,7 +119,7 @@ def write_outputs(
     summary = RunSummary(_scores(best), _scores(final), run_name, job.mlflow_run_id, job.dataset)
     with atomic_dir(out) as tmp:
         save_model_file(
-            tmp / "model.pt", state.best_model, model_info(job, best, job.mlflow_run_id)
+            tmp / WEIGHTS_FILE, state.best_model, model_info(job, best, job.mlflow_run_id)
         )
         (tmp / "metrics.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         write_curves(tmp, history)
@@ -126,7 +127,7 @@ def write_outputs(
             tmp / "per_class_iou.csv", zip(job.classes, best.iou_per_class, strict=True)
         )
         plot_curves(history.steps, history.evals, tmp / "curves.png", f"{run_name} ({job.dataset})")
-        segmenter, _ = load_model_file(tmp / "model.pt")  # also checks the file just written
+        segmenter, _ = load_model_file(tmp / WEIGHTS_FILE)  # also checks the file just written
         rows = prediction_rows(segmenter.eval(), job.val_shards, num_images)
         if rows:
             save_png(prediction_grid(rows, job.palette), tmp / "val_predictions.png")
@@ -152,7 +153,7 @@ def log_outputs(job: TrainJob, out: Path, summary: RunSummary, tracking: MlflowP
             if (out / name).exists():
                 mlflow.log_artifact(str(out / name))
         if tracking.log_model:  # the weights only: loading them runs no code (weights_only)
-            mlflow.log_artifact(str(out / "model.pt"))
+            mlflow.log_artifact(str(out / WEIGHTS_FILE))
         # the run's own validation (pipeline/scores.py), by the whole-image protocol; the
         # evaluate stage's score is eval_miou, under its eval_protocol, on the registry's version
         mlflow.set_tags({TRAINING_SCORE: f"{best[VAL_MIOU]:.4f}", "val_protocol": Protocol().name})
