@@ -180,7 +180,7 @@ def print_report(report: Any, out: str | Path) -> None:
 
 
 def tracking_uri(p: Params) -> str:
-    from pipeline.artifacts.tracking import resolve_tracking_uri
+    from pipeline.mlflowstore import resolve_tracking_uri
 
     return resolve_tracking_uri(p.mlflow.tracking_uri)
 

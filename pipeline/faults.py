@@ -12,6 +12,7 @@ import errno
 import os
 
 from pipeline.errors import ServiceError, cause_chain, first_line
+from pipeline.mlflowstore import configured_uri
 
 # errno values that describe the machine, not the code
 ENVIRONMENT = {
@@ -56,7 +57,7 @@ def environment_fault(err: BaseException, tracking_uri: str = "") -> ServiceErro
         if (problem := _object_store_error(cause)) is not None:
             return ServiceError(f"{first_line(cause)}: {problem}")
         if _database_error(cause):
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+            uri = configured_uri(tracking_uri)
             where = f"mlflow.tracking_uri {uri}" if uri else "mlflow.tracking_uri"
             orig = getattr(cause, "orig", None) or cause
             return ServiceError(

@@ -16,25 +16,9 @@ from pathlib import Path, PurePosixPath
 from pipeline.config import Params
 from pipeline.errors import ConfigError
 from pipeline.locations import is_url
+from pipeline.mlflowstore import local_paths
 from pipeline.modelrefs import parse_model_ref
 from pipeline.outputs import project_path
-
-
-def _mlflow_stores(uri: str) -> dict[str, str]:
-    """The local files of a tracking URI: a SQLite database and its artifacts beside it, or a
-    folder store. A server's are its own."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
-    if uri.startswith("sqlite:///"):
-        database = project_path(uri[len("sqlite:///") :])
-        return {
-            "mlflow.tracking_uri": str(database),
-            "mlflow.tracking_uri (its artifacts)": str(database.parent / "mlruns"),
-        }
-    if uri.startswith("file:"):
-        return {"mlflow.tracking_uri": str(project_path(uri.removeprefix("file://")))}
-    if uri and not is_url(uri):
-        return {"mlflow.tracking_uri": str(project_path(uri))}
-    return {}
 
 
 def repository_root() -> Path | None:
@@ -63,7 +47,7 @@ def locations(p: Params) -> dict[str, str]:
     for key, model in (("evaluate.model", p.evaluate.model), ("predict.model", p.predict.model)):
         if model != "auto" and parse_model_ref(model).kind in ("file", "onnx"):
             found[key] = model if Path(model).exists() else ""
-    found |= _mlflow_stores(p.mlflow.tracking_uri)
+    found |= local_paths(p.mlflow.tracking_uri)
     if (root := repository_root()) is not None:
         found["the git repository"] = str(root / ".git")
         # the cache, not all of .dvc: experiments run in copies under .dvc/tmp/exps and write

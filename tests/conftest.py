@@ -60,7 +60,7 @@ def use_experiment(uri: str, name: str) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.artifacts.tracking import artifact_root
+    from pipeline.mlflowstore import artifact_root
 
     client = MlflowClient(uri)
     if client.get_experiment_by_name(name) is None:
@@ -403,7 +403,7 @@ def log_model(uri: str, dataset: str = "synthetic") -> str:
     import mlflow
     import torch
 
-    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.mlflowstore import tracking_uri
 
     metadata = {"classes": ["a", "b"], "palette": [[0, 0, 0], [255, 255, 255]], "dataset": dataset}
     with tracking_uri(uri):

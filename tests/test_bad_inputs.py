@@ -249,7 +249,7 @@ def pytorch_flavour_model(tmp: Path) -> None:
     """A model logged with MLflow's pytorch flavour: a pickled module, registered as m/1."""
     import mlflow
 
-    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.mlflowstore import tracking_uri
 
     metadata = {"classes": ["a", "b"], "palette": [[0, 0, 0], [1, 1, 1]], "dataset": "synthetic"}
     with tracking_uri(uri := f"sqlite:///{tmp / 'mlflow.db'}"):

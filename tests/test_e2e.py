@@ -95,7 +95,7 @@ def served_labels(repo: Path, runtimes: tuple[str, ...]) -> dict[str, np.ndarray
     import pandas as pd
     from PIL import Image
 
-    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.mlflowstore import tracking_uri
 
     image = next((repo / "data/examples/images/val").glob("*.png")).read_bytes()
     with tracking_uri(f"sqlite:///{repo / 'mlflow.db'}"):

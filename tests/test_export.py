@@ -318,7 +318,7 @@ def test_register_attaches_the_onnx_file_and_the_pyfunc_serves_it_on_request(
     from PIL import Image
 
     from pipeline.artifacts.serving import RequestError
-    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.mlflowstore import tracking_uri
     from pipeline.config import RegisterParams
     from pipeline.errors import DataError
     from pipeline.registry.register import register
@@ -388,7 +388,7 @@ def test_register_refuses_a_graph_that_is_not_the_weights_whatever_its_metadata(
     from onnx import numpy_helper
 
     from pipeline.artifacts.onnxfile import check_same_model
-    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.mlflowstore import tracking_uri
     from pipeline.config import RegisterParams
     from pipeline.errors import ModelError
     from pipeline.registry.register import register

@@ -274,7 +274,7 @@ def test_a_runs_identity_is_the_code_that_decides_its_weights(tmp_path: Path) ->
         "pipeline/logs.py",
         "pipeline/cli.py",
         "pipeline/artifacts/serving.py",
-        "pipeline/artifacts/tracking.py",
+        "pipeline/mlflowstore.py",
         "pipeline/training/tracker.py",
         "pipeline/training/results.py",
         "pipeline/training/search.py",

@@ -74,7 +74,7 @@ def log_and_register(tmp_path: Path, shards: Path) -> tuple[str, Path]:
 
     from pipeline.artifacts.modelfile import read_model_info
     from pipeline.artifacts.serving import log_served_model
-    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.mlflowstore import tracking_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     model_file = write_model_file(tmp_path / "model.pt", shards)
@@ -110,7 +110,7 @@ def test_logged_model_takes_images_and_returns_label_maps(
     import mlflow
     import pandas as pd
 
-    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.mlflowstore import tracking_uri
 
     uri, model_file = log_and_register(tmp_path, tiny_shards)
     image = np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)

@@ -186,7 +186,7 @@ def test_register_logs_the_served_model_from_a_training_runs_weights(
     from mlflow.tracking import MlflowClient
 
     from pipeline.artifacts.refs import load_model
-    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.mlflowstore import tracking_uri
     from tests.conftest import write_model_file
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -102,7 +102,7 @@ def test_an_active_experiment_left_by_the_caller_does_not_block_resuming_a_run(
     the pipeline's start_run(run_id=...) refuse its own run of another experiment."""
     import mlflow
 
-    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.mlflowstore import tracking_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with tracking_uri(uri):

@@ -22,6 +22,7 @@ import torch
 from danet import DANetConfig, build_danet
 from danet.model import Segmenter
 from pipeline.errors import ModelError, first_line
+from pipeline.modelrefs import parse_model_ref
 
 
 @dataclass(frozen=True)
@@ -147,3 +148,11 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def recorded_run(ref: str) -> str:
+    """The MLflow run a model file names (its training run); "" for any other reference."""
+    parsed = parse_model_ref(ref)
+    if parsed.kind != "file":
+        return ""
+    return str(read_model_info(parsed.path).meta.get("mlflow_run_id", ""))

@@ -10,9 +10,9 @@ from typing import Any
 from torch import nn
 
 from pipeline.artifacts.modelfile import load_model_file, palette_of
-from pipeline.artifacts.tracking import logged_model_uri, resolve_tracking_uri, run_weights
-from pipeline.artifacts.tracking import tracking_uri as using
 from pipeline.errors import ModelError, first_line
+from pipeline.mlflowstore import logged_model_uri, resolve_tracking_uri, run_weights
+from pipeline.mlflowstore import tracking_uri as using
 from pipeline.modelrefs import EXPECTED, WEIGHTS_FILE, parse_model_ref, run_artifact_uri
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"

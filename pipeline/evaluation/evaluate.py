@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from danet.inference import Protocol, infer, to_input
 from danet.metrics import ConfusionMatrix, summarize
-from pipeline.artifacts.modelfile import read_model_info
+from pipeline.artifacts.modelfile import read_model_info, recorded_run
 from pipeline.artifacts.onnxfile import load_any_model
 from pipeline.artifacts.refs import LoadedModel
 from pipeline.config import ConfigError, EvaluateParams, Params, PredictParams
@@ -223,12 +223,11 @@ def check_counted(matrix: torch.Tensor, manifest: Manifest, split: str) -> None:
 def log_to_model(evaluation: Evaluation, ref: str, tracking_uri: str) -> None:
     """The scores on the evaluated model's MLflow run and logged model, named by split and
     protocol (``val/official-whole-flip/miou``, ``val/official-whole-flip/iou/Road``)."""
-    from pipeline.artifacts.tracking import log_scores
+    from pipeline.mlflowstore import log_scores
 
     try:
-        if not log_scores(
-            tracking_uri, ref, evaluation.mlflow_metrics(), evaluation.mlflow_dataset()
-        ):
+        metrics, dataset = evaluation.mlflow_metrics(), evaluation.mlflow_dataset()
+        if not log_scores(tracking_uri, ref, metrics, dataset, recorded_run(ref)):
             log.info("%s has no MLflow run: the scores are in metrics.json only", ref)
     except Exception as err:  # MLflow down: the report is written all the same
         log.warning("MLflow unreachable (%s): the scores are in metrics.json only", first_line(err))

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts.tracking import git_state
 from pipeline.config import ConfigError, Params, RegisterParams
 from pipeline.errors import DataError, ServiceError, first_line
 from pipeline.evaluation.record import REPORT, Evaluation
 from pipeline.locks import exclusive
+from pipeline.mlflowstore import git_state
 from pipeline.modelrefs import registry_uri
 from pipeline.outputs import atomic_file
 from pipeline.registry.served import (
@@ -183,11 +183,12 @@ def register(params: RegisterParams, tracking_uri: str) -> Registration:
     """Register the model of ``params.eval_metrics``; returns (and writes) what was decided."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.artifacts.tracking import tracking_uri as using
+    from pipeline.mlflowstore import sqlite_database
+    from pipeline.mlflowstore import tracking_uri as using
 
     evaluation = Evaluation.read(Path(params.eval_metrics))
     attachments = read_attachments(params.onnx)  # each file checked before MLflow is touched
-    store = tracking_uri.removeprefix("sqlite:///") if "sqlite:" in tracking_uri else tracking_uri
+    store = str(sqlite_database(tracking_uri) or tracking_uri)
     with (
         # one register at a time on this host; a server's registry: the champion's compare-and-set
         exclusive(store, f"the registry of {tracking_uri}", wait=True, lease=False),

@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts.modelfile import file_sha256, read_model_info
-from pipeline.artifacts.tracking import (
+from pipeline.artifacts.modelfile import file_sha256, read_model_info, recorded_run
+from pipeline.config import ConfigError
+from pipeline.errors import DataError, ModelError, first_line
+from pipeline.evaluation.record import Evaluation
+from pipeline.mlflowstore import (
     RUN_NAME_TAG,
     log_scores,
     model_run,
     run_weights,
 )
-from pipeline.config import ConfigError
-from pipeline.errors import DataError, ModelError, first_line
-from pipeline.evaluation.record import Evaluation
 from pipeline.modelrefs import WEIGHTS_FILE, parse_model_ref
 
 WEIGHTS = WEIGHTS_FILE  # the weights' entry in a served model's sha256 metadata
@@ -107,7 +107,7 @@ def mlflow_model_uri(
 
         run_id, weights = info.run_id, load_model(model_uri).weights  # its model.pt, downloaded
     else:
-        found = model_run(model_uri)  # the reference -> run look-up (pipeline/artifacts/tracking)
+        found = model_run(model_uri, recorded_run(model_uri))
         if found is None:
             raise ModelError(
                 model_uri, "has no MLflow run to register it from (trained without one)"

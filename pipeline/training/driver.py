@@ -180,7 +180,7 @@ def run_training(
     last checkpoint); ``restart`` deletes the run's checkpoints and trains it anew. ``tags`` go
     onto its MLflow run, new or found (a refit's link to its search).
     """
-    from pipeline.artifacts import tracking as mlt
+    from pipeline import mlflowstore as mlt
 
     job = prepare_job(model, data, train)
     check_output(train.out, "train.out")
@@ -212,7 +212,7 @@ def train_run(
     tags: dict[str, str] | None = None,
 ) -> RunSummary:
     """Train (or resume) the run ``run_name`` and write its outputs; the caller holds its lock."""
-    from pipeline.artifacts import tracking as mlt
+    from pipeline import mlflowstore as mlt
 
     train = job.train
     run_dir = f"{storage_uri(train.storage_path)}/{run_name}"
@@ -261,7 +261,7 @@ def reuse(
     """A finished run of the same identity: its outputs again, without training."""
     from ray.train import Checkpoint
 
-    from pipeline.artifacts import tracking as mlt
+    from pipeline import mlflowstore as mlt
 
     log.info(
         "[train] run %s already finished with this code, params and data: reusing it (--restart trains it anew)",

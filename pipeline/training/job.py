@@ -41,7 +41,7 @@ NOT_WEIGHTS = (
     "pipeline.training.tracker",
     "pipeline.training.results",
     "pipeline.artifacts.refs",
-    "pipeline.artifacts.tracking",
+    "pipeline.mlflowstore",
     "pipeline.artifacts.serving",
 )
 # Params that do not change a run's result: left out of its identity.

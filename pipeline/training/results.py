@@ -144,7 +144,7 @@ def log_outputs(job: TrainJob, out: Path, summary: RunSummary, tracking: MlflowP
     marks it FINISHED. The served pyfunc is built from that file when it is registered."""
     import mlflow
 
-    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.mlflowstore import tracking_uri
 
     best = summary.best
     with tracking_uri(job.tracking_uri), mlflow.start_run(run_id=job.mlflow_run_id):

@@ -83,7 +83,7 @@ def prepare_search(
     run out of the way), so it starts anew; otherwise a started search resumes and a finished
     one is reused: Tuner.restore gives its results without training.
     """
-    from pipeline.artifacts import tracking as mlt
+    from pipeline import mlflowstore as mlt
 
     job = check_space(model, data, trial_train(train, tune), tune)
     check_output(tune.out, "tune.out")
@@ -217,7 +217,7 @@ def run_search(
     restart: bool = False,
 ) -> SearchSummary:
     """Run, resume or reuse the search; write the best trial's outputs; return its summary."""
-    from pipeline.artifacts import tracking as mlt
+    from pipeline import mlflowstore as mlt
 
     # Ctrl-C stops the search like SIGTERM does (the CLI unwinds, trials keep their checkpoints,
     # the next run resumes); Tune's own handler would return the unfinished trials as results.

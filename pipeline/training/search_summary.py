@@ -87,7 +87,7 @@ def summarize_search(
     from mlflow.tracking import MlflowClient
     from ray.train import Checkpoint
 
-    from pipeline.artifacts import tracking as mlt
+    from pipeline import mlflowstore as mlt
 
     client = MlflowClient(search.job.tracking_uri)
     for trial in trials:
@@ -121,7 +121,7 @@ def summarize_search(
 def log_search(search: SearchJob, best: Trial, out: Path) -> None:
     import mlflow
 
-    from pipeline.artifacts.tracking import tracking_uri
+    from pipeline.mlflowstore import tracking_uri
 
     with tracking_uri(search.job.tracking_uri), mlflow.start_run(run_id=search.parent_run_id):
         mlflow.log_metric("best_val_miou", best.best_val_miou)
@@ -133,7 +133,7 @@ def log_search(search: SearchJob, best: Trial, out: Path) -> None:
 
 
 def _trial_run_id(client: Any, search: SearchJob, trial: Trial) -> str:
-    from pipeline.artifacts.tracking import named_run
+    from pipeline.mlflowstore import named_run
 
     exp = client.get_experiment_by_name(search.experiment)
     run = named_run(client, exp.experiment_id, trial.run_name) if exp is not None else None

@@ -91,7 +91,7 @@ def tune_trial(config: dict[str, Any], search: SearchJob) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.artifacts import tracking as mlt
+    from pipeline import mlflowstore as mlt
 
     values = {key: plain(value) for key, value in config.items()}
     run_name = trial_run_name(search.search_name, ray.tune.get_context().get_trial_id())

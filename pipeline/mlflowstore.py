@@ -1,4 +1,5 @@
-"""MLflow: the tracking URI, runs found by name, and the model as MLflow logs and finds it.
+"""The MLflow store, owned here and asked by every stage: its URI and local files, runs found
+by name, their tags, and the models logged into them.
 
 One experiment per dataset, one MLflow run per training run (found again by its name when a run
 resumes). A training run holds its ``model.pt`` as an artifact; the served pyfunc
@@ -15,24 +16,53 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ServiceError
+from pipeline.locations import is_url
 from pipeline.modelrefs import WEIGHTS_FILE, parse_model_ref
 from pipeline.outputs import project_path
 
 RUN_NAME_TAG = "danet.run_name"
 
 
+SQLITE = "sqlite:///"
+
+
+def configured_uri(uri: str) -> str:
+    """The tracking URI in force: MLFLOW_TRACKING_URI wins over the param, as MLflow reads it."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or uri
+
+
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (a relative one: under the project), else None."""
+    return project_path(uri[len(SQLITE) :]) if uri.startswith(SQLITE) else None
+
+
+def local_paths(uri: str) -> dict[str, str]:
+    """The local files of the tracking URI in force (pipeline/stores.py keeps outputs off them):
+    a SQLite database and its artifacts beside it, or a folder store. A server's are its own."""
+    uri = configured_uri(uri)
+    if (database := sqlite_database(uri)) is not None:
+        return {
+            "mlflow.tracking_uri": str(database),
+            "mlflow.tracking_uri (its artifacts)": str(database.parent / "mlruns"),
+        }
+    if uri.startswith("file:"):
+        return {"mlflow.tracking_uri": str(project_path(uri.removeprefix("file://")))}
+    if uri and not is_url(uri):
+        return {"mlflow.tracking_uri": str(project_path(uri))}
+    return {}
+
+
 def resolve_tracking_uri(uri: str) -> str:
     """MLFLOW_TRACKING_URI wins over the param; relative sqlite paths become absolute; a server
     must answer its health check (one line error otherwise)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
-    if uri.startswith("sqlite:///"):
-        database = project_path(uri[len("sqlite:///") :])
+    uri = configured_uri(uri)
+    if (database := sqlite_database(uri)) is not None:
         folder = database.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             raise ServiceError(
                 f"mlflow.tracking_uri {uri}: {folder} is not a writable folder for the database"
             )
-        uri = f"sqlite:///{database}"
+        uri = f"{SQLITE}{database}"
     elif uri.startswith(("http://", "https://")):
         import requests
 
@@ -78,9 +108,8 @@ def artifact_root(uri: str) -> str | None:
     """Where a new experiment keeps its artifacts: a SQLite store's beside its database file
     (MLflow's default, ``./mlruns``, depends on the working directory of whoever asks first);
     a server's or a folder store's where they say."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
+    database = sqlite_database(uri)
+    return None if database is None else (database.resolve().parent / "mlruns").as_uri()
 
 
 def start_or_resume_run(
@@ -256,34 +285,34 @@ def run_weights(run_id: str) -> Path | None:
         return None
 
 
-def model_run(ref: str) -> tuple[str, str | None] | None:
-    """(run id, logged model id or None) of a model reference (a model.pt names its run), or
-    None when it has no run."""
+def model_run(ref: str, file_run_id: str = "") -> tuple[str, str | None] | None:
+    """(run id, logged model id or None) of a model reference, or None when it has no run;
+    ``file_run_id``: the run a model file names (pipeline/artifacts/modelfile.recorded_run)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.artifacts.modelfile import read_model_info
-
     parsed = parse_model_ref(ref)
     try:
-        if parsed.is_run_weights:
-            run_id = parsed.run_id
-            mlflow.get_run(run_id)
-        elif parsed.kind in ("runs", "models"):
+        if parsed.kind in ("runs", "models") and not parsed.is_run_weights:
             info = mlflow.models.get_model_info(ref)
             return (info.run_id, info.model_id) if info.run_id else None
-        else:
-            run_id = str(read_model_info(ref).meta.get("mlflow_run_id", ""))
-            if not run_id:
-                return None
-            mlflow.get_run(run_id)
+        run_id = parsed.run_id or file_run_id
+        if not run_id:
+            return None
+        mlflow.get_run(run_id)
         uri = logged_model_uri(run_id)
     except MlflowException:
         return None
     return run_id, parse_model_ref(uri).model_name if uri else None
 
 
-def log_scores(uri: str, ref: str, metrics: Mapping[str, float], dataset: tuple[str, str]) -> bool:
+def log_scores(
+    uri: str,
+    ref: str,
+    metrics: Mapping[str, float],
+    dataset: tuple[str, str],
+    file_run_id: str = "",
+) -> bool:
     """Log an evaluation's scores into the model's run, linked to the logged model (MLflow 3
     shows them on the model's page) and to the evaluated shards (``dataset``: the name and
     digest the run lists them under); False when the model has no MLflow run."""
@@ -291,7 +320,7 @@ def log_scores(uri: str, ref: str, metrics: Mapping[str, float], dataset: tuple[
     from mlflow.tracking import MlflowClient
 
     with tracking_uri(uri):
-        found = model_run(ref)
+        found = model_run(ref, file_run_id)
     if found is None:
         return False
     run_id, model_id = found
