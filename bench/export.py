@@ -103,7 +103,7 @@ def run_row(row: str, size: tuple[int, int], args: argparse.Namespace, files: di
     import numpy as np
     import torch
 
-    from pipeline.artifacts.export import probe_image
+    from pipeline.artifacts.onnxgraph import probe_image
 
     torch.set_num_threads(args.threads)
     image = probe_image((1, 3, *size))
@@ -171,8 +171,8 @@ def run_row(row: str, size: tuple[int, int], args: argparse.Namespace, files: di
 
 def export_files(args: argparse.Namespace, rows: list[str], folder: Path) -> dict[str, str]:
     """The ONNX files the ``rows`` need (fused, standard, int8, int8-standard), exported once."""
-    from pipeline.artifacts.export import calibration_images, probe_image, quantize_int8
-    from pipeline.artifacts.onnxgraph import export_onnx
+    from pipeline.artifacts.export import calibration_images, quantize_int8
+    from pipeline.artifacts.onnxgraph import export_onnx, probe_image
     from pipeline.config import ExportParams
 
     module = load_torch(args.model)

@@ -28,13 +28,12 @@ import numpy as np
 import torch
 
 from pipeline.artifacts.modelfile import file_sha256
-from pipeline.artifacts.onnxgraph import INPUT, OUTPUT, export_onnx
+from pipeline.artifacts.onnxgraph import INPUT, OUTPUT, export_onnx, probe_image
 from pipeline.artifacts.refs import LoadedModel, load_model
 from pipeline.config import ConfigError, ExportParams
 from pipeline.errors import DataError
 from pipeline.outputs import atomic_file, check_file_output, check_outside
 
-PROBE = (1, 3, 96, 128)  # the probe image's shape: stride 8 -> 12 x 16 features
 FLOAT_TOLERANCE = 1e-3  # max |logits| difference of the float export on the probe
 
 
@@ -56,17 +55,6 @@ class Exported:
             f"{self.megabytes:.1f} MB, {self.seconds:.0f} s; probe: max |dlogits| "
             f"{self.probe_max_abs:.2g}, labels agree on {self.probe_agreement:.2%})"
         )
-
-
-def probe_image(shape: tuple[int, ...] = PROBE, seed: int = 0) -> np.ndarray:
-    """A smooth, image-like (N, 3, H, W) float32 array in [0, 1]: blurred noise, not white noise,
-    so that the model's activations are in their usual range."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.random((shape[0], shape[1], shape[2] // 8 + 1, shape[3] // 8 + 1))
-    image = torch.nn.functional.interpolate(
-        torch.from_numpy(coarse).float(), size=shape[2:], mode="bilinear", align_corners=False
-    )
-    return image.clamp(0, 1).numpy()
 
 
 def metadata(model: LoadedModel, params: ExportParams, digest: str) -> dict[str, str]:

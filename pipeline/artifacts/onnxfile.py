@@ -124,7 +124,7 @@ INT8_RELATIVE = 0.1  # RMS of dlogits / the weights' logits' standard deviation
 def check_same_model(path: Path, module: nn.Module, quantized: bool) -> None:
     """The ONNX graph at ``path`` run on the probe image beside ``module`` (the weights it is
     attached to) must agree, whatever its metadata says: a foreign graph is one line."""
-    from pipeline.artifacts.export import probe_image
+    from pipeline.artifacts.onnxgraph import probe_image
 
     image = torch.from_numpy(probe_image())
     try:
@@ -134,10 +134,10 @@ def check_same_model(path: Path, module: nn.Module, quantized: bool) -> None:
     with torch.no_grad():
         theirs = module(image).numpy()
     if ours.shape != theirs.shape:
+        shapes = f"{list(ours.shape)} where the weights give {list(theirs.shape)}"
         raise ModelError(
-            path, f"gives logits of shape {list(ours.shape)} where the weights give "
-            f"{list(theirs.shape)}: not an export of the registered model",
-        )  # fmt: skip
+            path, f"gives logits of shape {shapes}: not an export of the registered model"
+        )
     max_abs = float(np.abs(ours - theirs).max())
     agree = float((ours.argmax(1) == theirs.argmax(1)).mean())
     relative = float(np.sqrt(((ours - theirs) ** 2).mean()) / max(float(theirs.std()), 1e-12))

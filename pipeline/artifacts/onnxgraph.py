@@ -22,6 +22,7 @@ import copy
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -98,3 +99,17 @@ def export_onnx(module: nn.Module, path: Path, attention: Attention, opset: int 
     )
     assert program is not None
     program.save(str(path))
+
+
+PROBE = (1, 3, 96, 128)  # the probe image's shape: stride 8 -> 12 x 16 features
+
+
+def probe_image(shape: tuple[int, ...] = PROBE, seed: int = 0) -> np.ndarray:
+    """A smooth, image-like (N, 3, H, W) float32 array in [0, 1]: blurred noise, not white noise,
+    so that the model's activations are in their usual range."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((shape[0], shape[1], shape[2] // 8 + 1, shape[3] // 8 + 1))
+    image = torch.nn.functional.interpolate(
+        torch.from_numpy(coarse).float(), size=shape[2:], mode="bilinear", align_corners=False
+    )
+    return image.clamp(0, 1).numpy()
