@@ -69,6 +69,11 @@ class Protocol:
             raise ValueError(f"scales must be positive, got {self.scales}")
         if self.window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {self.window_batch}")
+        if self.stride > self.crop:  # windows further apart than wide: pixels between them
+            raise ValueError(
+                f"stride {self.stride} is larger than crop {self.crop}: the sliding windows "
+                "would leave pixels between them unpredicted"
+            )
 
     @property
     def window_stride(self) -> int:
@@ -109,6 +114,65 @@ def scaled_size(h: int, w: int, scale: float, p: Protocol) -> tuple[int, int]:
     target = (int(p.test_scale[0] * scale), int(p.test_scale[1] * scale))
     factor = min(max(target) / max(h, w), min(target) / min(h, w))
     return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def _grid(n: int, crop: int, stride: int, official: bool) -> int:
+    """How many window positions cover a side of ``n`` pixels (as the windows functions lay them)."""
+    if official:
+        return math.ceil((max(n, crop) - crop) / stride) + 1
+    return max(n - crop + stride - 1, 0) // stride + 1
+
+
+def passes(h: int, w: int, p: Protocol) -> list[tuple[int, int, int]]:
+    """What ``infer`` runs the model on for an (h, w) image, before it runs: per scale (and
+    flip), (forward passes, height, width of each pass) -- the work and the memory a caller
+    bounds before it starts."""
+    official = p.reference == "official"
+    out = []
+    for scale in p.scales:
+        sh, sw = scaled_size(h, w, scale, p)
+        if p.mode == "whole":
+            out.append((1, sh, sw))
+        elif official and max(sh, sw) <= p.crop:
+            out.append((1, p.crop, p.crop))  # padded up to the crop
+        elif official:
+            stride = p.window_stride
+            n = _grid(sh, p.crop, stride, True) * _grid(sw, p.crop, stride, True)
+            out.append((n, p.crop, p.crop))
+        else:
+            n = _grid(sh, p.crop, p.window_stride, False) * _grid(
+                sw, p.crop, p.window_stride, False
+            )
+            out.append((n, min(p.crop, sh), min(p.crop, sw)))
+    flips = 2 if p.flip else 1
+    return [(n * flips, ph, pw) for n, ph, pw in out]
+
+
+def check_work(h: int, w: int, p: Protocol, max_pass: int, max_image: int, max_work: int) -> None:
+    """``ValueError`` (one line) unless the (h, w) image fits: each forward pass at most
+    ``max_pass`` pixels, the image at every scale at most ``max_image`` (its scores are held at
+    that size), and all passes together at most ``max_work`` pixels (0: unbounded)."""
+    for scale, (_, ph, pw) in zip(p.scales, passes(h, w, p), strict=True):
+        sh, sw = scaled_size(h, w, scale, p)
+        if min(sh, sw) < 1:
+            raise ValueError(f"{w}x{h} at scale {scale:g} is {sw}x{sh}: empty (larger scales)")
+        if sh * sw > max_image:
+            raise ValueError(
+                f"{w}x{h} at scale {scale:g} is {sw}x{sh}: over the {max_image:,} pixel limit "
+                "of one image (choose smaller scales or base_size)"
+            )
+        if ph * pw > max_pass:
+            raise ValueError(
+                f"{w}x{h} at scale {scale:g} takes a {pw}x{ph} forward pass: over the "
+                f"{max_pass:,} pixels of one pass (use mode slide, a smaller crop or scale)"
+            )
+    total = sum(n * ph * pw for n, ph, pw in passes(h, w, p))
+    if max_work and total > max_work:
+        count = sum(n for n, _, _ in passes(h, w, p))
+        raise ValueError(
+            f"{w}x{h} takes {count:,} forward passes over {total:,} pixels: over the "
+            f"{max_work:,} one request may ask for (send it smaller, fewer scales, no flip)"
+        )
 
 
 def _forward(model: nn.Module, x: torch.Tensor, p: Protocol) -> torch.Tensor:

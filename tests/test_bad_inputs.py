@@ -15,6 +15,7 @@ marked slow.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1521,6 +1523,126 @@ CASES = [
         ),
     ),
 ]
+
+# issue 35: pixels, collisions, windows
+
+
+def image_file(path: str, array: np.ndarray, fmt: str = "") -> Setup:
+    def setup(tmp: Path) -> None:
+        target = tmp / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(target, format=fmt or None)
+
+    return setup
+
+
+def images_at(*paths: str) -> Setup:
+    """Small black images at ``paths`` (the format from each suffix)."""
+    return both(*(image_file(p, np.zeros((6, 8, 3), np.uint8)) for p in paths))
+
+
+def bomb() -> bytes:
+    """A PNG of 8000x7000 black pixels (56 M, over the 50 M limit) in ~60 kB."""
+    buffer = io.BytesIO()
+    Image.new("L", (8000, 7000)).save(buffer, format="PNG", compress_level=9)
+    return buffer.getvalue()
+
+
+def replace_in_shard(change: Callable[[bytes], bytes]) -> Setup:
+    """The first image of the first val shard replaced by ``change(its bytes)``, the manifest's
+    digest and size updated to match: only decoding the image finds it."""
+
+    def setup(tmp: Path) -> None:
+        path = shard_file(tmp)
+        with tarfile.open(path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar]
+        out, done = io.BytesIO(), False
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for member, data in members:
+                image = member.name.endswith((".png", ".jpg")) and ".seg." not in member.name
+                if image and not done:
+                    data, done = change(data), True
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+        path.write_bytes(out.getvalue())
+
+        def digest_of(data: dict) -> None:
+            first_val_shard(data)["sha256"] = hashlib.sha256(out.getvalue()).hexdigest()
+            first_val_shard(data)["bytes"] = len(out.getvalue())
+
+        edit_manifest(digest_of)(tmp)
+
+    return setup
+
+
+FLOAT_RAMP = np.linspace(0, 255, 48, dtype=np.float32).reshape(6, 8)  # a float image, not [0, 1]
+CASES.extend(
+    [
+        Case(
+            "float image outside [0, 1]",
+            SHARD,
+            r".*camvid/val/img1\.png: unsupported pixels: float pixels from 0 to 255",
+            image_file("camvid/val/img1.png", FLOAT_RAMP, "TIFF"),
+        ),
+        Case(
+            "decompression bomb as a dataset image",
+            SHARD,
+            r".*camvid/val/img2\.png: too large to decode safely \(8000x7000 is over",
+            lambda t: write("camvid/val/img2.png", bomb())(t),
+        ),
+        Case(
+            "truncated image inside a shard",
+            EVALUATE,
+            r".*val-000000\.tar:\w+: bad image \(not a readable image \(truncated or corrupt",
+            replace_in_shard(lambda data: data[: len(data) // 2]),
+        ),
+        Case(
+            "decompression bomb inside a shard",
+            EVALUATE,
+            r".*val-000000\.tar:\w+: bad image \(8000x7000 is over the 50,000,000 pixel limit",
+            replace_in_shard(lambda _: bomb()),
+        ),
+        Case(
+            "predict inputs whose stems collide across folders",
+            [*PREDICT, "--out", "predicted", "in/a/x.png", "in/b/x.png"],
+            r"in/b/x\.png: would write x_mask\.png, as in/a/x\.png does: two inputs never share",
+            images_at("in/a/x.png", "in/b/x.png"),
+        ),
+        Case(
+            "predict inputs of one stem in two formats",
+            [*PREDICT, "--out", "predicted", "in"],
+            r"in/x\.png: would write x_mask\.png, as in/x\.jpg does",
+            images_at("in/x.png", "in/x.jpg"),
+        ),
+        Case(
+            "predict inputs whose names differ only in case",
+            [*PREDICT, "--out", "predicted", "in"],
+            r"in/x\.png: would write x_mask\.png, as in/X\.png does \(X_mask\.png: one file on a "
+            r"case-insensitive disk\)",
+            images_at("in/X.png", "in/x.png"),
+        ),
+        Case(
+            "explain inputs whose stems collide",
+            ["explain", "--model", "model.pt", "--out", "explained", "in/a", "in/b"],
+            r"in/b/x\.png: would write x_pam\.png, as in/a/x\.png does",
+            images_at("in/a/x.png", "in/b/x.png"),
+        ),
+        Case(
+            "predict scale past one forward pass",
+            [*PREDICT, "--out", "predicted", "--scales", "8", "--mode", "whole", "in/big.png"],
+            r"in/big\.png: 600x600 at scale 8 takes a 4800x4800 forward pass: over the "
+            r"16,777,216 pixels of one pass",
+            image_file("in/big.png", np.zeros((600, 600, 3), np.uint8)),
+            code=1,
+        ),
+        Case(
+            "predict stride larger than crop",
+            [*PREDICT, "--out", "predicted", "--set", "predict.stride=600", "in"],
+            r"predict.stride 600 is larger than predict.crop 512: .*unpredicted",
+            image_file("in/x.png", np.zeros((6, 8, 3), np.uint8)),
+        ),
+    ]
+)
 
 
 @pytest.fixture(scope="session")

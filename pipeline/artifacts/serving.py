@@ -9,6 +9,14 @@ same protocols either way. The answer has, per image, ``labels`` (a single-chann
 ids, base64), ``height`` and ``width``; the class names and palette are the model's metadata (and
 ``classes.json``). The logged model also carries ``model.pt``, the raw weights, for Python users
 (pipeline/artifacts/modelfile.py reads it), and the attached ``.onnx`` files.
+
+A request's work is bounded before any of it starts (``check_request``): every image is decoded
+(at most ``MAX_PIXELS``, pipeline/images.py) and its protocol's forward passes counted
+(danet/inference.py ``passes``): one pass at most ``MAX_CROP``² pixels, and all of an image's
+passes at most ``WORK_PER_PIXEL`` times its pixels (at least ``MIN_WORK``): a sliding window far
+larger than its image is refused at once instead of timing out. Every failure is one line of
+JSON (``RequestError``), never a stack trace: a bad request is HTTP 400, the model's own failure
+500 (its traceback goes to the server's log).
 """
 
 from __future__ import annotations
@@ -16,20 +24,25 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from danet.inference import label_map, protocol_for
+from danet.inference import Protocol, check_work, label_map, protocol_for
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file
 from pipeline.config import PredictParams
 from pipeline.devices import pick_device
+from pipeline.errors import first_line
 from pipeline.images import MAX_PIXELS, TooLarge, decode_rgb
+from pipeline.mlflowstore import WRITER_TAG
+from pipeline.outputs import writer_id
+from pipeline.schema import MAX_CROP, MAX_SIDE
 
 _PREDICT = PredictParams()  # the request's defaults are danet predict's
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -40,15 +53,19 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "runtime": "torch",
 }
 TORCH = "torch"
+log = logging.getLogger(__name__)
 RUNTIMES = (TORCH, "onnx", "onnx-int8")  # the weights; ONNX Runtime on a float or INT8 export
+WORK_PER_PIXEL = 16  # an image's forward passes may cover it this many times (slide + flip: 4.5)
+MIN_WORK = 1024 * 1024  # ... or this many pixels, whatever its size (a 512 window, 4 times)
 
 
 class RequestError(MlflowException):
-    """A bad request: HTTP 400 with one line and no stack trace. MLflow's scoring server prefixes
-    a prediction error's message with the request's repr (many lines); this keeps the first."""
+    """A failed request: one line and no stack trace, HTTP 400 (a bad request) or 500 (``error_code``
+    INTERNAL_ERROR: the model failed). MLflow's scoring server prefixes a prediction error's
+    message with the request's repr (many lines); this keeps the first."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+    def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE) -> None:
+        super().__init__(message, error_code=error_code)
 
     @property
     def message(self) -> str:
@@ -86,10 +103,32 @@ def check_params(params: dict[str, Any]) -> dict[str, Any]:
         raise RequestError(
             f"params.runtime must be {', '.join(RUNTIMES)}, got {options['runtime']!r}"
         )
-    for key, low in (("crop", 16), ("slide_above", 0)):
-        if not isinstance(options[key], int) or options[key] < low:
-            raise RequestError(f"params.{key} must be an integer >= {low}, got {options[key]!r}")
+    for key, low, high in (("crop", 16, MAX_CROP), ("slide_above", 0, MAX_SIDE)):
+        value = options[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise RequestError(f"params.{key} must be an integer >= {low}, got {value!r}")
+        if value > high:  # a window or a size past what one image may take
+            raise RequestError(f"params.{key} must be <= {high}, got {value}")
+    if not isinstance(options["flip"], bool):
+        raise RequestError(f"params.flip must be true or false, got {options['flip']!r}")
     return options
+
+
+def protocol_of(image: np.ndarray, options: dict[str, Any]) -> Protocol:
+    """The protocol of one image under the request's (checked) ``options``."""
+    keys = ("mode", "crop", "flip", "slide_above")  # a request's other params are not ours
+    return protocol_for(image.shape[:2], **{k: options[k] for k in keys})
+
+
+def check_request(images: list[np.ndarray], options: dict[str, Any]) -> None:
+    """Every image's work within the bounds (module docstring), before any of it starts."""
+    for i, image in enumerate(images):
+        h, w = image.shape[:2]
+        budget = max(WORK_PER_PIXEL * h * w, MIN_WORK)
+        try:
+            check_work(h, w, protocol_of(image, options), MAX_CROP**2, MAX_PIXELS, budget)
+        except ValueError as err:
+            raise RequestError(f"image {i}: {err}") from None
 
 
 def encode_labels(labels: np.ndarray) -> str:
@@ -117,11 +156,23 @@ class LabelMapModel(PythonModel):
                 self.segmenters[key] = load_onnx(context.artifacts[key], self.device)[0]
 
     def label(self, image: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-        keys = ("mode", "crop", "flip", "slide_above")  # a request's other params are not ours
-        protocol = protocol_for(image.shape[:2], **{k: params[k] for k in keys})
+        protocol = protocol_of(image, params)
         return label_map(self.segmenters[params["runtime"]], image, protocol, self.device)
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        """The label maps of a request; any failure is one line (``RequestError``)."""
+        try:
+            return self.answer(model_input, params)
+        except RequestError:
+            raise
+        except Exception as err:  # a bug or the machine (out of memory): one line, 500, logged
+            log.exception("the model failed on a request")
+            raise RequestError(
+                f"the model failed on this request ({type(err).__name__}: {first_line(err)})",
+                error_code=INTERNAL_ERROR,
+            ) from None
+
+    def answer(self, model_input: Any, params: dict[str, Any] | None) -> Any:
         import pandas as pd
 
         options = check_params(params or {})
@@ -132,12 +183,15 @@ class LabelMapModel(PythonModel):
             )
         if "image" not in getattr(model_input, "columns", ()):
             raise RequestError("the request has no column 'image' (PNG or JPEG bytes, base64)")
-        rows = []
+        images = []
         for i, value in enumerate(model_input["image"]):
             try:
-                image = decode(value)
+                images.append(decode(value))
             except ValueError as err:
                 raise RequestError(f"image {i}: {err}") from None
+        check_request(images, options)
+        rows = []
+        for image in images:
             labels = self.label(image, options)
             rows.append(
                 {
@@ -238,4 +292,5 @@ def log_served_model(
                 *requirements,
             ],
             metadata={**classes, "dataset": info.dataset, "val_miou": val_miou, **runtimes},
+            tags={WRITER_TAG: writer_id()},  # a killed register's PENDING model: cleaned later
         )

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from danet.inference import Protocol, infer, to_input
+from danet.inference import Protocol, check_work, infer, to_input
 from danet.metrics import ConfusionMatrix, summarize
 from pipeline.artifacts.modelfile import read_model_info, recorded_run
 from pipeline.artifacts.onnxfile import load_any_model
@@ -32,9 +32,11 @@ from pipeline.data.preview import Row, prediction_rows
 from pipeline.devices import autocast, pick_device
 from pipeline.errors import DataError, first_line
 from pipeline.evaluation.record import REPORT, Evaluation
+from pipeline.images import MAX_PIXELS
 from pipeline.modelrefs import WEIGHTS_FILE
 from pipeline.outputs import atomic_dir, check_output, check_outside, check_own
 from pipeline.pictures import plot_confusion_matrix, prediction_grid, save_png, write_per_class_iou
+from pipeline.schema import MAX_CROP
 from pipeline.scores import best
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,7 @@ def run_evaluation(
     manifest.labelled_split(params.split, "evaluate.split")
     shards = shard_refs(manifest, params.split)
     protocol = protocol_of(params)
+    check_fits(manifest, params.split, protocol)
     device = pick_device(params.device, "evaluate.device")
     model = load_any_model(ref, tracking_uri, device)
     if list(model.classes) != list(manifest.classes):
@@ -200,6 +203,16 @@ def run_evaluation(
     if tracking_uri:
         log_to_model(evaluation, model.uri, tracking_uri)
     return evaluation
+
+
+def check_fits(manifest: Manifest, split: str, protocol: Protocol) -> None:
+    """The split's largest image (the manifest's) at every scale and in every forward pass of
+    ``protocol`` within the limits (danet/inference.py ``check_work``), before any work."""
+    width, height = manifest.split(split).max_size
+    try:
+        check_work(height, width, protocol, MAX_CROP**2, MAX_PIXELS, 0)
+    except ValueError as err:
+        raise ConfigError(f"evaluate: the largest image of split {split!r}, {err}") from None
 
 
 def check_counted(matrix: torch.Tensor, manifest: Manifest, split: str) -> None:

@@ -4,7 +4,8 @@ Per image two PNGs, each written atomically: ``<stem>_pam.png``, the image with 
 numbered, then each query's position attention as a heat map over the image (a colour bar of
 the weights); ``<stem>_cam.png``, for each class at a query, the channel most affine to it after
 the channel attention, over the image, and the class x channel affinity matrix (a legend of the
-classes, a colour bar in standard deviations). Unreadable files are reported and skipped.
+classes, a colour bar in standard deviations). Unreadable files are reported and skipped; two
+inputs whose pictures would share a name (a/x.png and b/x.png) are refused before any work.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pipeline.artifacts.refs import LoadedModel
 from pipeline.config import ConfigError, Params
 from pipeline.outputs import atomic_file, check_output, check_own
 from pipeline.pictures import ATTENTION_FIGURES
-from pipeline.registry.predict import PredictReport, expand_inputs, read_image
+from pipeline.registry.predict import PredictReport, check_distinct, expand_inputs, read_image
 
 
 def parse_points(text: str) -> list[tuple[int, int]]:
@@ -38,6 +39,11 @@ def parse_points(text: str) -> list[tuple[int, int]]:
             ) from None
         points.append((x, y))
     return points
+
+
+def figure_names(stem: str) -> tuple[str, ...]:
+    """The pictures of one image of ``stem``: ``<stem>_pam.png``, ``<stem>_cam.png``."""
+    return tuple(f"{stem}_{kind}.png" for kind in ATTENTION_FIGURES)
 
 
 def save(fig: plt.Figure, path: Path) -> None:
@@ -63,10 +69,12 @@ def explain_files(
         raise ConfigError(f"{model.ref}: its head is not DANet's (model.head fcn): no attention")
     check_output(out, "--out")
     check_own(out, "--out", "explain", tuple(f"*_{kind}.png" for kind in ATTENTION_FIGURES))
+    files = list(expand_inputs(inputs))
+    check_distinct([(f.stem, str(f)) for f in files], figure_names)
     device = device or torch.device("cpu")
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
-    for path in expand_inputs(inputs):
+    for path in files:
         try:
             image = read_image(path)
         except ValueError as err:
@@ -78,8 +86,9 @@ def explain_files(
         except ValueError as err:
             report.failed.append((path, str(err)))
             continue
-        for kind, figure in ATTENTION_FIGURES.items():
-            target = out / f"{path.stem}_{kind}.png"
+        names = figure_names(path.stem)
+        for figure, name in zip(ATTENTION_FIGURES.values(), names, strict=True):
+            target = out / name
             save(figure(image, e, model.classes), target)
             report.written.append(target)
         report.images += 1

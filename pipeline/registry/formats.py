@@ -44,6 +44,11 @@ class OutputFormat:
     files: Callable[[str, np.ndarray, np.ndarray, Sequence[Sequence[int]]], Files]
     names: tuple[str, ...]
 
+    def file_names(self, stem: str) -> tuple[str, ...]:
+        """The names of the files one image of ``stem`` gets (what ``files`` would write)."""
+        dot = np.zeros((1, 1), dtype=np.uint8)
+        return tuple(self.files(stem, np.zeros((1, 1, 3), np.uint8), dot, [(0, 0, 0)]))
+
     def check(self, model_classes: Sequence[str], ref: str) -> None:
         if self.classes is not None and tuple(model_classes) != self.classes:
             shown = ", ".join(model_classes[:3])

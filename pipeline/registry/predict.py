@@ -7,12 +7,14 @@ in [0, 1] into a ``Segmenter`` that normalises itself, under evaluation's protoc
 sliding window, multi-scale, flip: the predict section's params); ``mode: auto`` runs an image
 whose long side exceeds ``slide_above`` through the sliding window, smaller ones whole. What is
 written per image is ``predict.format``'s (pipeline/registry/formats.py), each file atomically.
-A file that is not a readable image is reported and skipped; the rest are still processed.
+A file that is not a readable image is reported and skipped; the rest are still processed. Two
+inputs whose outputs would share a name (a/x.png and b/x.png, x.png and x.jpg) are refused before
+any work; over shards, the second is reported and skipped (``Claims``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,14 +23,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from danet.inference import label_map, mode_for
+from danet.inference import check_work, label_map, mode_for
 from pipeline.artifacts.refs import LoadedModel
 from pipeline.config import ConfigError, PredictParams
 from pipeline.errors import DataError, ServiceError
 from pipeline.evaluation.evaluate import protocol_of
-from pipeline.images import TooLarge, decode_rgb, read_file
+from pipeline.images import MAX_PIXELS, TooLarge, decode_rgb, read_file
 from pipeline.outputs import atomic_file, check_output, check_outside, check_own
 from pipeline.registry.formats import FORMATS
+from pipeline.schema import MAX_CROP
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -114,12 +117,42 @@ def read_image(path: Path) -> np.ndarray:
         raise ValueError(f"too large to decode safely ({err})") from None
 
 
+class Claims:
+    """Which input each output file name belongs to: two inputs never share an output (a/x.png
+    and b/x.png, x.png and x.jpg, Cityscapes' ``x`` and ``x_leftImg8bit``). Names compare
+    without case: a case-insensitive file system would merge X.png's and x.png's outputs too.
+    A rename would break the server formats' names (a frame's, an image id's), so a collision
+    is refused, never made unique."""
+
+    def __init__(self) -> None:
+        self.owner: dict[str, tuple[str, str]] = {}  # lower-cased name -> (name, origin)
+
+    def clash(self, names: Sequence[str], origin: str) -> str:
+        """ "" when ``names`` are free (then they are ``origin``'s), else why not."""
+        for name in names:
+            if (taken := self.owner.get(name.lower())) is not None and taken[1] != origin:
+                case = f" ({taken[0]}: one file on a case-insensitive disk)" * (taken[0] != name)
+                return (
+                    f"would write {name}, as {taken[1]} does{case}: two inputs never share an "
+                    "output; rename one or run them separately"
+                )
+        self.owner.update({name.lower(): (name, origin) for name in names})
+        return ""
+
+
+def check_distinct(stems: Sequence[tuple[str, str]], names: Callable[[str], Sequence[str]]) -> None:
+    """Every (stem, origin)'s output ``names`` distinct from every other's, before any work:
+    else one ``DataError`` naming the input and the one it collides with."""
+    claims = Claims()
+    for stem, origin in stems:
+        if problem := claims.clash(names(stem), origin):
+            raise DataError(origin, problem)
+
+
 def file_sources(files: Sequence[Path]) -> Iterator[Source]:
-    """Each file's stem (its folder's name first when an earlier file had the same stem)."""
-    used: set[str] = set()
+    """Each file's stem, and its pixels (or why it has none)."""
     for path in files:
-        stem = path.stem if path.stem not in used else f"{path.parent.name}_{path.stem}"
-        used.add(stem)
+        stem = path.stem
         try:
             yield stem, path, read_image(path)
         except ValueError as err:
@@ -143,9 +176,19 @@ def predict_files(
     predict section's defaults if None); bad files are collected, not raised."""
     folders = {f"folder {i + 1}": p for i, p in enumerate(inputs) if Path(p).is_dir()}
     files = list(expand_inputs(inputs))
+    output = FORMATS[(params or PredictParams()).format]
+    check_out(out, output.names, folders)  # the output's own errors come first
+    check_distinct([(f.stem, str(f)) for f in files], output.file_names)
     return predict_sources(
         model, file_sources(files), len(files), out, params, device, progress, folders
     )
+
+
+def check_out(out: Path, names: Sequence[str], keep_off: Mapping[str, str | Path]) -> None:
+    """``out`` a folder predict may write (its own or new), off the folders ``keep_off`` names."""
+    check_output(out, "predict.out")
+    check_own(out, "predict.out", "predict", names)
+    check_outside(out, keep_off)
 
 
 def predict_sources(
@@ -162,9 +205,7 @@ def predict_sources(
     overlap the folders ``keep_off`` names (their params or descriptions -> paths)."""
     params = params or PredictParams()
     output = FORMATS[params.format]
-    check_output(out, "predict.out")
-    check_own(out, "predict.out", "predict", output.names)
-    check_outside(out, keep_off or {})
+    check_out(out, output.names, keep_off or {})
     output.check(model.classes, model.uri)
     device = device or torch.device("cpu")
     model.module.to(device).eval()
@@ -175,14 +216,24 @@ def predict_sources(
             f"predict.out {out}: cannot create the folder ({err.strerror or err})"
         ) from None
     report = PredictReport()
+    claims = Claims()  # files are checked before: shard keys here, as they come
     bar = tqdm(total=count, desc="predict", unit="img", disable=None if progress else True)
     for stem, origin, image in sources:
         bar.update()
         if isinstance(image, str):
             report.failed.append((Path(origin), image))
             continue
+        if problem := claims.clash(output.file_names(stem), str(origin)):
+            report.failed.append((Path(origin), problem))
+            continue
         mode = mode_for(image.shape[:2], params.mode, params.slide_above)
-        pred = label_map(model.module, image, protocol_of(params, mode), device)
+        protocol = protocol_of(params, mode)
+        try:  # what the image at each scale and each forward pass takes, before any of it
+            check_work(image.shape[0], image.shape[1], protocol, MAX_CROP**2, MAX_PIXELS, 0)
+        except ValueError as err:
+            report.failed.append((Path(origin), str(err)))
+            continue
+        pred = label_map(model.module, image, protocol, device)
         for name, picture in output.files(stem, image, pred, model.palette).items():
             target = out / name
             _save(picture, target)
