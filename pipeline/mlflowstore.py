@@ -18,9 +18,10 @@ from typing import Any
 from pipeline.errors import ServiceError
 from pipeline.locations import is_url
 from pipeline.modelrefs import WEIGHTS_FILE, parse_model_ref
-from pipeline.outputs import project_path
+from pipeline.outputs import dead_writer, project_path
 
 RUN_NAME_TAG = "danet.run_name"
+WRITER_TAG = "danet.writer"  # on a logged model: the process that logs it (outputs.writer_id)
 
 
 SQLITE = "sqlite:///"
@@ -249,6 +250,26 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     MlflowClient(uri).set_terminated(run_id, status)
 
 
+def drop_dead_pending(run_id: str) -> list[str]:
+    """Delete the logged models of run ``run_id`` left PENDING by a killed writer of this host
+    (a SIGKILLed ``danet register``; their ``WRITER_TAG`` names a process that no longer runs);
+    a live writer's stay. Returns the deleted models' ids."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    models = client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'")
+    dropped = []
+    for model in models:
+        writer = (model.tags or {}).get(WRITER_TAG, "")
+        if model.status == LoggedModelStatus.PENDING and writer and dead_writer(writer):
+            client.delete_logged_model(model.model_id)
+            dropped.append(model.model_id)
+    return dropped
+
+
 def logged_model_uri(run_id: str) -> str | None:
     """The URI of the model logged by run ``run_id`` (in the current tracking URI), or None.
 
@@ -256,6 +277,7 @@ def logged_model_uri(run_id: str) -> str | None:
     own experiment is asked for explicitly.
     """
     import mlflow
+    from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
 
     try:
@@ -267,7 +289,8 @@ def logged_model_uri(run_id: str) -> str | None:
         filter_string=f"source_run_id = '{run_id}'",
         output_format="list",
     )
-    return models[0].model_uri if models else None
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]  # not a killed writer's
+    return ready[0].model_uri if ready else None
 
 
 def run_weights(run_id: str) -> Path | None:

@@ -19,6 +19,18 @@ from pipeline.errors import ConfigError, ServiceError
 from pipeline.locations import is_url
 
 
+def writer_id() -> str:
+    """``<host>-<pid>`` of this process: what a later run checks to tell a killed writer's debris
+    (temporary files, a PENDING logged model) from a live writer's."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def dead_writer(writer: str) -> bool:
+    """Was ``writer`` (a ``writer_id``) a process of this host that no longer runs?"""
+    host, _, pid = writer.partition("-")
+    return host == _host() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+
+
 def _host() -> str:
     import hashlib
     import socket

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,34 @@ def test_register_logs_the_served_model_from_a_training_runs_weights(
     served = load_model("models:/danet-synthetic@champion", uri)
     assert served.uri.startswith("models:/") and served.classes == before.classes
     assert load_model(run_id, uri).uri == logged[0].model_uri
+
+
+def test_a_killed_registers_pending_model_is_cleaned_by_the_next(tmp_path: Path) -> None:
+    """A SIGKILLed ``danet register --onnx`` leaves its logged model PENDING; the next register
+    of the run deletes it (its writer, of this host, no longer runs), keeps a live writer's, and
+    the run's model is the READY one only."""
+    import subprocess
+
+    import mlflow
+
+    from pipeline.mlflowstore import WRITER_TAG, drop_dead_pending, logged_model_uri, tracking_uri
+    from pipeline.outputs import writer_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = writer_id().split("-")[0]
+    with tracking_uri(uri):
+        use_experiment(uri, "synthetic")
+        with mlflow.start_run() as run:
+            run_id = run.info.run_id
+        killed = mlflow.initialize_logged_model("model", run_id, {WRITER_TAG: f"{host}-{dead.pid}"})
+        live = mlflow.initialize_logged_model(
+            "model", run_id, {WRITER_TAG: f"{host}-{os.getppid()}"}
+        )
+        assert logged_model_uri(run_id) is None  # PENDING models are no model of the run
+        assert drop_dead_pending(run_id) == [killed.model_id]
+        left = mlflow.search_logged_models(
+            filter_string=f"source_run_id = '{run_id}'", output_format="list"
+        )
+    assert [m.model_id for m in left] == [live.model_id]

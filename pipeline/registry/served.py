@@ -20,6 +20,7 @@ from pipeline.errors import DataError, ModelError, first_line
 from pipeline.evaluation.record import Evaluation
 from pipeline.mlflowstore import (
     RUN_NAME_TAG,
+    drop_dead_pending,
     log_scores,
     model_run,
     run_weights,
@@ -181,6 +182,7 @@ def log_into_run(
     client = MlflowClient()
     run = client.get_run(run_id)
     status, name = run.info.status, run.data.tags.get(RUN_NAME_TAG) or "model"
+    drop_dead_pending(run_id)  # a killed register's half-logged model (we hold the registry lock)
     onnx = {item.runtime: item.path for item in attachments}
     digests = {
         WEIGHTS: weights_sha256 or file_sha256(weights),
