@@ -318,9 +318,9 @@ def test_register_attaches_the_onnx_file_and_the_pyfunc_serves_it_on_request(
     from PIL import Image
 
     from pipeline.artifacts.serving import RequestError
-    from pipeline.mlflowstore import tracking_uri
     from pipeline.config import RegisterParams
     from pipeline.errors import DataError
+    from pipeline.mlflowstore import tracking_uri
     from pipeline.registry.register import register
     from tests.conftest import use_experiment
 
@@ -388,9 +388,9 @@ def test_register_refuses_a_graph_that_is_not_the_weights_whatever_its_metadata(
     from onnx import numpy_helper
 
     from pipeline.artifacts.onnxfile import check_same_model
-    from pipeline.mlflowstore import tracking_uri
     from pipeline.config import RegisterParams
     from pipeline.errors import ModelError
+    from pipeline.mlflowstore import tracking_uri
     from pipeline.registry.register import register
     from tests.conftest import use_experiment
 
@@ -421,3 +421,40 @@ def test_register_refuses_a_graph_that_is_not_the_weights_whatever_its_metadata(
         register(dataclasses.replace(params, onnx=(str(forged),)), uri)
     assert not MlflowClient(uri).search_model_versions("name = 'danet-synthetic'")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_an_onnx_that_reads_another_file_is_refused(tmp_path: Path) -> None:
+    """A tensor whose data is "external" names a file ONNX Runtime would read from wherever it
+    points: refused in one line before a session opens, through the CLI too (issue 35)."""
+    from onnx import TensorProto, helper
+    from typer.testing import CliRunner
+
+    from pipeline.artifacts.onnxfile import load_onnx
+    from pipeline.cli import app
+    from pipeline.errors import ModelError
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.zeros(4, np.float32).tobytes())
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "16")):
+        weight.external_data.add(key=key, value=value)
+    node = helper.make_node("Add", ["x", "w"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [weight],
+    )
+    (tmp_path / "m").mkdir()
+    path = tmp_path / "m" / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(ModelError, match=r"tensor 'w' reads its data from another file"):
+        load_onnx(path)
+    result = CliRunner().invoke(app, ["predict", "--model", str(path), str(secret)])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "'../secret.bin'" in errors[0], (
+        result.output
+    )

@@ -160,11 +160,34 @@ def load_onnx(path: str | Path, device: torch.device | None = None) -> tuple[Onn
     path = Path(path)
     if not path.is_file():
         raise ModelError(path, "model file does not exist")
+    check_self_contained(path)
     try:
         module = OnnxModule(path, providers_for(device or torch.device("cpu")))
     except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
         raise ModelError(path, f"not a valid ONNX model ({first_line(err)})") from None
     return module, read_onnx_info(module.session, path)
+
+
+def check_self_contained(path: Path) -> None:
+    """An ONNX file names other files only as external tensor data, which ONNX Runtime would
+    read from wherever the name points (``../../secret``): ``danet export`` writes every weight
+    inside the file, so a graph that reads any other file is refused, before a session opens."""
+    import onnx
+    from google.protobuf.message import DecodeError
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise ModelError(path, f"not a valid ONNX model ({first_line(err)})") from None
+    for tensor in _get_all_tensors(graph):
+        if uses_external_data(tensor):
+            where = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise ModelError(
+                path,
+                f"tensor {tensor.name!r} reads its data from another file ({where!r}): not a "
+                "danet export (which holds every weight inside the file); refused",
+            )
 
 
 def is_onnx(ref: str) -> bool:
