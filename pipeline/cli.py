@@ -209,7 +209,7 @@ def predict(
 ) -> None:
     """Images, folders or a split of shards -> label maps, as pictures or as a benchmark server
     reads them (params: predict, evaluate's protocols); unreadable files are listed (exit 1)."""
-    from pipeline.registry.predict import predict_from_params
+    from pipeline.use.predict import predict_from_params
 
     flags = {
         "predict.model": model,
@@ -241,7 +241,7 @@ def explain(
     """Images -> pictures of the model's position and channel attention (<stem>_pam.png, _cam.png).
 
     Computed for the chosen query pixels only, never the N x N map (danet/explain.py)."""
-    from pipeline.registry.explain import explain_from_params
+    from pipeline.use.explain_images import explain_from_params
 
     with stage(ctx, params, sets) as p:
         report = explain_from_params(p, model, inputs, out, points, tracking_uri(p))
@@ -260,7 +260,7 @@ def export(
     attention: Annotated[str | None, opt("fused (ONNX Runtime, no N x N map) or standard")] = None,
 ) -> None:
     """A model as an ONNX file: input image RGB [0, 1], output logits; INT8 on request (params: export)."""
-    from pipeline.artifacts.export import export_model
+    from pipeline.use.export import export_model
 
     flags = {
         "export.model": model,

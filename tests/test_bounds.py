@@ -17,8 +17,8 @@ from PIL import Image
 
 from danet.inference import Protocol, check_work, infer, passes
 from pipeline.artifacts.serving import LabelMapModel, RequestError, check_params
-from pipeline.registry.formats import FORMATS
-from pipeline.registry.predict import Claims
+from pipeline.use.formats import FORMATS
+from pipeline.use.predict import Claims
 
 
 class Recorder(torch.nn.Module):

@@ -17,7 +17,6 @@ import torch
 from danet import DANetConfig, build_danet
 from danet.inference import Protocol, infer, to_input
 from danet.model import Segmenter
-from pipeline.artifacts.export import export_model, file_sha256
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file, save_model_file
 from pipeline.artifacts.onnxfile import OnnxModule
 from pipeline.artifacts.onnxfile import load_any_model as load_model
@@ -26,6 +25,7 @@ from pipeline.config import EvaluateParams, ExportParams
 from pipeline.data.manifest import load_manifest
 from pipeline.data.readers.scene import render_scene
 from pipeline.evaluation.evaluate import run_evaluation
+from pipeline.use.export import export_model, file_sha256
 from tests.conftest import readme_python, run_bare_python, synthetic_shards, write_model_file
 
 PROTOCOLS = {
@@ -169,7 +169,7 @@ def test_a_failed_export_leaves_the_old_file(
         Path(path).write_bytes(b"half a graph")
         raise RuntimeError("killed while writing")
 
-    monkeypatch.setattr("pipeline.artifacts.export.export_onnx", broken)
+    monkeypatch.setattr("pipeline.use.export.export_onnx", broken)
     with pytest.raises(RuntimeError):
         export_model(ExportParams(model=str(model_file), out=str(out)))
     assert out.read_bytes() == before
@@ -180,7 +180,7 @@ def test_evaluate_and_predict_take_the_onnx_file(
     exported: Path, model_file: Path, shards: Path, tmp_path: Path
 ) -> None:
     from pipeline.config import PredictParams
-    from pipeline.registry.predict import predict_from_params
+    from pipeline.use.predict import predict_from_params
 
     scores = {}
     for name, ref in (("torch", model_file), ("onnx", exported)):

@@ -47,6 +47,7 @@ LAYERS = (
     ("pipeline.training",),
     ("pipeline.evaluation",),
     ("pipeline.registry",),
+    ("pipeline.use",),
     ("pipeline.command", "pipeline.cli", "pipeline.__main__"),
 )
 # Keys that do not change any stage's outputs: where a stage runs or writes, how often it logs,

@@ -24,7 +24,7 @@ from pipeline.data.readers.base import load_label_array
 from pipeline.data.readers.cityscapes import CITYSCAPES_CLASSES, LABEL_ID_TO_TRAIN_ID
 from pipeline.data.readers.scene import render_scene
 from pipeline.data.shard import shard_dataset
-from pipeline.registry.formats import FORMATS, cityscapes_name, to_label_ids, voc_picture
+from pipeline.use.formats import FORMATS, cityscapes_name, to_label_ids, voc_picture
 from tests.conftest import write_model_file
 
 EVALUATED_IDS = [label_id for _, label_id, _ in CITYSCAPES_CLASSES]

@@ -1,5 +1,4 @@
-"""The trained model as artifacts: ``model.pt``, MLflow runs and logged models, model references.
-
-Training writes them; evaluation, the registry and prediction read them. Below the stages that
-use it: imports only danet/ and the shared leaves.
-"""
+"""Model files: ``model.pt`` (modelfile.py), the references that load one (refs.py), ONNX graphs
+(onnxgraph.py, onnxfile.py), released weights (importweights.py) and the served pyfunc
+(serving.py). Training writes them; evaluation, the registry and the use side read them. The
+MLflow store they live in is pipeline/mlflowstore.py."""

@@ -1,2 +1,2 @@
-"""Stage 4, registry and use: register an evaluated model (``danet register``, the champion gate)
-and predict with any model reference (``danet predict``)."""
+"""The release side: ``danet register`` (the champion gate, pipeline/scores.py) logs the served
+model (pipeline/artifacts/serving.py) into its training run and registers it; ``danet summary``."""

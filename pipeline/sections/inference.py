@@ -61,7 +61,7 @@ class EvaluateParams(ProtocolParams):
 
 @dataclass(frozen=True)
 class PredictParams(ProtocolParams):
-    """``danet predict`` (files or a split of shards; ``format``: pipeline/registry/formats.py)
+    """``danet predict`` (files or a split of shards; ``format``: pipeline/use/formats.py)
     and the served model's defaults; ``mode: auto`` slides over images above ``slide_above``."""
 
     NAME = "predict"

@@ -6,7 +6,7 @@ split or an images-only test split). The preprocessing is evaluation's (danet/in
 in [0, 1] into a ``Segmenter`` that normalises itself, under evaluation's protocols (whole,
 sliding window, multi-scale, flip: the predict section's params); ``mode: auto`` runs an image
 whose long side exceeds ``slide_above`` through the sliding window, smaller ones whole. What is
-written per image is ``predict.format``'s (pipeline/registry/formats.py), each file atomically.
+written per image is ``predict.format``'s (pipeline/use/formats.py), each file atomically.
 A file that is not a readable image is reported and skipped; the rest are still processed. Two
 inputs whose outputs would share a name (a/x.png and b/x.png, x.png and x.jpg) are refused before
 any work; over shards, the second is reported and skipped (``Claims``).
@@ -30,8 +30,8 @@ from pipeline.errors import DataError, ServiceError
 from pipeline.evaluation.evaluate import protocol_of
 from pipeline.images import MAX_PIXELS, TooLarge, decode_rgb, read_file
 from pipeline.outputs import atomic_file, check_output, check_outside, check_own
-from pipeline.registry.formats import FORMATS
 from pipeline.schema import MAX_CROP
+from pipeline.use.formats import FORMATS
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 

@@ -24,7 +24,7 @@ from pipeline.artifacts.refs import LoadedModel
 from pipeline.config import ConfigError, Params
 from pipeline.outputs import atomic_file, check_output, check_own
 from pipeline.pictures import ATTENTION_FIGURES
-from pipeline.registry.predict import PredictReport, check_distinct, expand_inputs, read_image
+from pipeline.use.predict import PredictReport, check_distinct, expand_inputs, read_image
 
 
 def parse_points(text: str) -> list[tuple[int, int]]:
