@@ -209,6 +209,8 @@ def check_fits(manifest: Manifest, split: str, protocol: Protocol) -> None:
     """The split's largest image (the manifest's) at every scale and in every forward pass of
     ``protocol`` within the limits (danet/inference.py ``check_work``), before any work."""
     width, height = manifest.split(split).max_size
+    if not width or not height:  # no images: refused as such once the shards are read
+        return
     try:
         check_work(height, width, protocol, MAX_CROP**2, MAX_PIXELS, 0)
     except ValueError as err:

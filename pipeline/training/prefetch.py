@@ -93,7 +93,9 @@ def _produce(
     try:
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for batch in source:
-                if stopping.is_set() or not put(prepare(batch)):
+                # checked again after the put: close() drains the queue, so a blocked put
+                # succeeds; the source must not then make another batch
+                if stopping.is_set() or not put(prepare(batch)) or stopping.is_set():
                     return
         put(_END)
     except BaseException as err:  # the loader's DataError, a decode error: the consumer's
