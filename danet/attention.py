@@ -154,7 +154,7 @@ class ChannelAttention(nn.Module):
     ``CAM_Module``) applies the softmax to ``max(energy) - energy``. That is
     softmax(-energy) -- it favours the *least* similar channels -- and the subtraction of the
     row max keeps it numerically stable. The trained models of the paper come from the code, and
-    our spec (issue 2, DEVELOPERS.md) fixes the code's form, so we follow the code here.
+    the developers' guide makes the paper and the official code the spec, so we follow the code.
     """
 
     def __init__(self) -> None:

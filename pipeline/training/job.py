@@ -1,9 +1,10 @@
 """A training job: everything a worker needs, checked by the driver before any work starts.
 
 A run's identity (its default name, ``danet-<hash>``) is a digest of what decides its result: the
-model, data and recipe params, the shards' digests, and the code that trains (danet/ and the
-pipeline's data, artifacts and training packages, as they are on disk, committed or not). The
-same identity resumes; new code, params or data start a new run.
+model, data and recipe params, the shards' digests, and the code that decides its weights (the
+import closure of the worker, as it is on disk, committed or not, less the modules that
+configure, report, plot or serve: ``IDENTITY_ROOTS``, ``NOT_WEIGHTS``). The same identity
+resumes; new code, params or data start a new run.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ NOT_WEIGHTS = (
     "pipeline.training.results",
     "pipeline.artifacts.refs",
     "pipeline.mlflowstore",
+    "pipeline.modelrefs",  # which file model.init_from names: its value is a param
     "pipeline.artifacts.serving",
 )
 # Params that do not change a run's result: left out of its identity.
@@ -212,10 +214,19 @@ def default_run_name(job: TrainJob) -> str:
     return "danet-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def device_of(train: TrainParams) -> str:
+    """Where a run trains, as its params resolve it: ``cpu x 1``, ``cuda x 4``."""
+    return f"{'cuda' if train.use_gpu else 'cpu'} x {train.num_workers}"
+
+
 def flat_params(job: TrainJob) -> dict[str, str]:
-    """The job's params as MLflow logs them (``section.key``)."""
-    out = {"dataset": job.dataset, "num_classes": str(job.num_classes)}
+    """The job's params as MLflow logs them (``section.key``), resolved as the run uses them:
+    ``model.num_classes`` the dataset's count (0 in params.yaml means "the dataset's"),
+    ``data.gpu_decode`` false off CUDA, and ``device``, where it trains."""
+    out = {"dataset": job.dataset, "device": device_of(job.train)}
     for section, values in (("model", job.model), ("data", job.data), ("train", job.train)):
         for key, value in dataclasses.asdict(values).items():
             out[f"{section}.{key}"] = str(value)[:6000]
+    out["model.num_classes"] = str(job.num_classes)
+    out["data.gpu_decode"] = str(job.data.gpu_decode and job.train.use_gpu)
     return out

@@ -33,9 +33,6 @@ from pipeline.outputs import atomic_file, check_output, check_outside, check_own
 from pipeline.schema import MAX_CROP
 from pipeline.use.formats import FORMATS
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
 @dataclass
 class PredictReport:
     written: list[Path] = field(default_factory=list)  # the format's files, per image
