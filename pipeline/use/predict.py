@@ -33,6 +33,7 @@ from pipeline.outputs import atomic_file, check_output, check_outside, check_own
 from pipeline.schema import MAX_CROP
 from pipeline.use.formats import FORMATS
 
+
 @dataclass
 class PredictReport:
     written: list[Path] = field(default_factory=list)  # the format's files, per image
