@@ -244,6 +244,20 @@ def log_lineage(
     client.log_inputs(run_id, datasets=inputs)
 
 
+REFIT_LINK = "danet.refit_run_id"  # on a search's run and its best trial's: the refit's run
+
+
+def link_refit(run_id: str, tags: Mapping[str, str]) -> None:
+    """A refit's run ``run_id`` (``tags``: its own, naming the search's and the trial's runs)
+    linked from them: both get the tag ``danet.refit_run_id`` (the current tracking URI)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for key in ("danet.search_run_id", "danet.refit_of_trial_run_id"):
+        if linked := tags.get(key):
+            client.set_tag(linked, REFIT_LINK, run_id)
+
+
 def end_run(uri: str, run_id: str, status: str) -> None:
     from mlflow.tracking import MlflowClient
 

@@ -59,6 +59,11 @@ def registry_uri(name: str, alias: str) -> str:
     return f"{MODELS}{name}@{alias}"
 
 
+def registry_version_uri(name: str, version: str) -> str:
+    """``models:/NAME/VERSION``: one version of a registered model."""
+    return f"{MODELS}{name}/{version}"
+
+
 def run_artifact_uri(run_id: str, artifact: str = WEIGHTS_FILE) -> str:
     """``runs:/<id>/<artifact>`` (default: the run's weights)."""
     return f"{RUNS}{run_id}/{artifact}"

@@ -170,6 +170,37 @@ def write_per_class_iou(path: str | Path, pairs: Iterable[tuple[str, float]]) ->
     return path
 
 
+def per_class_iou_figure(pairs: Iterable[tuple[str, float]], title: str = "") -> plt.Figure:
+    """Every class's IoU as one horizontal bar chart on one axis, 0 to 1, each bar labelled with
+    its value (a class never seen, NaN, says n/a): small classes look small beside large ones."""
+    names, values = zip(*pairs, strict=True) if pairs else ((), ())
+    fig, ax = plt.subplots(figsize=(6.4, 0.32 * len(names) + 1.2))
+    y = np.arange(len(names))
+    shown = [0.0 if math.isnan(v) else v for v in values]
+    ax.barh(y, shown, color="#3b7dd8")
+    for i, v in enumerate(values):
+        ax.text(min(shown[i], 0.85) + 0.01, i, "n/a" if math.isnan(v) else f"{v:.3f}", va="center")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()  # the classes top to bottom in their order
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("IoU")
+    ax.set_title(title or "per-class IoU")
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_class_iou(
+    pairs: Iterable[tuple[str, float]], path: str | Path, title: str = ""
+) -> Path:
+    """:func:`per_class_iou_figure` as a PNG."""
+    fig = per_class_iou_figure(list(pairs), title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def heat(ax: plt.Axes, image: np.ndarray, weights: np.ndarray, title: str) -> None:
     ax.imshow(image.mean(axis=2), cmap="gray", vmin=0, vmax=255)
     shown = ax.imshow(weights, cmap="inferno", alpha=0.6)

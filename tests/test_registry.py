@@ -216,13 +216,13 @@ def test_register_logs_the_served_model_from_a_training_runs_weights(
             filter_string=f"source_run_id = '{run_id}'", output_format="list"
         )
         meta = mlflow.models.get_model_info(logged[0].model_uri).metadata
-    assert len(logged) == 1 and meta["val_miou"] == 0.42
+    assert len(logged) == 1 and meta["eval_miou"] == 0.42
     assert any(m.key == "val/official-whole-flip/miou" for m in logged[0].metrics or [])
     assert client.get_run(run_id).info.status == "KILLED"
     version = client.get_model_version("danet-synthetic", "1")
     assert version.run_id == run_id
     # the registry page says how to call it: the request, the signature's params, the runtimes
-    for words in ("`image`", "`mode` (auto)", "`runtime` (torch)", "val mIoU 0.4200"):
+    for words in ("`image`", "`mode` (auto)", "`runtime` (torch)", "eval mIoU **0.4200**"):
         assert words in version.description, version.description
     served = load_model("models:/danet-synthetic@champion", uri)
     assert served.uri.startswith("models:/") and served.classes == before.classes

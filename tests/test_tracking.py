@@ -67,7 +67,7 @@ def test_train_evaluate_register_against_a_tracking_server(
     )
     scored = client.get_run(summary.mlflow_run_id).data.metrics
     assert scored["val/official-whole-flip/miou"] == pytest.approx(evaluation.miou)
-    assert "val/official-whole-flip/iou/Road" in scored
+    assert "val/official-whole-flip/mean_acc" in scored  # per-class IoU: a picture, not 11 charts
     assert datasets["synthetic-val"].dataset.digest == evaluation.split_sha256[:16]
     mlflow.set_tracking_uri(mlflow_server)
     experiments = [run.info.experiment_id]

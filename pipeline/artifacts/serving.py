@@ -241,14 +241,16 @@ def log_served_model(
     onnx: Mapping[str, Path] | None = None,
     digests: Mapping[str, str] | None = None,
     name: str = "model",
+    source: str = "",
 ) -> Any:
     """Log ``model_file`` into the active run as the served model: this module's pyfunc, which
     takes encoded images and returns label maps, with a signature and an input example, the
     weights (``model.pt``) for Python users, and the classes and palette as metadata.
     ``onnx`` maps runtimes (``onnx``, ``onnx-int8``) to exported files served on request, and
     ``digests`` the weights and each file to their sha256 (the metadata's ``sha256``); ``name``
-    is the logged model's (its run's name).
-    ``danet register`` logs it (the registry holds what is served), not training."""
+    is the logged model's (its run's name); ``source`` where the weights came from (MLmodel's
+    record: never a temporary path). ``danet register`` logs it (the registry holds what is served), not training."""
+    import contextlib
     import json
     import tempfile
 
@@ -265,16 +267,14 @@ def log_served_model(
 
         requirements = [f"onnxruntime=={onnxruntime.__version__}"]
     runtimes = {"runtimes": [TORCH, *onnx], "sha256": dict(digests or {})}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "classes.json").write_text(json.dumps(classes, indent=2))
+    sources = {"model": source or str(model_file.resolve())}
+    sources.update({key: str(Path(path).resolve()) for key, path in onnx.items()})
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):  # classes.json, by name
+        Path("classes.json").write_text(json.dumps(classes, indent=2))
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=LabelMapModel(),
-            artifacts={
-                "model": str(model_file),
-                "classes": str(Path(tmp) / "classes.json"),
-                **{key: str(path) for key, path in onnx.items()},
-            },
+            artifacts={**sources, "classes": "classes.json"},
             signature=signature,
             input_example=example,
             # log_model links the run's metrics at `step` to the model; at 0 (the default) system
@@ -291,6 +291,6 @@ def log_served_model(
                 "pyyaml",
                 *requirements,
             ],
-            metadata={**classes, "dataset": info.dataset, "val_miou": val_miou, **runtimes},
+            metadata={**classes, "dataset": info.dataset, "eval_miou": val_miou, **runtimes},
             tags={WRITER_TAG: writer_id()},  # a killed register's PENDING model: cleaned later
         )

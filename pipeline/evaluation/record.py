@@ -37,12 +37,14 @@ class Evaluation:
 
     def mlflow_metrics(self) -> dict[str, float]:
         """The scores as MLflow metrics named by split and protocol (``val/official-whole-flip/
-        miou``, ``val/official-whole-flip/iou/Road``): charted right after the training's
-        ``val/miou`` curve (pipeline/training/records.py)."""
+        miou``, ``.../pixel_acc``, ``.../mean_acc``): charted right after the training's
+        ``val/miou`` curve (pipeline/training/records.py). The per-class IoUs are a picture
+        attached to the registered model (one axis for all), not a chart per class."""
         key = f"{self.split}/{self.protocol}"
-        metrics = {f"{key}/miou": self.miou, f"{key}/pixel_acc": self.pixel_acc}
-        return metrics | {
-            f"{key}/iou/{name}": v for name, v in self.iou_per_class.items() if not math.isnan(v)
+        return {
+            f"{key}/miou": self.miou,
+            f"{key}/pixel_acc": self.pixel_acc,
+            f"{key}/mean_acc": self.mean_acc,
         }
 
     def mlflow_dataset(self) -> tuple[str, str]:

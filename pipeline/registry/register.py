@@ -26,20 +26,23 @@ from pipeline.evaluation.record import REPORT, Evaluation
 from pipeline.locks import exclusive
 from pipeline.mlflowstore import git_state
 from pipeline.modelrefs import registry_uri
+from pipeline.notes import NOTE_TAG
 from pipeline.outputs import atomic_file
 from pipeline.registry.served import (
     TORCH,
     Attachment,
+    attach_evaluation,
+    describe_version,
     mlflow_model_uri,
     read_attachments,
     served_onnx,
-    usage,
 )
 from pipeline.schema import check_name
 from pipeline.scores import LEGACY_PROTOCOL_SCORE, PROTOCOL_SCORE, beats
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
+REGISTERED = "**Registered**"  # the part of a run's description that registering writes
 COMPARABLE = ("dataset", "split", "data_sha256", "eval_protocol")  # tags that must be equal
 SAME_MODEL = ("source_run_id", PROTOCOL_SCORE, *COMPARABLE)  # one model, one evaluation
 
@@ -105,7 +108,8 @@ def version_tags(
         "git_commit": git_state()[0],
         "source_run_id": run_id,
         "runtimes": ",".join([TORCH, *onnx]),
-        "onnx_sha256": ",".join(f"{k}={v}" for k, v in onnx.items()),
+        # no empty tag: a version without ONNX files has none
+        **({"onnx_sha256": ",".join(f"{k}={v}" for k, v in onnx.items())} if onnx else {}),
     }
 
 
@@ -166,7 +170,7 @@ def find_version(client: Any, name: str, tags: dict[str, str]) -> Any:
     except MlflowException:
         return None
     keys = (*SAME_MODEL, "onnx_sha256")
-    found = (v for v in versions if all(v.tags.get(k, "") == tags[k] for k in keys))
+    found = (v for v in versions if all(v.tags.get(k, "") == tags.get(k, "") for k in keys))
     return next(found, None)
 
 
@@ -243,9 +247,6 @@ def _register(
     else:
         version = mlflow.register_model(model_uri, name, tags=tags)
         undo.append(("version", str(version.version)))
-        client.update_model_version(
-            name, version.version, description=usage(evaluation, tags["runtimes"])
-        )
     if champion is not None and str(champion.version) == str(version.version):
         alias, reason = CHAMPION, "already the champion"
     else:
@@ -260,6 +261,7 @@ def _register(
         client.set_registered_model_alias(name, alias, version.version)
         undo.append(("alias", (alias, str(previous.version) if previous else None)))
         client.set_model_version_tag(name, version.version, "reason", reason)
+    describe(client, name, str(version.version), alias, evaluation, tags, model_uri, params)
     if alias == CHAMPION:
         champion_version, champion_miou = str(version.version), evaluation.miou
     else:
@@ -278,6 +280,33 @@ def _register(
         champion_uri=registry_uri(name, CHAMPION),
         runtimes=tags["runtimes"],
     )
+
+
+def describe(
+    client: Any,
+    name: str,
+    version: str,
+    alias: str,
+    evaluation: Evaluation,
+    tags: dict[str, str],
+    model_uri: str,
+    params: RegisterParams,
+) -> None:
+    """What a person sees first: the evaluation's pictures on the logged model, the version's
+    description, and the run's description with where it is registered and how to use it."""
+    attach_evaluation(model_uri, Path(params.eval_metrics).parent, evaluation)
+    text = describe_version(name, version, alias, evaluation, tags)
+    client.update_model_version(name, version, description=text)
+    run_id = tags["source_run_id"]
+    note = client.get_run(run_id).data.tags.get(NOTE_TAG, "").split(REGISTERED)[0].rstrip()
+    uri = registry_uri(name, alias)
+    added = (
+        f"{REGISTERED} as [{name} version {version}](#/models/{name}/versions/{version}) "
+        f"@{alias}: eval mIoU {evaluation.miou:.4f} ({evaluation.protocol}). Use it as `{uri}`:"
+        f"\n\n```bash\nmlflow models serve -m {uri} --env-manager local --port 5001\n"
+        f"danet predict --model {uri} --out predictions IMAGES...\n```"
+    )
+    client.set_tag(run_id, NOTE_TAG, f"{note}\n\n{added}" if note else added)
 
 
 def read_registration(path: Path) -> Registration:

@@ -25,7 +25,7 @@ from pipeline.mlflowstore import (
     model_run,
     run_weights,
 )
-from pipeline.modelrefs import WEIGHTS_FILE, parse_model_ref
+from pipeline.modelrefs import WEIGHTS_FILE, parse_model_ref, run_artifact_uri
 
 WEIGHTS = WEIGHTS_FILE  # the weights' entry in a served model's sha256 metadata
 TORCH = "torch"  # the runtime of the weights (pipeline/artifacts/serving.py RUNTIMES)
@@ -115,6 +115,8 @@ def mlflow_model_uri(
             )
         run_id = found[0]
         weights = ref.path if ref.kind == "file" else None
+    # MLmodel names where the weights came from: the file given, else the run's artifact
+    source = str(weights.resolve()) if weights is not None else run_artifact_uri(run_id)
     digests = {item.runtime: item.sha256 for item in attachments}
     weights_sha256 = ""  # hashed once: by the check, else by log_into_run
     if attachments:  # checked before a served model is looked for or logged
@@ -128,7 +130,7 @@ def mlflow_model_uri(
     weights = weights or run_weights(run_id)
     if weights is None or not weights.is_file():
         raise ModelError(model_uri, "its run holds no model.pt (mlflow.log_model: false?)")
-    return log_into_run(run_id, weights, evaluation, attachments, weights_sha256), run_id
+    return log_into_run(run_id, weights, evaluation, attachments, weights_sha256, source), run_id
 
 
 def onnx_digests(meta: dict[str, Any]) -> dict[str, str]:
@@ -170,6 +172,7 @@ def log_into_run(
     evaluation: Evaluation,
     attachments: Sequence[Attachment] = (),
     weights_sha256: str = "",
+    source: str = "",
 ) -> str:
     """The served pyfunc of ``weights`` (and the ``attachments``) logged into run ``run_id``
     (whose status it keeps), the evaluation's scores on the logged model's page.
@@ -190,7 +193,7 @@ def log_into_run(
     }
     with mlflow.start_run(run_id=run_id):
         info = log_served_model(
-            weights, read_model_info(weights), evaluation.miou, onnx, digests, name
+            weights, read_model_info(weights), evaluation.miou, onnx, digests, name, source
         )
     client.set_terminated(run_id, status)  # leaving start_run marked it FINISHED
     log_scores(
@@ -203,17 +206,68 @@ def log_into_run(
 
 
 def usage(evaluation: Evaluation, runtimes: str) -> str:
-    """The version's description in the registry: what it scored on which shards, what a
-    request holds and the params it takes (the signature's, with their defaults)."""
+    """What a request holds and the params it takes (the signature's, with their defaults)."""
     from pipeline.artifacts.serving import DEFAULT_PARAMS
 
-    name, digest = evaluation.mlflow_dataset()
     params = ", ".join(f"`{k}` ({v})" for k, v in DEFAULT_PARAMS.items())
     return (
-        f"DANet on {evaluation.dataset}: val mIoU {evaluation.miou:.4f} "
-        f"({evaluation.protocol}, {evaluation.images} images of {name} {digest}).\n\n"
-        "Request: a dataframe with one column `image`, the bytes of a PNG or JPEG. Response: "
-        "`labels` (a single-channel PNG of train ids, base64), `height`, `width`.\n\n"
-        f"Params (defaults): {params}; `mode` auto | whole | slide; `runtime` one of "
+        "**Request**: a dataframe with one column `image`, the bytes of a PNG or JPEG. "
+        "**Response**: `labels` (a single-channel PNG of train ids, base64), `height`, `width`.\n\n"
+        f"**Params** (defaults): {params}; `mode` auto | whole | slide; `runtime` one of "
         f"{runtimes.replace(',', ', ')}."
     )
+
+
+def describe_version(
+    name: str, version: str, alias: str, evaluation: Evaluation, tags: dict[str, str]
+) -> str:
+    """The version's description in the registry (pipeline/notes.py): its eval mIoU and
+    protocol, the shards, the run and search it came from, how to use it, its ONNX files."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.notes import run_link, version_note
+
+    run = MlflowClient().get_run(tags["source_run_id"])
+    run_tags = run.data.tags
+    data, digest = evaluation.mlflow_dataset()
+    source = run_link(run.info.experiment_id, run.info.run_id, run.info.run_name or "its run")
+    if search := run_tags.get("danet.refit_of_search"):
+        search_id = run_tags.get("danet.search_run_id", "")
+        found = run_link(run.info.experiment_id, search_id, search) if search_id else search
+        source += f", the refit of search {found} ({run_tags.get('danet.refit_of_trial', '')})"
+    scores = {
+        "eval_miou": f"{evaluation.miou:.4f}",
+        "eval_protocol": evaluation.protocol,
+        "data": f"{data} `{digest}`",
+        "images": str(evaluation.images),
+        "best_val_miou": run_tags.get("best_val_miou", "n/a"),
+    }
+    onnx = dict(part.split("=", 1) for part in tags.get("onnx_sha256", "").split(",") if part)
+    return version_note(
+        name, version, alias, scores, source, onnx, usage(evaluation, tags["runtimes"])
+    )
+
+
+def attach_evaluation(model_uri: str, report: Path, evaluation: Evaluation) -> str:
+    """The evaluate stage's pictures (``report``: its folder) and a per-class IoU chart on the
+    logged model, under ``evaluation/<split>-<protocol>/``; returns that folder."""
+    import tempfile
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.evaluation.record import REPORT
+    from pipeline.pictures import plot_per_class_iou
+
+    folder = f"evaluation/{evaluation.split}-{evaluation.protocol}"
+    model_id = mlflow.models.get_model_info(model_uri).model_id
+    if not model_id:
+        return ""
+    with tempfile.TemporaryDirectory() as tmp:
+        title = f"{evaluation.dataset} {evaluation.split} ({evaluation.protocol}): per-class IoU"
+        plot_per_class_iou(evaluation.iou_per_class.items(), Path(tmp) / "per_class_iou.png", title)
+        for key in ("predictions", "confusion_matrix"):
+            if (report / REPORT[key]).is_file():
+                (Path(tmp) / REPORT[key]).write_bytes((report / REPORT[key]).read_bytes())
+        MlflowClient().log_model_artifacts(model_id, tmp, artifact_path=folder)
+    return folder

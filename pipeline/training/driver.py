@@ -270,6 +270,8 @@ def reuse(
     found = mlt.find_run(uri, experiment, run_name)
     if found and tags:  # e.g. the same params trained before, now the refit of a search
         mlt.set_run_tags(uri, found[0], tags)
+        with mlt.tracking_uri(uri):
+            mlt.link_refit(found[0], tags)
     job = dataclasses.replace(job, tracking_uri=uri, mlflow_run_id=found[0] if found else "")
     logged = found is not None and found[1] == "FINISHED"  # the artifacts and model are there
     with Checkpoint(checkpoint).as_directory() as latest:

@@ -91,13 +91,15 @@ class EvalRecord:
             "train_loss": self.train_loss,
         }
 
-    def mlflow_metrics(self, classes: list[str]) -> dict[str, float]:
-        """As MLflow charts them: ``val/miou``, ``val/pixel_acc``, ``val/mean_acc`` and
-        ``val_iou/<class>``."""
-        scores = {"val/miou": self.miou, "val/pixel_acc": self.pixel_acc}
-        scores["val/mean_acc"] = self.mean_acc
-        per_class = zip(classes, self.iou_per_class, strict=True)
-        return scores | {f"val_iou/{name}": v for name, v in per_class}
+    def mlflow_metrics(self) -> dict[str, float]:
+        """As MLflow charts them: ``val/miou``, ``val/pixel_acc``, ``val/mean_acc``. The
+        per-class IoUs are one picture (``val_iou_per_class``, pipeline/training/tracker.py),
+        one axis for every class, not a chart each."""
+        return {
+            "val/miou": self.miou,
+            "val/pixel_acc": self.pixel_acc,
+            "val/mean_acc": self.mean_acc,
+        }
 
 
 @dataclass

@@ -16,22 +16,25 @@ from pipeline.artifacts.modelfile import ModelInfo, load_model_file, save_model_
 from pipeline.config import MlflowParams
 from pipeline.data.preview import prediction_rows
 from pipeline.modelrefs import WEIGHTS_FILE
+from pipeline.notes import NOTE_TAG, TrainingNote
 from pipeline.outputs import atomic_dir
 from pipeline.pictures import (
     plot_confusion_matrix,
     plot_curves,
+    plot_per_class_iou,
     prediction_grid,
     save_png,
     write_per_class_iou,
 )
 from pipeline.scores import TRAINING_SCORE
 from pipeline.training.checkpoint import TrainState
-from pipeline.training.job import TrainJob, code_digest
+from pipeline.training.job import TrainJob, code_digest, device_of
 from pipeline.training.records import VAL_MIOU, EvalRecord, History
 
-OUTPUT_FILES = (
-    "confusion_matrix.png",
+OUTPUT_FILES = (  # the pictures first: the run's description lists them in this order
     "val_predictions.png",
+    "per_class_iou.png",
+    "confusion_matrix.png",
     "curves.png",
     "per_class_iou.csv",
     "metrics.json",
@@ -123,8 +126,12 @@ def write_outputs(
         )
         (tmp / "metrics.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         write_curves(tmp, history)
-        write_per_class_iou(
-            tmp / "per_class_iou.csv", zip(job.classes, best.iou_per_class, strict=True)
+        per_class = list(zip(job.classes, best.iou_per_class, strict=True))
+        write_per_class_iou(tmp / "per_class_iou.csv", per_class)
+        plot_per_class_iou(
+            per_class,
+            tmp / "per_class_iou.png",
+            f"{job.dataset} val, best checkpoint (iteration {best.iteration}): per-class IoU",
         )
         plot_curves(history.steps, history.evals, tmp / "curves.png", f"{run_name} ({job.dataset})")
         segmenter, _ = load_model_file(tmp / WEIGHTS_FILE)  # also checks the file just written
@@ -140,20 +147,46 @@ def write_outputs(
 
 
 def log_outputs(job: TrainJob, out: Path, summary: RunSummary, tracking: MlflowParams) -> None:
-    """The artifacts of ``out``, the weights (``model.pt``) and the summary metrics into the run;
-    marks it FINISHED. The served pyfunc is built from that file when it is registered."""
+    """The artifacts of ``out``, the weights (``model.pt``) and the summary metrics into the run,
+    its description (pipeline/notes.py) and the links between a refit and its search; marks it
+    FINISHED. The served pyfunc is built from that file when it is registered."""
     import mlflow
 
-    from pipeline.mlflowstore import tracking_uri
+    from pipeline.mlflowstore import link_refit, tracking_uri
 
     best = summary.best
-    with tracking_uri(job.tracking_uri), mlflow.start_run(run_id=job.mlflow_run_id):
+    with tracking_uri(job.tracking_uri), mlflow.start_run(run_id=job.mlflow_run_id) as run:
         mlflow.log_metrics({TRAINING_SCORE: best[VAL_MIOU], "best_iteration": best["iteration"]})
-        for name in OUTPUT_FILES:
-            if (out / name).exists():
-                mlflow.log_artifact(str(out / name))
+        logged = [name for name in OUTPUT_FILES if (out / name).exists()]
+        for name in logged:
+            mlflow.log_artifact(str(out / name))
         if tracking.log_model:  # the weights only: loading them runs no code (weights_only)
             mlflow.log_artifact(str(out / WEIGHTS_FILE))
         # the run's own validation (pipeline/scores.py), by the whole-image protocol; the
         # evaluate stage's score is eval_miou, under its eval_protocol, on the registry's version
-        mlflow.set_tags({TRAINING_SCORE: f"{best[VAL_MIOU]:.4f}", "val_protocol": Protocol().name})
+        tags = {TRAINING_SCORE: f"{best[VAL_MIOU]:.4f}", "val_protocol": Protocol().name}
+        note = training_note(
+            job, summary, run.info.experiment_id, {**run.data.tags, **tags}, logged
+        )
+        mlflow.set_tags({**tags, NOTE_TAG: note.markdown()})
+        link_refit(job.mlflow_run_id, run.data.tags)
+
+
+def training_note(
+    job: TrainJob, summary: RunSummary, experiment_id: str, tags: dict[str, str], files: list[str]
+) -> TrainingNote:
+    """The run's description: its score and protocol, data, origin, device and pictures."""
+    return TrainingNote(
+        run_id=job.mlflow_run_id,
+        experiment_id=experiment_id,
+        dataset=job.dataset,
+        backbone=job.model.backbone,
+        best_val_miou=summary.best[VAL_MIOU],
+        best_iteration=int(summary.best["iteration"]),
+        iterations=int(summary.final["iteration"]),
+        val_protocol=tags["val_protocol"],
+        data=job.split_sha256,
+        device=device_of(job.train),
+        tags=tags,
+        files=files,
+    )

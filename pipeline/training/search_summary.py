@@ -16,6 +16,7 @@ import yaml
 
 from pipeline.config import MlflowParams
 from pipeline.errors import TrainingFailed, first_line
+from pipeline.notes import NOTE_TAG, run_link
 from pipeline.outputs import atomic_write_text
 from pipeline.training.driver import finalize
 from pipeline.training.records import VAL_MIOU
@@ -26,6 +27,7 @@ from pipeline.training.trial import (
     plain,
     trial_job,
     trial_run_name,
+    trial_title,
 )
 
 
@@ -41,6 +43,8 @@ class Trial:
     stopped_early: bool
     error: str
     latest_checkpoint: str
+    best_iteration: int = 0  # the iteration of its best evaluation
+    epochs: int = 0  # epochs it trained before it ended (or ASHA stopped it)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ def trial_record(result: Any, search: SearchJob, evaluations: int) -> Trial:
     history = result.metrics_dataframe
     trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
     scores = history[VAL_MIOU].tolist() if history is not None and VAL_MIOU in history else []
+    best_at = scores.index(max(scores)) if scores else -1
     return Trial(
         trial_id=trial_id,
         run_name=trial_run_name(search.search_name, trial_id),
@@ -77,6 +82,8 @@ def trial_record(result: Any, search: SearchJob, evaluations: int) -> Trial:
         stopped_early=result.error is None and 0 < len(scores) < evaluations,
         error=first_line(result.error) if result.error else "",
         latest_checkpoint=str(history["checkpoint_path"].iloc[-1]) if scores else "",
+        best_iteration=int(history["iteration"].iloc[best_at]) if scores else 0,
+        epochs=int(history["epoch"].iloc[-1]) if scores else 0,
     )
 
 
@@ -114,22 +121,68 @@ def summarize_search(
         "values": best.values,
     }
     write_summary(out, best, trials, job, origin)
-    log_search(search, best, out)
+    log_search(search, best, out, trials)
     return summary
 
 
-def log_search(search: SearchJob, best: Trial, out: Path) -> None:
+def log_search(search: SearchJob, best: Trial, out: Path, trials: list[Trial]) -> None:
+    """The search's run: its best score, the best trial (by name and run), its files and its
+    description: the trials as a table, linked to their runs."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from pipeline.mlflowstore import tracking_uri
 
-    with tracking_uri(search.job.tracking_uri), mlflow.start_run(run_id=search.parent_run_id):
+    client = MlflowClient(search.job.tracking_uri)
+    runs = {t.run_name: _trial_run_id(client, search, t) for t in trials}
+    with (
+        tracking_uri(search.job.tracking_uri),
+        mlflow.start_run(run_id=search.parent_run_id) as run,
+    ):
         mlflow.log_metric("best_val_miou", best.best_val_miou)
-        tags = {"best_trial": best.run_name}
+        tags = {
+            "best_trial": trial_title(best.run_name),
+            "best_trial_run_id": runs.get(best.run_name, ""),
+        }
         tags.update({f"best.{key}": str(value) for key, value in best.values.items()})
-        mlflow.set_tags(tags)
+        tags[NOTE_TAG] = search_note(search, best, trials, runs, run.info.experiment_id)
+        mlflow.set_tags({k: v for k, v in tags.items() if v})
         mlflow.log_artifact(str(out / "best_params.yaml"))
         mlflow.log_artifact(str(out / "trials.json"))
+
+
+def search_note(
+    search: SearchJob, best: Trial, trials: list[Trial], runs: dict[str, str], experiment: str
+) -> str:
+    """The search's description: what it searched, each trial's values and scores (a row each,
+    linked to its run), the best, and how to train it in full."""
+    keys = list(best.values)
+    head = ["trial", *(f"`{k}`" for k in keys), "best val mIoU", "epochs", "ended"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in trials:
+        name = trial_title(t.run_name) + (" (best)" if t is best else "")
+        cells = [run_link(experiment, runs[t.run_name], name) if runs.get(t.run_name) else name]
+        cells += [_cell(t.values.get(k)) for k in keys]
+        ended = t.error or ("stopped early (ASHA)" if t.stopped_early else "completed")
+        cells += [_cell(t.best_val_miou), str(t.epochs), ended]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(
+        [
+            f"### Search {search.search_name}: best val mIoU **{best.best_val_miou:.4f}**",
+            "",
+            f"{len(trials)} trials over {', '.join(f'`{k}`' for k in keys)}, each scored by its "
+            "own validation (`best_val_miou`, whole image); the best is trained in full by "
+            "`danet train --refit` (tag `danet.refit_run_id` once it has run).",
+            "",
+            *rows,
+        ]
+    )
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
 
 
 def _trial_run_id(client: Any, search: SearchJob, trial: Trial) -> str:
@@ -146,8 +199,17 @@ def _close_trial_run(client: Any, search: SearchJob, trial: Trial) -> None:
     if not run_id:
         return
     client.set_tag(run_id, "tune.stopped_early", str(trial.stopped_early).lower())
-    if not math.isnan(trial.best_val_miou):  # a metric: the UI's trial comparison plots it
-        client.log_metric(run_id, "best_val_miou", trial.best_val_miou)
+    # metrics: the runs table's and the comparison's columns (no NaN: a trial without a score
+    # has none of them)
+    if not math.isnan(trial.best_val_miou):
+        metrics = {
+            "best_val_miou": trial.best_val_miou,
+            "best_iteration": trial.best_iteration,
+            "epochs_trained": trial.epochs,
+            "stopped_early": int(trial.stopped_early),
+        }
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, float(value))
     status = client.get_run(run_id).info.status
     if trial.error:
         client.set_terminated(run_id, "FAILED")
@@ -197,7 +259,9 @@ REFIT_TAGS = {  # search.json key -> the refit run's tag
     "search": "danet.refit_of_search",
     "search_run_id": "danet.search_run_id",
     "best_trial": "danet.refit_of_trial",
+    "best_trial_run_id": "danet.refit_of_trial_run_id",  # absent from earlier search.json
 }
+REFIT_REQUIRED = ("search", "search_run_id", "best_trial")
 
 
 def read_refit(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -219,13 +283,13 @@ def read_refit(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
         origin = json.loads(files[1].read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"--refit {files[1]}: not written by danet tune ({err})") from None
-    if not isinstance(origin, dict) or not all(k in origin for k in REFIT_TAGS):
+    if not isinstance(origin, dict) or not all(k in origin for k in REFIT_REQUIRED):
         raise ConfigError(f"--refit {files[1]}: not written by danet tune (no search named)")
     values = origin.get("values")
     if not isinstance(values, dict) or not values:
         raise ConfigError(f"--refit {files[1]}: not written by danet tune (no searched values)")
     return _searched_only(overlay, values, files[0]), {
-        tag: str(origin[key]) for key, tag in REFIT_TAGS.items()
+        tag: str(origin[key]) for key, tag in REFIT_TAGS.items() if origin.get(key)
     }
 
 

@@ -177,8 +177,26 @@ class Tracker:
         except Exception as err:  # MLflow down: the pictures are not worth stopping for
             log.warning("[train] MLflow: attention pictures not logged (%s)", first_line(err))
 
+    def per_class(self, record: EvalRecord) -> None:
+        """Every class's IoU at this evaluation as one bar chart on one axis (image
+        ``val_iou_per_class``: its slider steps through the evaluations)."""
+        if self.client is None or self.down_since is not None:
+            return
+        from pipeline.pictures import figure_array, per_class_iou_figure
+
+        pairs = list(zip(self.job.classes, record.iou_per_class, strict=True))
+        title = f"{self.job.dataset} val, iteration {record.iteration}: per-class IoU"
+        try:
+            picture = figure_array(per_class_iou_figure(pairs, title))
+            self.client.log_image(
+                self.job.mlflow_run_id, picture, key="val_iou_per_class", step=record.iteration
+            )
+        except Exception as err:  # MLflow down: the pictures are not worth stopping for
+            log.warning("[train] MLflow: per-class IoU not logged (%s)", first_line(err))
+
     def evaluation(self, record: EvalRecord) -> None:
-        self._log(record.iteration, record.mlflow_metrics(list(self.job.classes)))
+        self._log(record.iteration, record.mlflow_metrics())
+        self.per_class(record)
         log.info(
             "[train] iter %d: val mIoU %.4f pixel acc %.4f",
             record.iteration,

@@ -82,6 +82,11 @@ def trial_number(run_name: str) -> int:
     return int(tail) + 1 if tail.isdigit() else 0
 
 
+def trial_title(run_name: str) -> str:
+    """The name the UI shows for a trial: ``trial 2``."""
+    return f"trial {trial_number(run_name)}"
+
+
 def trial_run_name(search_name: str, trial_id: str) -> str:
     return f"{search_name}-{trial_id}"
 
@@ -102,7 +107,7 @@ def tune_trial(config: dict[str, Any], search: SearchJob) -> None:
         TRIAL_TAG: run_name,
         "mlflow.source.name": "danet tune",
     }
-    title = f"trial {trial_number(run_name)}: {describe_values(values)}"
+    title = trial_title(run_name)  # short: the table's columns show the values and scores
     run_id = mlt.start_or_resume_run(uri, search.experiment, run_name, params, tags, title)
     log.info("[tune] trial %s: %s", run_name, describe_values(values))
     try:

@@ -1,0 +1,137 @@
+"""What a person reads first in the MLflow UI: the Markdown descriptions of a training run, a
+search and a registered version (the run's tag ``mlflow.note.content``, the version's
+description). Plain text from plain values; the stages that log them pass what they know.
+
+Each says the score with its protocol (pipeline/scores.py: ``best_val_miou`` is the run's own
+validation, ``eval_miou`` the evaluate stage's), the data it was measured on (the shards'
+digests, as the run's datasets name them), where the model came from (the search and trial) and
+how to use it (the model URI, ``mlflow models serve``, ``danet predict``, the ONNX files).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pipeline.modelrefs import registry_uri, registry_version_uri, run_artifact_uri
+
+NOTE_TAG = "mlflow.note.content"  # the run description the UI renders as Markdown
+SERVE_PORT = 5001
+
+
+def run_link(experiment_id: str, run_id: str, text: str) -> str:
+    """A Markdown link to a run's page in the UI (relative: it works on any host)."""
+    return f"[{text}](#/experiments/{experiment_id}/runs/{run_id})"
+
+
+def code_block(lines: Sequence[str]) -> str:
+    return "```bash\n" + "\n".join(lines) + "\n```"
+
+
+@dataclass(frozen=True)
+class TrainingNote:
+    """A training run (a refit, a plain run or a search's trial) as its description says it."""
+
+    run_id: str
+    experiment_id: str
+    dataset: str
+    backbone: str
+    best_val_miou: float
+    best_iteration: int
+    iterations: int
+    val_protocol: str
+    data: Sequence[tuple[str, str]]  # (split, sha256) of the shards trained and validated on
+    device: str
+    tags: Mapping[str, str]  # the run's tags: the search and trial it refits, if any
+    files: Sequence[str]  # the pictures and tables among its artifacts
+
+    def origin(self) -> str:
+        search, trial = (
+            self.tags.get("danet.refit_of_search"),
+            self.tags.get("danet.refit_of_trial"),
+        )
+        if not search:
+            return "trained from params.yaml (no search)"
+        exp, search_id = self.experiment_id, self.tags.get("danet.search_run_id", "")
+        trial_id = self.tags.get("danet.refit_of_trial_run_id", "")
+        found = run_link(exp, search_id, search) if search_id else f"`{search}`"
+        best = run_link(exp, trial_id, str(trial)) if trial_id else f"`{trial}`"
+        return f"the refit of search {found}: the best values of its trial {best}, trained in full"
+
+    def markdown(self) -> str:
+        weights = run_artifact_uri(self.run_id)
+        data = ", ".join(f"{self.dataset}-{split} `{digest[:16]}`" for split, digest in self.data)
+        files = ", ".join(f"`{name}`" for name in self.files)
+        return "\n".join(
+            [
+                f"### DANet-{self.backbone} on {self.dataset}: best val mIoU "
+                f"**{self.best_val_miou:.4f}**",
+                "",
+                f"- **Score**: `best_val_miou` {self.best_val_miou:.4f}, this run's own "
+                f"validation ({self.val_protocol}) at iteration {self.best_iteration} of "
+                f"{self.iterations}; `danet evaluate` scores it under its own protocol "
+                "(`eval_miou`, on the registered version)",
+                f"- **Data**: {data} (the shards' sha256, as under *Datasets*)",
+                f"- **From**: {self.origin()}",
+                f"- **Ran on**: {self.device}",
+                f"- **Pictures** (*Artifacts*, one click each): {files}",
+                "",
+                "**Use the weights**",
+                "",
+                code_block(
+                    [
+                        f"danet evaluate --model {weights}",
+                        f"danet predict --model {weights} --out predictions IMAGES...",
+                        f"danet export --model {weights} --out model.onnx",
+                    ]
+                ),
+            ]
+        )
+
+
+def version_note(
+    name: str,
+    version: str,
+    alias: str,
+    scores: Mapping[str, str],
+    source: str,
+    onnx: Mapping[str, str],
+    request: str,
+) -> str:
+    """A registered version's description. ``scores``: ``eval_miou``, ``eval_protocol``, the
+    evaluated ``data`` (name and digest), ``images`` and the run's ``best_val_miou``; ``source``:
+    the run (a Markdown link) and its search; ``onnx``: runtime -> file sha256; ``request``:
+    what a request holds and its params."""
+    uri = registry_uri(name, alias) if alias else registry_version_uri(name, version)
+    fixed = registry_version_uri(name, version)
+    onnx_lines = [f"- `{runtime}`: sha256 `{digest[:16]}`" for runtime, digest in onnx.items()]
+    return "\n".join(
+        [
+            f"### {name} version {version}: eval mIoU **{scores['eval_miou']}**",
+            "",
+            f"- **Score**: `eval_miou` {scores['eval_miou']} under `{scores['eval_protocol']}` "
+            f"(`danet evaluate`) on {scores['images']} images of {scores['data']}; its run's "
+            f"own validation (`best_val_miou`, whole image) {scores['best_val_miou']}",
+            f"- **From**: {source}",
+            "- **Pictures**: the logged model's *Artifacts*, `evaluation/`: predictions, "
+            "confusion matrix, per-class IoU of this evaluation",
+            "",
+            f"**Use it**: `{uri}` (this version always: `{fixed}`)",
+            "",
+            code_block(
+                [
+                    f"mlflow models serve -m {uri} --env-manager local --host 127.0.0.1 "
+                    f"--port {SERVE_PORT}",
+                    f"danet predict --model {uri} --out predictions IMAGES...",
+                    f"danet export --model {uri} --out model.onnx --quantize int8",
+                ]
+            ),
+            "",
+            "**ONNX files** (request `params.runtime`):"
+            if onnx_lines
+            else "**ONNX files**: none attached (`danet export`, then `register.onnx`)",
+            *onnx_lines,
+            "",
+            request,
+        ]
+    )
