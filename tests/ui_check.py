@@ -102,7 +102,12 @@ def what_the_demo_made(project: Path, store: str) -> dict[str, Any]:
         [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{search_id}'"
     )
     model_id = str(version.source).removeprefix("models:/")
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    metadata = mlflow.models.get_model_info(str(version.source)).metadata or {}
     return {
+        "model_metadata": metadata,
         "name": reg["name"],
         "version": version,
         "run": run,
@@ -144,6 +149,58 @@ def open_view(page: Any, url: str, wait_for: str) -> str:
     return str(page.inner_text("body"))
 
 
+UNCOVERED = """img => {
+    const r = img.getBoundingClientRect();
+    const inside = r.width > 50 && r.height > 50 && r.top >= 0 && r.left >= 0
+        && r.bottom <= window.innerHeight + 1 && r.right <= window.innerWidth + 1;
+    const points = [[0.5, 0.5], [0.2, 0.2], [0.8, 0.2], [0.2, 0.8], [0.8, 0.8]];
+    const clear = points.every(([fx, fy]) => {
+        const e = document.elementFromPoint(r.left + fx * r.width, r.top + fy * r.height);
+        return e === img;
+    });
+    return {inside, clear, box: [r.left, r.top, r.width, r.height]};
+}"""
+
+
+def open_artifact(page: Any, base: str, exp: str, run_id: str, name: str) -> Any:
+    """The run's Artifacts tab with ``name`` clicked once: its preview image, or None."""
+    page.goto(f"{base}/#/experiments/{exp}/runs/{run_id}/artifacts")
+    page.wait_for_timeout(2500)
+    entry = page.get_by_text(name, exact=True)
+    if not entry.count():
+        return None
+    entry.first.click()
+    page.wait_for_timeout(2500)
+    images = page.locator(f"img[src*='{name}'], img[src^='blob:'], img[src^='data:']")
+    return images.last if images.count() else None
+
+
+def check_picture(c: Checks, page: Any, view: str, name: str, image: Any) -> None:
+    """``name`` shown by one click, whole in the viewport, and no element over it."""
+    c.check(view, image is not None, f"{name} opens with one click in Artifacts")
+    if image is None:
+        return
+    image.scroll_into_view_if_needed()
+    seen = image.evaluate(UNCOVERED)
+    c.check(view, seen["inside"], f"{name} whole in the viewport", seen["box"])
+    c.check(view, seen["clear"], f"{name}: nothing drawn over it", seen["box"])
+
+
+def miou_names(demo: dict[str, Any]) -> dict[str, set[str]]:
+    """Every name an mIoU is shown under: the run's metrics and tags, the version's tags, the
+    logged model's metadata."""
+    run, version, model = demo["run"], demo["version"], demo["model"]
+    meta = demo.get("model_metadata") or {}
+    pick = lambda keys: {k for k in keys if "miou" in k.lower()}  # noqa: E731
+    return {
+        "run metrics": pick(run.data.metrics),
+        "run tags": pick(run.data.tags),
+        "version tags": pick(version.tags),
+        "model metadata": pick(meta),
+        "model metrics": pick(m.key for m in model.metrics or []),
+    }
+
+
 def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
     from playwright.sync_api import sync_playwright
 
@@ -173,7 +230,21 @@ def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
         for split in ("train", "val"):
             c.check(view, f"synthetic-{split}" in text, f"dataset synthetic-{split} listed")
         c.check(view, "danet.refit_of_search" in text, "tagged as the search's refit")
+        uri = f"models:/{demo['name']}@champion"
+        for words in ("best val mIoU", "whole", "the refit of search", uri, "mlflow models serve"):
+            c.check(view, words in text, f"the description says {words!r}")
         shoot(page, out, "run-overview")
+
+        view = "pictures"
+        for name in ("val_predictions.png", "per_class_iou.png", "confusion_matrix.png"):
+            check_picture(c, page, view, name, open_artifact(page, base, exp, run_id, name))
+            if name == "val_predictions.png":
+                shoot(page, out, "run-images")
+        shown = miou_names(demo)
+        protocol = demo["version"].tags.get("eval_protocol", "")
+        allowed = {"val/miou", "best_val_miou", f"val/{protocol}/miou", "eval_miou"}
+        for where, found in shown.items():
+            c.check("mIoU names", found <= allowed, f"{where}: one name per meaning", found)
 
         view = "model metrics"
         open_view(page, f"{base}/#/experiments/{exp}/runs/{run_id}/model-metrics", "Step")
@@ -188,17 +259,6 @@ def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
             page.wait_for_timeout(3000)
             text = str(page.inner_text("body"))
             c.check(view, "No image logged" not in text, "an image at the card's first step")
-            full = card.first.locator("xpath=following::button[1]")
-            if full.count():  # full screen: the card itself is a thumbnail under the params
-                full.first.click()
-                page.wait_for_timeout(3000)
-                image = page.get_by_role("dialog").locator("img")
-                if image.count():  # its preview: the picture at its own size
-                    image.first.click()
-                    page.wait_for_timeout(2000)
-            shoot(page, out, "run-images")
-            page.keyboard.press("Escape")
-            page.keyboard.press("Escape")
         for kind in ("pam", "cam"):  # danet explain's pictures, at the last evaluation
             card = find_card(page, f"val_attention_{kind}")
             c.check(view, card.count() > 0, f"the val_attention_{kind} image card exists")
@@ -208,7 +268,14 @@ def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
         c.check(view, search is not None, "the champion's run names its search")
         if search is not None:
             names = [t.info.run_name for t in demo["trials"]]
-            c.check(view, all(re.match(r"trial \d+: \S+ ", n) for n in names), "trials", names)
+            c.check(view, all(re.fullmatch(r"trial \d+", n) for n in names), "short names", names)
+            c.check(view, all("best_val_miou" in t.data.metrics for t in demo["trials"]), "scored")
+            nan = [
+                t.info.run_name
+                for t in demo["trials"]
+                if any(v != v for v in t.data.metrics.values())
+            ]
+            c.check(view, not nan, "no NaN metric on a trial", nan)
             states = {t.info.status for t in demo["trials"]}
             c.check(view, states <= {"FINISHED"}, "no trial ends KILLED or FAILED", states)
             text = open_view(page, f"{base}/#/experiments/{exp}/runs", search.info.run_name)
@@ -219,7 +286,12 @@ def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
                 expand.first.click()
                 page.wait_for_timeout(2000)
             text = str(page.inner_text("body"))
-            c.check(view, all(n[:20] in text for n in names), "trial names in the runs table")
+            c.check(view, all(n in text for n in names), "trial names in the runs table")
+            for t in demo["trials"]:
+                lr = t.data.params.get("train.lr", "?")
+                score = f"{t.data.metrics.get('best_val_miou', -1):.4f}"[:5]
+                c.check(view, lr[:5] in text, f"{t.info.run_name}: its train.lr {lr} in the table")
+                c.check(view, score in text, f"{t.info.run_name}: its best_val_miou {score}")
             shoot(page, out, "search-trials")
             ids = json.dumps([t.info.run_id for t in demo["trials"]])
             compare = f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([exp])}"
@@ -245,6 +317,8 @@ def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
         digest = version.tags["data_sha256"][:16]
         c.check(view, f"-val {digest}" in text, f"the description names the val shards {digest}")
         c.check(view, "runtime" in text and "slide_above" in text, "the signature's params")
+        c.check(view, f"models:/{demo['name']}@champion" in text, "the description names the URI")
+        c.check(view, "mlflow models serve" in text, "the description has the serve command")
         shoot(page, out, "model-version")
         browser.close()
     return c.failed

@@ -1,0 +1,56 @@
+"""The MLflow descriptions a person reads first (pipeline/notes.py): scores with their protocol,
+data, origin and how to use the model, in Markdown."""
+
+from __future__ import annotations
+
+from pipeline.modelrefs import registry_uri, run_artifact_uri
+from pipeline.notes import TrainingNote, version_note
+
+
+def test_a_refits_description_names_its_score_data_search_and_use() -> None:
+    tags = {
+        "danet.refit_of_search": "tune-abc",
+        "danet.search_run_id": "s" * 32,
+        "danet.refit_of_trial": "tune-abc-t_00001",
+        "danet.refit_of_trial_run_id": "t" * 32,
+    }
+    note = TrainingNote(
+        run_id="r" * 32,
+        experiment_id="1",
+        dataset="synthetic",
+        backbone="resnet18d",
+        best_val_miou=0.61234,
+        best_iteration=300,
+        iterations=375,
+        val_protocol="whole",
+        data=[("train", "a" * 64), ("val", "b" * 64)],
+        device="cpu x 1",
+        tags=tags,
+        files=["val_predictions.png", "per_class_iou.png"],
+    ).markdown()
+    assert "best val mIoU **0.6123**" in note and "(whole) at iteration 300 of 375" in note
+    assert f"synthetic-val `{'b' * 16}`" in note
+    assert f"[tune-abc](#/experiments/1/runs/{'s' * 32})" in note
+    assert f"#/experiments/1/runs/{'t' * 32}" in note
+    assert f"danet predict --model {run_artifact_uri('r' * 32)}" in note
+    assert "cpu x 1" in note and "`per_class_iou.png`" in note
+
+
+def test_a_versions_description_says_how_to_serve_it_and_its_onnx_files() -> None:
+    scores = {
+        "eval_miou": "0.6168",
+        "eval_protocol": "official-whole-flip",
+        "data": "synthetic-val `0123456789abcdef`",
+        "images": "8",
+        "best_val_miou": "0.6077",
+    }
+    uri = registry_uri("danet-synthetic", "champion")
+    text = version_note("danet-synthetic", "3", "champion", scores, "run x", {}, "Request: ...")
+    assert f"`{uri}`" in text and f"mlflow models serve -m {uri}" in text
+    assert f"danet predict --model {uri}" in text and "none attached" in text
+    assert "`eval_miou` 0.6168 under `official-whole-flip`" in text and "0.6077" in text
+    with_onnx = version_note(
+        "danet-synthetic", "3", "", scores, "run x", {"onnx-int8": "f" * 64}, ""
+    )
+    assert "`onnx-int8`: sha256 `ffffffffffffffff`" in with_onnx
+    assert "danet-synthetic/3" in with_onnx  # no alias: the fixed version's URI
