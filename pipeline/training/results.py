@@ -165,8 +165,9 @@ def log_outputs(job: TrainJob, out: Path, summary: RunSummary, tracking: MlflowP
         # the run's own validation (pipeline/scores.py), by the whole-image protocol; the
         # evaluate stage's score is eval_miou, under its eval_protocol, on the registry's version
         tags = {TRAINING_SCORE: f"{best[VAL_MIOU]:.4f}", "val_protocol": Protocol().name}
+        pictures = [name for name in logged if name.endswith(".png")]
         note = training_note(
-            job, summary, run.info.experiment_id, {**run.data.tags, **tags}, logged
+            job, summary, run.info.experiment_id, {**run.data.tags, **tags}, pictures
         )
         mlflow.set_tags({**tags, NOTE_TAG: note.markdown()})
         link_refit(job.mlflow_run_id, run.data.tags)

@@ -83,7 +83,7 @@ def trial_record(result: Any, search: SearchJob, evaluations: int) -> Trial:
         error=first_line(result.error) if result.error else "",
         latest_checkpoint=str(history["checkpoint_path"].iloc[-1]) if scores else "",
         best_iteration=int(history["iteration"].iloc[best_at]) if scores else 0,
-        epochs=int(history["epoch"].iloc[-1]) if scores else 0,
+        epochs=int(history["epoch"].iloc[-1]) + 1 if scores else 0,  # 0-based in the record
     )
 
 
