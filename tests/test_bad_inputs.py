@@ -86,8 +86,8 @@ STORES = [
 # an earlier output of each stage: a file of a name the stage writes (it may replace it)
 EARLIER = {
     "shard": "manifest.json",
-    "train": "marker.txt",
-    "tune": "marker.txt",
+    "train": "metrics.json",
+    "tune": "metrics.json",
     "eval": "metrics.json",
     "register": "marker.txt",
 }
@@ -977,6 +977,18 @@ CASES = [
         r"evaluate\.out mine: holds what danet evaluate does not write \(a_labels\.png, "
         r"a_mask\.png, a_overlay\.png\)",
         both(*(write(f"mine/a_{kind}.png", "a picture") for kind in ("mask", "overlay", "labels"))),
+    ),
+    Case(
+        "training output a folder of the user's",
+        [*TRAIN, "--set", "train.out=mine"],
+        r"train\.out mine: holds what danet train does not write \(photo\.jpg, thesis\.tex\)",
+        users_folder,
+    ),
+    Case(
+        "search output a folder of the user's",
+        [*TUNE, "--set", "tune.out=mine"],
+        r"tune\.out mine: holds what danet tune does not write \(photo\.jpg, thesis\.tex\)",
+        users_folder,
     ),
     Case(
         "predict output a folder of the user's",

@@ -36,7 +36,8 @@ from pipeline.errors import (
 )
 from pipeline.locations import is_url
 from pipeline.locks import exclusive
-from pipeline.outputs import check_output, check_outside
+from pipeline.modelrefs import WEIGHTS_FILE
+from pipeline.outputs import check_output, check_outside, check_own
 from pipeline.training.checkpoint import (
     delete_run,
     finished_checkpoint,
@@ -45,9 +46,11 @@ from pipeline.training.checkpoint import (
     prune_untracked,
 )
 from pipeline.training.job import TrainJob, code_digest, default_run_name, flat_params, prepare_job
-from pipeline.training.results import RunSummary, log_outputs, write_outputs
+from pipeline.training.results import OUTPUT_FILES, RunSummary, log_outputs, write_outputs
 from pipeline.training.session import backbone_weights
 from pipeline.training.worker import train_worker
+
+RUN_FILES = (*OUTPUT_FILES, WEIGHTS_FILE)  # what train.out (and tune.out) hold
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +187,7 @@ def run_training(
 
     job = prepare_job(model, data, train)
     check_output(train.out, "train.out")
+    check_own(train.out, "train.out", "train", RUN_FILES)  # a user's folder is never replaced
     check_outside(train.out, {"data.shards": data.shards})
     uri = mlt.resolve_tracking_uri(tracking.tracking_uri)
     check_tracking_for(train.ray_address, uri)

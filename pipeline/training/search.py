@@ -46,13 +46,18 @@ from pipeline.config import (
     TuneParams,
 )
 from pipeline.locks import exclusive
-from pipeline.outputs import check_output, check_outside
+from pipeline.outputs import check_output, check_outside, check_own
 from pipeline.searchspace import candidates, search_size
 from pipeline.training.checkpoint import delete_run
-from pipeline.training.driver import ray_put
+from pipeline.training.driver import RUN_FILES, ray_put
 from pipeline.training.job import TrainJob, default_run_name, flat_params, prepare_job
 from pipeline.training.records import VAL_MIOU
-from pipeline.training.search_summary import SearchSummary, summarize_search, trial_record
+from pipeline.training.search_summary import (
+    SEARCH_FILES,
+    SearchSummary,
+    summarize_search,
+    trial_record,
+)
 from pipeline.training.session import backbone_weights
 from pipeline.training.trial import SearchJob, trial_train, tune_trial, with_values
 
@@ -87,6 +92,7 @@ def prepare_search(
 
     job = check_space(model, data, trial_train(train, tune), tune)
     check_output(tune.out, "tune.out")
+    check_own(tune.out, "tune.out", "tune", (*RUN_FILES, *SEARCH_FILES))
     check_outside(tune.out, {"data.shards": data.shards})
     uri = mlt.resolve_tracking_uri(tracking.tracking_uri)
     check_tracking_for(train.ray_address, uri)

@@ -255,6 +255,7 @@ def write_summary(
         atomic_write_text(out / name, text)
 
 
+SEARCH_FILES = ("best_params.yaml", "trials.json", "search.json")  # beside the model in tune.out
 REFIT_TAGS = {  # search.json key -> the refit run's tag
     "search": "danet.refit_of_search",
     "search_run_id": "danet.search_run_id",
