@@ -5,12 +5,12 @@ and the training loop fed in turn vs by the prefetch thread.
     python bench/loader.py --dataset synthetic
     python bench/loader.py --loop SHARDS [--preset P] [--set k=v]   # loop: in turn vs prefetched
 
-Both paths run the same training transform (random scale, crop, flip, normalise) in a
-DataLoader, in the main process (0 workers) and with 2 worker processes. ``--loop`` trains a
-session of the params (params.yaml, a preset, ``--set``) on SHARDS in alternating chunks of
-``--batches`` iterations, its batches made in turn between steps (prefetch 0) or ahead by the
-thread (pipeline/training/prefetch.py, prefetch 2), and prints each mode's images/s: alternating
-chunks share whatever else the machine is running.
+Both paths decode and augment as training does (the loader's ``TrainStream.build``: random
+scale, crop, flip, normalise) in a DataLoader, in the main process (0 workers) and with 2
+worker processes. ``--loop`` trains a session of the params (params.yaml, a preset, ``--set``)
+on SHARDS in alternating chunks of ``--batches`` iterations, its batches made in turn between
+steps (prefetch 0) or ahead by the thread (pipeline/training/prefetch.py, prefetch 2), and
+prints each mode's images/s: alternating chunks share whatever else the machine is running.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataParams
-from pipeline.data.augment import train_transform
-from pipeline.data.loader import TrainStream, decode_image, train_loader
+from pipeline.data.augment import draw
+from pipeline.data.loader import RawSample, TrainStream, image_size, train_loader
 from pipeline.data.manifest import load_manifest, shard_refs
 from pipeline.data.readers import Reader, make_reader
 from pipeline.data.readers.base import load_label_array
@@ -39,18 +38,11 @@ CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 
 
 class RawFiles(Dataset):
-    """The same samples read from the dataset's own files, one file pair per item."""
+    """The same samples read from the dataset's own files, one file pair per item, then drawn,
+    decoded and augmented by the training loader's own code (``TrainStream.build``)."""
 
-    def __init__(
-        self,
-        reader: Reader,
-        split: str,
-        augment: DataParams,
-        mean: Sequence[float],
-        std: Sequence[float],
-    ):
-        self.reader, self.items = reader, reader.items(split)
-        self.augment, self.mean, self.std = augment, mean, std
+    def __init__(self, reader: Reader, split: str, stream: TrainStream):
+        self.reader, self.items, self.stream = reader, reader.items(split), stream
 
     def __len__(self) -> int:
         return len(self.items)
@@ -59,14 +51,20 @@ class RawFiles(Dataset):
         item = self.items[index]
         if isinstance(self.reader, SyntheticReader):  # generated data: the reader draws it
             sample = self.reader.read(item)
-            image, label = decode_image(sample.image_bytes), sample.label
+            data, label = sample.image_bytes, sample.label
             assert label is not None  # train scenes are labelled
-        else:  # one decode of each file, as a plain file-based loader would
-            image = decode_image(Path(item.image).read_bytes())
+        else:  # one read of each file, as a plain file-based loader would
+            data = Path(item.image).read_bytes()
             assert item.label is not None
             label = self.reader.convert_label(load_label_array(item.label), item.label)
-        rng = np.random.default_rng(index)
-        return train_transform(image, label, self.augment, self.mean, self.std, rng)
+        raw = RawSample(str(index), data, "png" if data.startswith(b"\x89PNG") else "jpg", b"")
+        mask = torch.from_numpy(np.ascontiguousarray(label))
+        h, w = image_size(data, raw.where)  # as TrainStream.next_sample: the draw from the header
+        augment, rng = self.stream.augment, np.random.default_rng(index)
+        d = draw(h, w, augment, rng, mask if augment.cat_max_ratio < 1 else None)
+        image, target = self.stream.build(raw, d, mask)
+        assert isinstance(image, torch.Tensor)
+        return image, target
 
 
 def rate(loader: DataLoader, batch: int, batches: int) -> float:
@@ -189,7 +187,7 @@ def main() -> None:
                 urls, args.batch, args.batches, augment, mean, std, shuffle_buffer=32
             )
             raw = DataLoader(
-                RawFiles(reader, split, augment, mean, std),
+                RawFiles(reader, split, stream),
                 batch_size=args.batch,
                 shuffle=True,
                 num_workers=workers,

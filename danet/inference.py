@@ -272,10 +272,18 @@ def infer(model: nn.Module, x: torch.Tensor, protocol: Protocol) -> torch.Tensor
     return total if official else total / variants
 
 
-def to_input(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 array -> (1, 3, H, W) float in [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(image))
-    return t.permute(2, 0, 1)[None].float() / 255.0
+def to_input(
+    image: np.ndarray | torch.Tensor, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, H, W) float in [0, 1] on ``device``: the one conversion a
+    model's input takes (the model normalises it itself, danet/model.py ``Segmenter``).
+
+    The uint8 pixels travel, the division runs there: a true division by a tensor on every
+    device, so CPU and CUDA give the same bits (CUDA multiplies by the reciprocal of a Python
+    number, one bit off for half the pixel values)."""
+    t = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    x = t.to(device or "cpu", non_blocking=True).permute(2, 0, 1)[None].float()
+    return x / torch.full((), 255.0, device=x.device)
 
 
 def protocol_for(
@@ -303,5 +311,5 @@ def label_map(
 ) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (H, W) uint8 class ids under ``protocol``: what prediction and
     serving answer."""
-    scores = infer(model, to_input(image).to(device or "cpu"), protocol)
+    scores = infer(model, to_input(image, device), protocol)
     return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()

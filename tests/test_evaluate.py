@@ -12,10 +12,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from danet.inference import Protocol, infer, scaled_size
+from danet.model import Segmenter
 from pipeline.artifacts.refs import load_model
 from pipeline.cli import app
 from pipeline.config import ConfigError, EvaluateParams, Params
-from pipeline.data.loader import EvalStream, eval_loader
 from pipeline.data.manifest import load_manifest, shard_refs
 from pipeline.errors import ModelError
 from pipeline.evaluation.evaluate import candidates, evaluate_model, run_evaluation
@@ -193,8 +193,8 @@ def test_single_scale_evaluation_equals_in_training_evaluation(
         loaded.module, 11, refs, Protocol(), torch.device("cpu"), num_overlays=2, progress=False
     )
     core = loaded.module.get_submodule("model")  # the SegmentationModel inside the Segmenter
-    stream = EvalStream(refs, manifest.mean, manifest.std)
-    cm_train = validate(core, eval_loader(stream, 0), manifest.num_classes, torch.device("cpu"))
+    segmenter = Segmenter(core, manifest.mean, manifest.std)  # as a training session builds it
+    cm_train = validate(segmenter, refs, manifest.num_classes, torch.device("cpu"), workers=2)
     assert matrix.sum() == 4 * 64 * 48 - manifest.splits["val"].ignore_pixels
     assert torch.equal(matrix, cm_train.matrix)
     assert len(rows) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -10,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import DataParams
-from pipeline.data.augment import train_transform
-from pipeline.data.loader import EvalStream, TrainStream, read_shard, train_loader
+from pipeline.data.augment import draw
+from pipeline.data.loader import EvalStream, RawSample, TrainStream, read_shard, train_loader
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
 from pipeline.data.readers import make_reader
 from pipeline.data.shard import shard_dataset
@@ -209,17 +211,21 @@ def test_eval_stream_covers_each_image_once(uneven_shards: tuple[list[ShardRef],
     assert x.shape == (3, 48, 64) and y.shape == (48, 64)  # whole image
 
 
-def test_train_transform_pads_labels_with_ignore_and_flips_jointly() -> None:
+def test_augmentation_pads_labels_with_ignore_and_flips_jointly() -> None:
+    """One sample as the loader builds it (``TrainStream.build``: decode, the draw applied to
+    image and label, normalise)."""
     image = np.zeros((10, 20, 3), dtype=np.uint8)
     image[:, :10] = 255  # left half white
-    label = np.zeros((10, 20), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    label = torch.zeros(10, 20, dtype=torch.uint8)
     label[:, :10] = 1
     params = DataParams(crop_size=24, scale_min=1.0, scale_max=1.0, flip=True)
+    stream = TrainStream([], 1, 1, params, [0.5] * 3, [0.5] * 3)
+    raw = RawSample("x", png.getvalue(), "png", b"")
     for seed in range(6):
-        x, y = train_transform(
-            image, label, params, [0.5] * 3, [0.5] * 3, np.random.default_rng(seed)
-        )
-        assert x.shape == (3, 24, 24) and y.shape == (24, 24)
+        x, y = stream.build(raw, draw(10, 20, params, np.random.default_rng(seed)), label)
+        assert isinstance(x, torch.Tensor) and x.shape == (3, 24, 24) and y.shape == (24, 24)
         valid = y != 255
         assert valid.sum() == 10 * 20  # the padding is all ignore
         white = x[0] > 0.9

@@ -193,28 +193,6 @@ def normalize(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return F.normalize(F.to_dtype(img, torch.float32, scale=True), list(mean), list(std))
 
 
-def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, W, 3) uint8 and (H, W) uint8 arrays -> (3, H, W) and (H, W) uint8 tensors."""
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    return img, torch.from_numpy(np.ascontiguousarray(label))
-
-
-def train_transform(
-    image: np.ndarray,
-    label: np.ndarray,
-    params: DataParams,
-    mean: Sequence[float],
-    std: Sequence[float],
-    rng: np.random.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training sample on the CPU -> (3, crop, crop) float32 and (crop, crop) int64."""
-    img, mask = to_tensors(image, label)
-    d = draw(img.shape[-2], img.shape[-1], params, rng, mask if params.cat_max_ratio < 1 else None)
-    return normalize(apply_image(img, d, params.crop_size), mean, std), apply_label(
-        mask, d, params.crop_size
-    )
-
-
 def largest_side(h: int, w: int, p: DataParams) -> int:
     """The largest side ``scaled_size`` can give an image of (h, w)."""
     return max(size_range(h, w, p)[1])

@@ -20,16 +20,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from danet.inference import Protocol, check_work, infer, to_input
-from danet.metrics import ConfusionMatrix, summarize
+from danet.inference import Protocol, check_work
+from danet.metrics import summarize
 from pipeline.artifacts.modelfile import read_model_info, recorded_run
 from pipeline.artifacts.onnxfile import load_any_model
 from pipeline.artifacts.refs import LoadedModel
 from pipeline.config import ConfigError, EvaluateParams, Params, PredictParams
-from pipeline.data.loader import read_shard
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
-from pipeline.data.preview import Row, prediction_rows
-from pipeline.devices import autocast, pick_device
+from pipeline.data.predictions import Row, confusion, prediction_rows, predictions
+from pipeline.devices import pick_device
 from pipeline.errors import DataError, first_line
 from pipeline.evaluation.record import REPORT, Evaluation
 from pipeline.images import MAX_PIXELS
@@ -90,23 +89,13 @@ def evaluate_model(
     progress: bool = True,
 ) -> tuple[torch.Tensor, list[Row]]:
     """The confusion matrix over every image of ``shards``, and the first ``num_overlays``
-    (image, truth, prediction) rows. ``module`` maps RGB in [0, 1] to logits."""
-    module = module.to(device).eval()
-    cm = ConfusionMatrix(num_classes, device=device)
-    rows: list[Row] = []
-    bar = tqdm(desc=f"evaluate ({protocol.name})", unit="img", disable=None if progress else True)
-    with torch.no_grad(), autocast(device, "bf16" if bf16 else "fp32"):
-        for ref in shards:
-            for key, image, label in read_shard(ref):
-                pred = infer(module, to_input(image).to(device), protocol).argmax(1)[0]
-                try:
-                    cm.update(pred, torch.from_numpy(label).to(device).long())
-                except ValueError as err:
-                    raise DataError(ref.url, f"sample {key}: {err}") from None
-                if len(rows) < num_overlays:
-                    rows.append((image, label, pred.cpu().numpy().astype(np.uint8)))
-                bar.update()
-    bar.close()
+    (image, truth, prediction) rows (pipeline/data/predictions.py). ``module`` maps RGB in
+    [0, 1] to logits."""
+    images = predictions(module, shards, device, protocol, precision="bf16" if bf16 else "fp32")
+    desc, disable = f"evaluate ({protocol.name})", None if progress else True
+    cm, rows = confusion(
+        tqdm(images, desc=desc, unit="img", disable=disable), num_classes, device, num_overlays
+    )
     return cm.matrix.cpu(), rows
 
 

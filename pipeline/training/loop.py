@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -22,6 +22,8 @@ from torch import nn
 
 from danet.metrics import ConfusionMatrix
 from danet.model import SegmentationModel
+from pipeline.data.manifest import ShardRef
+from pipeline.data.predictions import confusion, predictions
 from pipeline.devices import autocast
 from pipeline.errors import TrainingDiverged
 from pipeline.training.records import StepRecord
@@ -327,25 +329,34 @@ class _Window:
         )
 
 
-@torch.no_grad()
 def validate(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, object]],
+    segmenter: nn.Module,
+    shards: Sequence[ShardRef],
     num_classes: int,
     device: torch.device,
+    *,
+    workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
     bf16: bool = False,
-    ignore_index: int = 255,
 ) -> ConfusionMatrix:
-    """Whole-image validation; the confusion matrix is summed over all workers once at the end.
+    """Whole-image validation of rank ``rank``'s share of ``shards`` (read by ``workers``
+    loader processes): the loop the evaluate stage runs (pipeline/data/predictions.py); the
+    confusion matrix is summed over all ranks once at the end.
 
-    Pass the unwrapped model (not DDP): ranks may hold different numbers of images, and only the
+    ``segmenter``: the unwrapped model (not DDP) in its ``Segmenter``, which normalises the
+    pixels as a model file does: ranks may hold different numbers of images, and only the
     final all-reduce is collective.
     """
-    model.eval()
-    cm = ConfusionMatrix(num_classes, ignore_index, device=device)
-    for images, labels, _ in batches:
-        with autocast(device, "bf16" if bf16 else "fp32"):
-            logits = model(images.to(device, non_blocking=True))["out"]
-        cm.update(logits.argmax(1), labels.to(device, non_blocking=True))
+    images = predictions(
+        segmenter,
+        shards,
+        device,
+        precision="bf16" if bf16 else "fp32",
+        workers=workers,
+        rank=rank,
+        world_size=world_size,
+    )
+    cm, _ = confusion(images, num_classes, device)
     cm.reduce()
     return cm

@@ -14,7 +14,7 @@ from pathlib import Path
 from danet.inference import Protocol
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file, save_model_file
 from pipeline.config import MlflowParams
-from pipeline.data.preview import prediction_rows
+from pipeline.data.predictions import prediction_rows
 from pipeline.modelrefs import WEIGHTS_FILE
 from pipeline.notes import NOTE_TAG, TrainingNote
 from pipeline.outputs import atomic_dir

@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from danet.metrics import summarize
-from danet.model import SegmentationModel
+from danet.model import SegmentationModel, Segmenter
 from pipeline.config import ConfigError, ModelParams
-from pipeline.data.loader import EvalStream, TrainStream, eval_loader, train_loader
+from pipeline.data.loader import TrainStream, train_loader
 from pipeline.errors import first_line
 from pipeline.training.builder import Prepare, build_step, step_options
 from pipeline.training.checkpoint import TrainState
@@ -60,7 +60,7 @@ class Session:
     loss_fn: LossFn
     stream: TrainStream
     loader: DataLoader
-    val_loader: DataLoader
+    segmenter: Segmenter  # the core with its normalisation: what validation runs
     batch_fn: BatchFn = to_device
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scale
     recovery: Recovery | None = None  # back to the last good state from a bad log window
@@ -122,7 +122,6 @@ def open_session(
         shuffle_buffer=job.data.shuffle_buffer,
         gpu_decode=job.data.gpu_decode and device.type == "cuda",
     )
-    val = EvalStream(job.val_shards, job.mean, job.std, rank=rank, world_size=world)
     return Session(
         job=job,
         rank=rank,
@@ -135,7 +134,7 @@ def open_session(
         loss_fn=step.loss_fn,
         stream=stream,
         loader=train_loader(stream, job.data.loader_workers, pin_memory=device.type == "cuda"),
-        val_loader=eval_loader(val, job.data.loader_workers),
+        segmenter=Segmenter(core, job.mean, job.std).to(device),
         batch_fn=step.batch_fn,
         scaler=step.scaler,
         recovery=recovery,
@@ -186,7 +185,16 @@ def snapshot(
 
 
 def evaluate(run: Session, train_loss: float) -> EvalRecord:
-    cm = validate(run.core, run.val_loader, run.job.num_classes, run.device)
+    job = run.job
+    cm = validate(
+        run.segmenter,
+        job.val_shards,
+        job.num_classes,
+        run.device,
+        workers=job.data.loader_workers,
+        rank=run.rank,
+        world_size=run.world,
+    )
     result = summarize(cm.matrix)
     record = EvalRecord(
         epoch=run.epoch,

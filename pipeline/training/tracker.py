@@ -135,7 +135,7 @@ class Tracker:
         """image | truth | prediction rows of the first val images, as a picture at this step."""
         if self.client is None or not self.job.prediction_images or self.down_since is not None:
             return
-        from pipeline.data.preview import prediction_rows
+        from pipeline.data.predictions import prediction_rows
         from pipeline.pictures import prediction_grid
 
         segmenter = Segmenter(core, self.job.mean, self.job.std).to(device).eval()
@@ -166,7 +166,7 @@ class Tracker:
 
         segmenter = Segmenter(core, self.job.mean, self.job.std).to(device).eval()
         _, image, _ = next(read_shard(self.job.val_shards[0]))
-        x = to_input(image).to(device)
+        x = to_input(image, device)
         try:
             explanation = explain(segmenter, x)
             for kind, figure in ATTENTION_FIGURES.items():
