@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import DataParams
 from pipeline.data.augment import draw
-from pipeline.data.loader import EvalStream, RawSample, TrainStream, read_shard, train_loader
+from pipeline.data.loader import RawSample, TrainStream, read_shard, train_loader
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
 from pipeline.data.readers import make_reader
 from pipeline.data.shard import shard_dataset
@@ -198,17 +198,6 @@ def test_data_order_reproducible_from_seed_epoch_rank(
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other_epoch, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other_rank, strict=True))
-
-
-def test_eval_stream_covers_each_image_once(uneven_shards: tuple[list[ShardRef], Manifest]) -> None:
-    _, manifest = uneven_shards
-    refs = shard_refs(manifest, "val")
-    keys = [
-        k for rank in range(2) for _, _, k in EvalStream(refs, manifest.mean, manifest.std, rank, 2)
-    ]
-    assert sorted(keys) == [f"synthetic_val_{i:06d}" for i in range(5)]
-    x, y, _ = next(iter(EvalStream(refs, manifest.mean, manifest.std)))
-    assert x.shape == (3, 48, 64) and y.shape == (48, 64)  # whole image
 
 
 def test_augmentation_pads_labels_with_ignore_and_flips_jointly() -> None:

@@ -14,8 +14,7 @@ With ``gpu_decode`` the workers only read bytes, decode the small label PNGs and
 sample's augmentation; JPEG images are decoded and augmented on the GPU in batches
 (pipeline/data/gpu.py) with the same draws.
 
-Evaluation streams give each global worker whole shards (``shards[g::G]``): every image is read
-and decoded exactly once, by exactly one worker.
+Whole images for validation and evaluation: pipeline/data/predictions.py (``ShardImages``).
 
 A shard's sha256 is checked against the manifest's as it is read to its end: a replaced or
 corrupt shard stops the run with a ``DataError`` naming it.
@@ -282,30 +281,6 @@ class TrainStream(IterableDataset):
                 yield torch.stack(images), torch.stack(labels)
 
 
-@dataclass
-class EvalStream(IterableDataset):
-    """Whole, unaugmented images ``(image (3, H, W), label (H, W), key)``, each exactly once."""
-
-    shards: Sequence[ShardRef]
-    mean: Sequence[float]
-    std: Sequence[float]
-    rank: int = 0
-    world_size: int = 1
-
-    def __post_init__(self) -> None:
-        super().__init__()
-
-    def my_shards(self, worker: int, num_workers: int) -> Sequence[ShardRef]:
-        g, n_global = self.rank * num_workers + worker, self.world_size * num_workers
-        return self.shards[g::n_global]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
-        for ref in self.my_shards(*_worker()):
-            for key, image, label in read_shard(ref):
-                x = normalize(torch.from_numpy(image).permute(2, 0, 1), self.mean, self.std)
-                yield x, torch.from_numpy(label).long(), key
-
-
 def train_loader(stream: TrainStream, workers: int, pin_memory: bool = False) -> DataLoader:
     """Batches come ready from the stream; the worker processes persist across epochs."""
     return DataLoader(
@@ -316,7 +291,3 @@ def train_loader(stream: TrainStream, workers: int, pin_memory: bool = False) ->
         pin_memory=pin_memory,
         prefetch_factor=4 if workers > 0 else None,
     )
-
-
-def eval_loader(stream: EvalStream, workers: int) -> DataLoader:
-    return DataLoader(stream, batch_size=1, num_workers=workers)
