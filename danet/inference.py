@@ -148,10 +148,13 @@ def passes(h: int, w: int, p: Protocol) -> list[tuple[int, int, int]]:
     return [(n * flips, ph, pw) for n, ph, pw in out]
 
 
-def check_work(h: int, w: int, p: Protocol, max_pass: int, max_image: int, max_work: int) -> None:
+def check_work(
+    h: int, w: int, p: Protocol, max_pass: int, max_image: int, max_work: int, max_passes: int = 0
+) -> None:
     """``ValueError`` (one line) unless the (h, w) image fits: each forward pass at most
     ``max_pass`` pixels, the image at every scale at most ``max_image`` (its scores are held at
-    that size), and all passes together at most ``max_work`` pixels (0: unbounded)."""
+    that size), all passes together at most ``max_work`` pixels and ``max_passes`` passes (0:
+    unbounded)."""
     for scale, (_, ph, pw) in zip(p.scales, passes(h, w, p), strict=True):
         sh, sw = scaled_size(h, w, scale, p)
         if min(sh, sw) < 1:
@@ -167,11 +170,16 @@ def check_work(h: int, w: int, p: Protocol, max_pass: int, max_image: int, max_w
                 f"{max_pass:,} pixels of one pass (use mode slide, a smaller crop or scale)"
             )
     total = sum(n * ph * pw for n, ph, pw in passes(h, w, p))
+    count = sum(n for n, _, _ in passes(h, w, p))
+    if max_passes and count > max_passes:
+        raise ValueError(
+            f"{w}x{h} takes {count:,} forward passes: over the {max_passes:,} one image may take "
+            "(a larger stride or crop, fewer scales, no flip)"
+        )
     if max_work and total > max_work:
-        count = sum(n for n, _, _ in passes(h, w, p))
         raise ValueError(
             f"{w}x{h} takes {count:,} forward passes over {total:,} pixels: over the "
-            f"{max_work:,} one request may ask for (send it smaller, fewer scales, no flip)"
+            f"{max_work:,} one image may take (send it smaller, fewer scales, no flip)"
         )
 
 

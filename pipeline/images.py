@@ -16,7 +16,9 @@ Pixels are what they say (``to_rgb``): every image becomes 8-bit RGB by these ru
   shows for an opaque image.
 - 16-bit (I;16, I;16B, and 32-bit I holding 0..65535, as PIL opens 16-bit PNG and TIFF
   grayscale) keeps its high byte (``>> 8``), as PIL's own 16-bit RGB (48-bit PNG) reading does,
-  so a 16-bit ramp gives the 8-bit ramp; I values outside 0..65535 are refused.
+  so a 16-bit ramp gives the 8-bit ramp; I values outside 0..65535 are refused, and so is a
+  16-bit image whose values all stay below 4096 (8- or 12-bit data in a 16-bit file, which
+  ``>> 8`` would turn into a black frame).
 - Float (F) in [0, 1] becomes ``round(v * 255)``; anything else (NaN, negative, above 1: a
   depth map, a raw sensor value) is refused: its scale cannot be guessed.
 - EXIF orientation (2..8) is applied: the image comes out upright, as a viewer shows it
@@ -110,6 +112,7 @@ ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2..8 mirrored and/or rotated
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")  # single-channel index maps
 _EIGHT_BIT = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+LOW_RANGE = 4096  # a 16-bit image whose values all stay below this is refused, not darkened
 
 
 def orientation(im: Any) -> int:
@@ -141,6 +144,11 @@ def to_rgb(im: Any, exif: bool = True) -> np.ndarray:
         if low < 0 or high > 0xFFFF:
             raise Unsupported(
                 f"32-bit integer pixels from {low} to {high}: not 8- or 16-bit (save it as 8-bit RGB)"
+            )
+        if 0 < high < LOW_RANGE:  # >> 8 would give a black frame (max high >> 8) without a word
+            raise Unsupported(
+                f"16-bit pixels that reach only {high}: 12 bits or fewer hold the data (8- or "
+                "12-bit values in a 16-bit file?), whose scale is unknown (save it as 8-bit RGB)"
             )
         rgb = np.repeat((values.astype(np.uint32) >> 8).astype(np.uint8)[..., None], 3, axis=2)
     elif im.mode == "F":

@@ -45,15 +45,16 @@ def tmp_prefix(out: Path) -> str:
 
 
 def sweep_stale(out: Path) -> None:
-    """Delete the temporary siblings of ``out`` that a process of this host wrote and that no
-    longer runs (a SIGKILLed command's: a later run of it cleans them); a live writer's stay."""
-    host = _host()
+    """Delete the temporary files and folders beside ``out`` (of any output's name: a killed
+    export to another file name leaves one too) that a process of this host wrote and that no
+    longer runs (a SIGKILLed command's); a live writer's stay."""
+    mark = f".tmp-{_host()}-"
     try:
-        found = list(out.parent.glob(f".{out.name}.tmp-{host}-*"))
+        found = [p for p in out.parent.glob(f".*{mark}*") if mark in p.name]
     except OSError:
         return
     for path in found:
-        pid = path.name[len(f".{out.name}.tmp-{host}-") :].split("-", 1)[0]
+        pid = path.name.split(mark, 1)[1].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
             continue
         if path.is_dir() and not path.is_symlink():
@@ -176,13 +177,16 @@ def check_own(out: str | Path, name: str, stage: str, writes: Sequence[str]) -> 
         p.name for p in Path(out).iterdir() if not any(fnmatchcase(p.name, w) for w in writes)
     )
     if foreign:
-        shown = ", ".join(foreign[:3]) + (
-            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        )
         raise ConfigError(
-            f"{name} {out}: holds what danet {stage} does not write ({shown}): not its output "
-            "folder; choose a new or empty one"
+            f"{name} {out}: holds what danet {stage} does not write ({listed(foreign)}): not its "
+            "output folder; choose a new or empty one"
         )
+
+
+def listed(names: Sequence[str], shown: int = 3) -> str:
+    """The first ``shown`` names, comma-separated, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def check_file_output(out: str | Path, name: str) -> None:

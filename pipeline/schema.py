@@ -28,6 +28,10 @@ MAX_CROP = 4096  # a training crop, a sliding window
 MAX_SCALE = 8.0  # a resize factor
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes no more
 MAX_TRIALS = 100_000  # a search's samples
+# what predict and evaluate may spend on one image before they start: its forward passes cover
+# it at most WORK_PER_PIXEL times (the paper's Cityscapes protocol: 95; at least MIN_WORK pixels:
+# a small image in one large window), in at most MAX_PASSES passes (Cityscapes: 190)
+WORK_PER_PIXEL, MIN_WORK, MAX_PASSES = 256, 2**20, 1024
 
 
 def check_names(value: Any, key: str) -> None:
@@ -111,7 +115,20 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if hint in (int, str, bool) and (type(value) is not hint):
         raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}")
+    if hint is str:
+        _check_text(value, key)
     return value
+
+
+def _check_text(value: str, key: str) -> None:
+    """A string param becomes a path, a URL or a name: no NUL character (no file system takes
+    one) and no lone surrogate (it has no bytes to name a file with)."""
+    if "\x00" in value:
+        raise ConfigError(f"{key} holds a NUL character: {value!r} names no file")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key} is not valid text (a lone surrogate): {value!r}") from None
 
 
 def _check_rules(value: Any, rules: Mapping[str, Any], key: str) -> None:

@@ -506,6 +506,18 @@ CASES = [
         params_text("trian: {lr: 1}\n"),
     ),
     Case(
+        "NUL character in an output path",
+        ["predict", "--params", "bad.yaml", "camvid/val"],
+        r"predict.out holds a NUL character: 'po\\x00x' names no file",
+        params_text('predict: {model: model.pt, out: "po\\0x"}\n'),
+    ),
+    Case(
+        "lone surrogate in an output path",
+        ["evaluate", "--params", "bad.yaml"],
+        r"evaluate.out is not valid text \(a lone surrogate\)",
+        params_text('evaluate: {out: "ev\\ud800"}\n'),
+    ),
+    Case(
         "unknown key",
         ["train", "--params", "bad.yaml"],
         r"train.lrr is not a known param",
@@ -1928,3 +1940,12 @@ def test_the_next_run_cleans_a_killed_runs_temporary_files(tmp_path: Path) -> No
     with atomic_dir(shards) as folder:
         (folder / "manifest.json").write_text("{}")
     assert not stale.exists() and (shards / "manifest.json").is_file()
+
+    # a killed export to another name (k1.onnx), then an export to k2.onnx: k1's debris goes too
+    k1 = tmp_path / (
+        tmp_prefix(tmp_path / "k1.onnx").replace(f"-{os.getpid()}-", f"-{dead.pid}-") + "z.onnx"
+    )
+    k1.write_bytes(b"\0" * 1024)
+    with atomic_file(tmp_path / "k2.onnx") as tmp:
+        tmp.write_text("k2")
+    assert not k1.exists() and (tmp_path / f"{live}xyz.onnx").exists() and other_host.exists()

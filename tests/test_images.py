@@ -61,6 +61,16 @@ def test_a_16_bit_ramp_gives_the_8_bit_ramp(low: int) -> None:
     assert (gray(decode_rgb(data)) == RAMP).all()
 
 
+@pytest.mark.parametrize("top", [255, 4095])
+def test_8_or_12_bit_values_in_a_16_bit_file_are_refused_not_darkened(top: int) -> None:
+    """>> 8 would turn them into a black frame (max 0 or 15) and exit 0: one line instead; an
+    all-black 16-bit image stays black."""
+    values = np.linspace(0, top, 64).astype(np.uint16).reshape(8, 8)
+    with pytest.raises(Unsupported, match=rf"16-bit pixels that reach only {top}: 12 bits"):
+        decode_rgb(encode(Image.fromarray(values)))
+    assert not decode_rgb(encode(Image.fromarray(np.zeros((8, 8), np.uint16)))).any()
+
+
 def test_big_endian_16_bit_and_32_bit_int_keep_the_high_byte() -> None:
     values = RAMP.astype(np.uint16) * 257
     big = Image.frombytes("I;16B", (16, 16), values.astype(">u2").tobytes())

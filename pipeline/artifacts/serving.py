@@ -56,6 +56,8 @@ TORCH = "torch"
 log = logging.getLogger(__name__)
 RUNTIMES = (TORCH, "onnx", "onnx-int8")  # the weights; ONNX Runtime on a float or INT8 export
 WORK_PER_PIXEL = 16  # an image's forward passes may cover it this many times (slide + flip: 4.5)
+MAX_IMAGES = 64  # images one request may hold ...
+MAX_REQUEST_PIXELS = 2 * MAX_PIXELS  # ... and their pixels together (each header read first)
 MIN_WORK = 1024 * 1024  # ... or this many pixels, whatever its size (a 512 window, 4 times)
 
 
@@ -183,10 +185,16 @@ class LabelMapModel(PythonModel):
             )
         if "image" not in getattr(model_input, "columns", ()):
             raise RequestError("the request has no column 'image' (PNG or JPEG bytes, base64)")
-        images = []
-        for i, value in enumerate(model_input["image"]):
+        cells = list(model_input["image"])
+        if len(cells) > MAX_IMAGES:  # each may decode to MAX_PIXELS: bounded before any decodes
+            raise RequestError(
+                f"the request holds {len(cells)} images: at most {MAX_IMAGES} (send them in parts)"
+            )
+        images, left = [], MAX_REQUEST_PIXELS
+        for i, value in enumerate(cells):
             try:
-                images.append(decode(value))
+                images.append(decode(value, min(MAX_PIXELS, left)))
+                left -= images[-1].shape[0] * images[-1].shape[1]
             except ValueError as err:
                 raise RequestError(f"image {i}: {err}") from None
         check_request(images, options)

@@ -35,7 +35,7 @@ from pipeline.images import MAX_PIXELS
 from pipeline.modelrefs import WEIGHTS_FILE
 from pipeline.outputs import atomic_dir, check_output, check_outside, check_own
 from pipeline.pictures import plot_confusion_matrix, prediction_grid, save_png, write_per_class_iou
-from pipeline.schema import MAX_CROP
+from pipeline.schema import MAX_CROP, MAX_PASSES, MIN_WORK, WORK_PER_PIXEL
 from pipeline.scores import best
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,8 @@ def check_fits(manifest: Manifest, split: str, protocol: Protocol) -> None:
     if not width or not height:  # no images: refused as such once the shards are read
         return
     try:
-        check_work(height, width, protocol, MAX_CROP**2, MAX_PIXELS, 0)
+        budget = max(WORK_PER_PIXEL * height * width, MIN_WORK)
+        check_work(height, width, protocol, MAX_CROP**2, MAX_PIXELS, budget, MAX_PASSES)
     except ValueError as err:
         raise ConfigError(f"evaluate: the largest image of split {split!r}, {err}") from None
 

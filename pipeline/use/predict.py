@@ -30,7 +30,7 @@ from pipeline.errors import DataError, ServiceError
 from pipeline.evaluation.evaluate import protocol_of
 from pipeline.images import MAX_PIXELS, TooLarge, decode_rgb, read_file
 from pipeline.outputs import atomic_file, check_output, check_outside, check_own
-from pipeline.schema import MAX_CROP
+from pipeline.schema import MAX_CROP, MAX_PASSES, MIN_WORK, WORK_PER_PIXEL
 from pipeline.use.formats import FORMATS
 
 
@@ -227,7 +227,9 @@ def predict_sources(
         mode = mode_for(image.shape[:2], params.mode, params.slide_above)
         protocol = protocol_of(params, mode)
         try:  # what the image at each scale and each forward pass takes, before any of it
-            check_work(image.shape[0], image.shape[1], protocol, MAX_CROP**2, MAX_PIXELS, 0)
+            h, w = image.shape[:2]
+            budget = max(WORK_PER_PIXEL * h * w, MIN_WORK)
+            check_work(h, w, protocol, MAX_CROP**2, MAX_PIXELS, budget, MAX_PASSES)
         except ValueError as err:
             report.failed.append((Path(origin), str(err)))
             continue
