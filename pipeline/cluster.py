@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError, ServiceError, first_line
 from pipeline.locations import is_url
-from pipeline.outputs import project_path
+from pipeline.outputs import listed, project_path
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +191,35 @@ def storage_uri(path: str) -> str:
 TRIALS = "-trials"  # a search's trials live in <storage>/<search><TRIALS>/
 
 
-def _entries(folder: str) -> list[str]:
-    """The names in a storage folder (local or a bucket URI); [] when it does not exist."""
+# What each stage writes there (Ray Train V2's, Ray Tune's, ours; regular expressions of names): a
+# folder holding anything else is a user's, never deleted (--restart) nor trained into.
+TRIAL_ID = r"[0-9a-f]+(?:_[0-9]+)?"  # Tune's: 5 hex + _00000 (random search), 8 hex (Optuna)
+RUN_WRITES = (
+    r"checkpoint_.+",  # Ray Train's checkpoint folders
+    r"checkpoint_manager_snapshot\.json",
+    r"\.validate_storage_marker",
+    r"diverged\.json",  # pipeline/training/checkpoint.py's DIVERGED_FILE
+)
+SEARCH_WRITES = (
+    r"tuner\.pkl",
+    r"(experiment_state|basic-variant-state|search_gen_state)-.+\.json",
+    r"searcher-state-.+\.pkl",
+    r"\..+-tmp-.+",  # Tune's atomic saves (a temporary file a killed driver left)
+    r"\.validate_storage_marker",
+    TRIAL_ID,  # a trial's folder (results, params)
+)
+
+
+def _entries(folder: str) -> list[str] | None:
+    """The names in a storage folder (local or a bucket URI); [] when it does not exist, None
+    when it is a file."""
     from fsspec.core import url_to_fs
 
     fs, path = url_to_fs(folder)
     fs.invalidate_cache()
     try:
+        if fs.isfile(path):
+            return None
         return [str(i).rstrip("/").rsplit("/", 1)[-1] for i in fs.ls(path, detail=False)]
     except (FileNotFoundError, NotADirectoryError):
         return []
@@ -205,7 +228,7 @@ def _entries(folder: str) -> list[str]:
 def folder_kind(folder: str) -> str:
     """What a folder under the storage holds: "search" (Tune's experiment state), "run" (a Train
     run's checkpoints), "trials" (runs of a search's trials) or "" (nothing recognised)."""
-    names = _entries(folder)
+    names = _entries(folder) or []
     if any(n == "tuner.pkl" or n.startswith("experiment_state-") for n in names):
         return "search"
     if any(n.startswith("checkpoint_") for n in names):
@@ -215,19 +238,61 @@ def folder_kind(folder: str) -> str:
     return ""
 
 
-def check_run_name(storage: str, name: str) -> None:
-    """A training run's folder must not be a search's or its trials' (``--restart`` deletes it)."""
-    kind = folder_kind(f"{storage}/{name}")
-    if name.endswith(TRIALS) or kind in ("search", "trials"):
-        what = "a search's folder" if kind == "search" else "a search's trials folder"
+def foreign(folder: str, writes: tuple[str, ...]) -> list[str] | None:
+    """The names in ``folder`` that match none of ``writes``, sorted; None when it is a file."""
+    names = _entries(folder)
+    if names is None:
+        return None
+    return sorted(n for n in names if not any(re.fullmatch(w, n) for w in writes))
+
+
+def foreign_trials(folder: str, search: str) -> list[str] | None:
+    """``foreign`` for a search's trials folder: each entry a trial's run folder
+    (``<search>-<trial id>``, pipeline/training/trial.py's ``trial_run_name``) holding only
+    what Ray Train writes (its foreign names shown as ``<trial>/<name>``)."""
+    trial = re.escape(search) + "-" + TRIAL_ID
+    found = foreign(folder, (trial,))
+    if found is None:
+        return None
+    for name in sorted(set(_entries(folder) or []) - set(found)):
+        inside = foreign(f"{folder}/{name}", RUN_WRITES)
+        found += [name] if inside is None else [f"{name}/{n}" for n in inside]
+    return sorted(found)
+
+
+def check_own_folder(folder: str, found: list[str] | None, param: str, what: str) -> None:
+    """Refuse, before anything is deleted or started, a storage folder that is not the stage's
+    own (``found``: its foreign names; None: a file). ``param`` is ``train.run_name 'x'``
+    or ``tune.name 'x'``; ``what`` the folder (``run``, ``search``, ``trials``)."""
+    stage, choose = ("tune", "search name") if param.startswith("tune") else ("train", "run name")
+    if found is None:
         raise ConfigError(
-            f"train.run_name {name!r}: {storage}/{name} is {what} (runs and searches share "
-            f"train.storage_path; a name ending in {TRIALS} is a search's): choose another run name"
+            f"{param}: {folder} is a file, not a {what} folder; choose another {choose}"
+        )
+    if found:
+        raise ConfigError(
+            f"{param}: {folder} holds what danet {stage} does not write ({listed(found)}): "
+            f"not its {what} folder; choose another {choose}"
         )
 
 
+def check_run_name(storage: str, name: str) -> None:
+    """A training run's folder must be its own (``--restart`` deletes it, a run writes into it):
+    not a search's or its trials', not a user's folder."""
+    folder = f"{storage}/{name}"
+    kind = folder_kind(folder)
+    if name.endswith(TRIALS) or kind in ("search", "trials"):
+        what = "a search's folder" if kind == "search" else "a search's trials folder"
+        raise ConfigError(
+            f"train.run_name {name!r}: {folder} is {what} (runs and searches share "
+            f"train.storage_path; a name ending in {TRIALS} is a search's): choose another run name"
+        )
+    check_own_folder(folder, foreign(folder, RUN_WRITES), f"train.run_name {name!r}", "run")
+
+
 def check_search_name(storage: str, name: str) -> None:
-    """A search's folders (``<name>``, ``<name>-trials``) must not be a training run's."""
+    """A search's folders (``<name>``, ``<name>-trials``) must be its own (``--restart`` deletes
+    them, the search writes into them): not a training run's, not a user's folder."""
     if name.endswith(TRIALS):
         raise ConfigError(
             f"tune.name {name!r}: a name ending in {TRIALS} is another search's trials folder: "
@@ -239,3 +304,9 @@ def check_search_name(storage: str, name: str) -> None:
                 f"tune.name {name!r}: {folder} is a training run's folder (runs and searches "
                 "share train.storage_path): choose another search name"
             )
+    param = f"tune.name {name!r}"
+    check_own_folder(
+        f"{storage}/{name}", foreign(f"{storage}/{name}", SEARCH_WRITES), param, "search"
+    )
+    trials = f"{storage}/{name}{TRIALS}"
+    check_own_folder(trials, foreign_trials(trials, name), param, "trials")

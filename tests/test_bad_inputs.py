@@ -379,6 +379,9 @@ def params_text(text: str | bytes) -> Setup:
 
 SHARD = ["shard", "--params", "params.yaml"]
 TRAIN = ["train", "--params", "params.yaml"]
+SEARCH_JSON = json.dumps(  # a search's search.json: its winning trial trained this lr
+    {"search": "s", "search_run_id": "r", "best_trial": "t1", "values": {"train.lr": 0.0123456789}}
+)
 TUNE = ["tune", "--params", "params.yaml"]
 EVALUATE = ["evaluate", "--params", "params.yaml"]
 REGISTER = ["register", "--params", "params.yaml"]
@@ -1498,6 +1501,51 @@ CASES = [
         r"tune\.name 'run1': .*ray/run1 is a training run's folder",
         write("ray/run1/checkpoint_000001/state.pt", "a run's checkpoint"),
     ),
+    # a run's or search's folder holding what the stage does not write is a user's: never
+    # deleted (--restart) nor trained into
+    Case(
+        "run name of a folder of the user's, with --restart",
+        [*TRAIN, "--restart", "--set", "train.storage_path=mine", "--set", "train.run_name=docs"],
+        r"train\.run_name 'docs': .*mine/docs holds what danet train does not write "
+        r"\(thesis\.txt\): not its run folder; choose another run name$",
+        both(users_folder, write("mine/docs/thesis.txt", "months of work")),
+    ),
+    Case(
+        "run name of a folder of the user's, resumed",
+        [*TRAIN, "--set", "train.storage_path=mine", "--set", "train.run_name=docs"],
+        r"train\.run_name 'docs': .*mine/docs holds what danet train does not write "
+        r"\(thesis\.txt\)",  # a checkpoint beside it: still a folder of the user's
+        both(
+            users_folder,
+            write("mine/docs/thesis.txt", "months of work"),
+            write("mine/docs/checkpoint_000001/state.pt", "a checkpoint"),
+        ),
+    ),
+    Case(
+        "run name of a file of the user's, with --restart",
+        [*TRAIN, "--restart", "--set", "train.storage_path=mine", "--run-name", "thesis.tex"],
+        r"train\.run_name 'thesis\.tex': .*mine/thesis\.tex is a file, not a run folder",
+        users_folder,
+    ),
+    Case(
+        "search name of a folder of the user's, with --restart",
+        [*TUNE, "--restart", "--set", "train.storage_path=mine", "--set", "tune.name=docs"],
+        r"tune\.name 'docs': .*mine/docs holds what danet tune does not write \(thesis\.txt\): "
+        r"not its search folder; choose another search name$",
+        both(users_folder, write("mine/docs/thesis.txt", "months of work")),
+    ),
+    Case(
+        "search whose trials folder is the user's, with --restart",
+        [*TUNE, "--restart", "--set", "train.storage_path=mine", "--set", "tune.name=docs"],
+        r"tune\.name 'docs': .*mine/docs-trials holds what danet tune does not write "
+        r"\(docs-1a2b3c4d/thesis\.txt, photo\.jpg\): not its trials folder",
+        both(
+            users_folder,
+            write("mine/docs/tuner.pkl", "a search's state"),
+            write("mine/docs-trials/photo.jpg", "a photo"),
+            write("mine/docs-trials/docs-1a2b3c4d/thesis.txt", "months of work"),
+        ),
+    ),
     Case(
         "workers that need more CPUs than any node has",
         [*TRAIN, "--set", "train.cpus_per_worker=4096"],
@@ -1525,6 +1573,24 @@ CASES = [
                     }
                 ),
             ),
+        ),
+    ),
+    Case(
+        "refit over best params that leave out a searched key",
+        [*TRAIN, "--refit", "search"],
+        r"--refit search/best_params\.yaml: train\.lr is missing but the winning trial trained "
+        r"0\.0123456789 \(search\.json\): restore it, or train those params with --params "
+        r"instead of --refit$",
+        both(write("search/best_params.yaml", ""), write("search/search.json", SEARCH_JSON)),
+    ),
+    Case(
+        "refit over best params edited by hand",
+        [*TRAIN, "--refit", "search"],
+        r"--refit search/best_params\.yaml: train\.lr is 0\.5 but the winning trial trained "
+        r"0\.0123456789 \(search\.json\)",
+        both(
+            write("search/best_params.yaml", "train: {lr: 0.5}\n"),
+            write("search/search.json", SEARCH_JSON),
         ),
     ),
     Case(

@@ -350,3 +350,125 @@ def test_refit_takes_only_what_the_search_searched_and_exactly(tmp_path: Path) -
         best.write_text(text)
         with pytest.raises(ConfigError, match=r"best_params\.yaml: "):
             read_refit(folder)
+
+
+def refit_folder(tmp: Path, values: dict[str, Any], best_params: str) -> Path:
+    """A tune.out of a search whose winning trial trained ``values``, with ``best_params``."""
+    folder = tmp / "tune"
+    folder.mkdir(exist_ok=True)
+    origin = {"search": "s", "search_run_id": "a", "best_trial": "t1", "values": values}
+    (folder / "search.json").write_text(json.dumps(origin))
+    (folder / "best_params.yaml").write_text(best_params)
+    return folder
+
+
+def test_refit_trains_exactly_what_the_winning_trial_trained(tmp_path: Path) -> None:
+    """A best_params.yaml that leaves out a searched key (params.yaml's value would be trained)
+    or disagrees with search.json's value (a value no trial trained) is refused in one line
+    naming the key and both values; the winning trial's own file is taken as it is."""
+    from pipeline.training.search_summary import read_refit
+
+    values = {"train.lr": 0.0123456789, "data.crop_size": 48, "train.loss_weights.pam": 0.5}
+    good = "train: {lr: 0.0123456789, loss_weights: {out: 1.0, pam: 0.5}}\ndata: {crop_size: 48}\n"
+    overlay, tags = read_refit(refit_folder(tmp_path, values, good))
+    assert overlay == {
+        "train": {"lr": 0.0123456789, "loss_weights": {"out": 1.0, "pam": 0.5}},
+        "data": {"crop_size": 48},
+    }
+    assert tags["danet.refit_of_trial"] == "t1"
+    advice = r": restore it, or train those params with --params instead of --refit$"
+    for text, message in (
+        ("", r"train\.lr is missing but the winning trial trained 0\.0123456789 \(search\.json\)"),
+        ("{}\n", r"train\.lr is missing but the winning trial trained 0\.0123456789"),
+        (
+            "train: {lr: 0.5, loss_weights: {pam: 0.5}}\ndata: {crop_size: 48}\n",
+            r"train\.lr is 0\.5 but the winning trial trained 0\.0123456789 \(search\.json\)",
+        ),
+        (
+            "train: {lr: 0.0123456789, loss_weights: {pam: 0.5}}\n",
+            r"data\.crop_size is missing but the winning trial trained 48",
+        ),
+        (
+            "train: {lr: 0.0123456789, loss_weights: {out: 1.0}}\ndata: {crop_size: 48}\n",
+            r"train\.loss_weights\.pam is missing but the winning trial trained 0\.5",
+        ),
+        (
+            "train: {lr: 0.0123456789, loss_weights: {pam: 0.75}}\ndata: {crop_size: 48}\n",
+            r"train\.loss_weights\.pam is 0\.75 but the winning trial trained 0\.5",
+        ),
+        (  # exact: the next float after the trial's is not the trial's
+            "train: {lr: 0.012345678900000002, loss_weights: {pam: 0.5}}\ndata: {crop_size: 48}\n",
+            r"train\.lr is 0\.012345678900000002 but the winning trial trained 0\.0123456789",
+        ),
+    ):
+        folder = refit_folder(tmp_path, values, text)
+        with pytest.raises(
+            ConfigError, match=r"^--refit .*tune/best_params\.yaml: " + message
+        ) as err:
+            read_refit(folder)
+        assert re.search(advice, str(err.value)) and "\n" not in str(err.value)
+    folder = refit_folder(tmp_path, {"train.amp": True}, "train: {amp: 1}\n")
+    with pytest.raises(ConfigError, match=r"train\.amp is 1 but the winning trial trained True"):
+        read_refit(folder)  # a flag is not a number
+
+
+def test_a_storage_folder_a_stage_did_not_write_is_not_its_own(tmp_path: Path) -> None:
+    """A run's or search's folder under train.storage_path is deleted (--restart) or written into
+    only when it holds what Ray Train, Ray Tune and the pipeline write there (or nothing):
+    a user's folder is refused in one line, before anything is deleted or started."""
+    from pipeline.cluster import RUN_WRITES, check_run_name, check_search_name
+    from pipeline.training.checkpoint import DIVERGED_FILE
+
+    assert any(re.fullmatch(w, DIVERGED_FILE) for w in RUN_WRITES)
+    storage = tmp_path / "ray"
+    run = storage / "run1"
+    (run / "checkpoint_2026-12-05_00-31-01.248857").mkdir(parents=True)
+    for name in (".validate_storage_marker", "checkpoint_manager_snapshot.json", DIVERGED_FILE):
+        (run / name).write_text("{}")
+    search, trials = storage / "s", storage / "s-trials"
+    for name in ("dd27a_00000", "dd27a_00001", "1a2b3c4d"):  # random search's, Optuna's trial ids
+        (search / name).mkdir(parents=True)
+        (trials / f"s-{name}" / "checkpoint_2026-12-05_00-17-32.505100").mkdir(parents=True)
+        (trials / f"s-{name}" / "checkpoint_manager_snapshot.json").write_text("{}")
+    for name in (
+        "tuner.pkl",
+        "experiment_state-2026-12-05_00-14-40.json",
+        "basic-variant-state-2026-12-05_00-14-40.json",
+        "search_gen_state-2026-12-05_00-31-44.json",
+        "searcher-state-2026-12-05_00-31-44.pkl",
+        ".validate_storage_marker",
+    ):
+        (search / name).write_text("state")
+    check_run_name(str(storage), "run1")
+    check_run_name(str(storage), "new")  # absent: created by the run
+    (storage / "empty").mkdir()
+    check_run_name(str(storage), "empty")
+    check_search_name(str(storage), "s")
+    check_search_name(str(storage), "new")
+
+    (run / "thesis.txt").write_text("months of work")
+    with pytest.raises(
+        ConfigError,
+        match=r"^train\.run_name 'run1': .*ray/run1 holds what danet train does not write "
+        r"\(thesis\.txt\): not its run folder; choose another run name$",
+    ):
+        check_run_name(str(storage), "run1")
+    (storage / "afile").write_text("a file of the user's")
+    with pytest.raises(ConfigError, match=r"^train\.run_name 'afile': .*ray/afile is a file"):
+        check_run_name(str(storage), "afile")
+    (search / "notes.md").write_text("notes")
+    with pytest.raises(
+        ConfigError,
+        match=r"^tune\.name 's': .*ray/s holds what danet tune does not write \(notes\.md\): "
+        r"not its search folder; choose another search name$",
+    ):
+        check_search_name(str(storage), "s")
+    (search / "notes.md").unlink()
+    (trials / "s-dd27a_00001" / "thesis.txt").write_text("months of work")
+    (trials / "photo.jpg").write_text("a photo")
+    with pytest.raises(
+        ConfigError,
+        match=r"^tune\.name 's': .*ray/s-trials holds what danet tune does not write "
+        r"\(photo\.jpg, s-dd27a_00001/thesis\.txt\): not its trials folder",
+    ):
+        check_search_name(str(storage), "s")

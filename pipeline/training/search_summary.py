@@ -271,8 +271,11 @@ def read_refit(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
     best_params.yaml may set only the keys the search searched (search.json's ``values``): a
     key it never searched (``train.epochs``, ``mlflow.experiment``) belongs in params.yaml or
-    ``--set``. A float that search.json holds exactly and best_params.yaml rounded (files of
-    earlier versions wrote 6 digits) is the trial's exact value."""
+    ``--set``. It must set every searched key to the value the winning trial trained
+    (search.json's, compared exactly): a key left out would train params.yaml's value, an
+    edited one a value no trial trained, both tagged as the trial's refit. A float that
+    search.json holds exactly and best_params.yaml rounded (files of earlier versions wrote 6
+    digits) is the trial's exact value."""
     from pipeline.config import ConfigError
     from pipeline.paramsfile import read_yaml
 
@@ -289,9 +292,9 @@ def read_refit(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
     values = origin.get("values")
     if not isinstance(values, dict) or not values:
         raise ConfigError(f"--refit {files[1]}: not written by danet tune (no searched values)")
-    return _searched_only(overlay, values, files[0]), {
-        tag: str(origin[key]) for key, tag in REFIT_TAGS.items() if origin.get(key)
-    }
+    overlay = _searched_only(overlay, values, files[0])
+    _check_trained(overlay, values, files)
+    return overlay, {tag: str(origin[key]) for key, tag in REFIT_TAGS.items() if origin.get(key)}
 
 
 def _searched_only(overlay: dict[str, Any], values: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -318,6 +321,33 @@ def _searched_only(overlay: dict[str, Any], values: dict[str, Any], path: Path) 
             ):
                 entries[name] = exact
     return overlay
+
+
+_MISSING = object()
+
+
+def _check_trained(overlay: dict[str, Any], values: dict[str, Any], files: list[Path]) -> None:
+    """Every searched key of best_params.yaml (``files[0]``) holds the value the winning trial
+    trained (search.json's, ``files[1]``), nothing left out. Numbers compare by value (a
+    mapping param's whole mapping is written as the trial's config held it: 1.0 for 1), a
+    flag is not a number."""
+    from pipeline.config import ConfigError
+
+    for key, trained in values.items():
+        value: Any = overlay
+        for part in key.split("."):  # train.loss_weights.pam: into the mapping
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if (
+            value is _MISSING
+            or value != trained
+            or isinstance(value, bool) != isinstance(trained, bool)
+        ):
+            found = "missing" if value is _MISSING else f"{value!r}"
+            raise ConfigError(
+                f"--refit {files[0]}: {key} is {found} but the winning trial trained {trained!r} "
+                f"({files[1].name}): restore it, or train those params with --params instead of "
+                "--refit"
+            )
 
 
 def format_trials(trials: list[Trial], best: Trial) -> str:
