@@ -7,6 +7,7 @@ is not the stage's own (a user's, with files the stage never writes) is refused,
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -78,20 +79,36 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``out``; it replaces ``out`` when the block ends
     without error, and is removed otherwise (an interrupted run leaves the old ``out`` as it was)."""
     out = Path(out)
+    prefix = tmp_prefix(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(out)
-        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(out), dir=out.parent))
-    except OSError as err:
-        raise ServiceError(f"{out}: cannot write the output here ({err.strerror or err})") from None
-    try:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale(out)
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+        except OSError as err:
+            raise ServiceError(
+                f"{out}: cannot write the output here ({err.strerror or err})"
+            ) from None
         yield tmp
         replace_dir(tmp, out)
     except OSError as err:
         name_output(err, out)
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    finally:  # by its prefix (this process's): also a folder made as Ctrl-C came in
+        for left in out.parent.glob(f"{glob.escape(prefix)}*"):
+            remove_tree(left)
+
+
+def remove_tree(path: Path, tries: int = 20) -> None:
+    """``rmtree`` until nothing is left: on Ctrl-C a stage's worker processes (danet shard's
+    encoders) may still be writing into the folder while it is removed."""
+    import time
+
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.1)
 
 
 def replace_dir(new: Path, target: Path) -> None:
@@ -113,22 +130,24 @@ def replace_dir(new: Path, target: Path) -> None:
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); it becomes ``path`` on success."""
     path = Path(path)
+    prefix = tmp_prefix(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(path)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix(path), suffix=path.suffix)
-    except OSError as err:
-        raise ServiceError(f"{path}: cannot write here ({err.strerror or err})") from None
-    os.close(fd)
-    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale(path)
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=path.suffix)
+        except OSError as err:
+            raise ServiceError(f"{path}: cannot write here ({err.strerror or err})") from None
+        os.close(fd)
         yield Path(name)
         os.replace(name, path)
     except OSError as err:
         name_output(err, path)
         raise
-    finally:
-        if os.path.exists(name):
-            os.unlink(name)
+    finally:  # by its prefix (this process's): also a file made as Ctrl-C came in
+        for left in path.parent.glob(f"{glob.escape(prefix)}*"):
+            if left.is_file() or left.is_symlink():
+                left.unlink(missing_ok=True)
 
 
 def name_output(err: OSError, out: Path) -> None:

@@ -120,9 +120,12 @@ def fit(
     callbacks: list[Any] | None = None,
     weights: Any = None,
     fault: tuple[int, int, str] | None = None,
+    start_retries: int = START_RETRIES,
 ) -> Any:
     """One Ray Train run of ``job`` (resumed when ``run_name`` has checkpoints): its Result.
-    ``weights``: the backbone's pretrained weights in Ray's object store, or None."""
+    ``weights``: the backbone's pretrained weights in Ray's object store, or None.
+    ``start_retries``: how often a worker group that cannot start is tried again (-1: without
+    end, as a search's trial waits for another trial's CPUs)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -148,7 +151,7 @@ def fit(
             storage_path=storage,
             failure_config=FailureConfig(  # Train V2's at runtime; typed as V1's
                 max_failures=train.max_failures,
-                controller_failure_limit=START_RETRIES,  # type: ignore[call-arg]
+                controller_failure_limit=start_retries,  # type: ignore[call-arg]
             ),
             # the newest ones: every checkpoint carries the best weights so far
             checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),

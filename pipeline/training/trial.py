@@ -116,6 +116,9 @@ def tune_trial(config: dict[str, Any], search: SearchJob) -> None:
             run_name,
             callbacks=[TuneReportCallback()],
             weights=search.weights,
+            # a trial's workers may wait for another trial's CPUs: Tune's max_concurrent and
+            # check_fits bound the search, not a start timeout (-1: Ray's own default)
+            start_retries=-1,
         )
     except BaseException:
         mlt.end_run(uri, run_id, "FAILED")
