@@ -215,7 +215,6 @@ def _close_trial_run(client: Any, search: SearchJob, trial: Trial) -> None:
         client.set_terminated(run_id, "FAILED")
     elif status == "RUNNING" or trial.stopped_early:  # stopped by ASHA is a finished run, not a
         client.set_terminated(run_id, "FINISHED")  # crash: its tag tune.stopped_early says so
-        client.set_terminated(run_id, "FINISHED")
 
 
 def best_params(values: dict[str, Any], job: Any = None) -> dict[str, Any]:
