@@ -12,7 +12,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from danet.inference import Protocol, infer, scaled_size
-from danet.model import Segmenter
+from danet.model import SegmentationModel, Segmenter
 from pipeline.artifacts.refs import load_model
 from pipeline.cli import app
 from pipeline.config import ConfigError, EvaluateParams, Params
@@ -193,6 +193,7 @@ def test_single_scale_evaluation_equals_in_training_evaluation(
         loaded.module, 11, refs, Protocol(), torch.device("cpu"), num_overlays=2, progress=False
     )
     core = loaded.module.get_submodule("model")  # the SegmentationModel inside the Segmenter
+    assert isinstance(core, SegmentationModel)
     segmenter = Segmenter(core, manifest.mean, manifest.std)  # as a training session builds it
     cm_train = validate(segmenter, refs, manifest.num_classes, torch.device("cpu"), workers=2)
     assert matrix.sum() == 4 * 64 * 48 - manifest.splits["val"].ignore_pixels
