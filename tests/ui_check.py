@@ -172,7 +172,8 @@ def open_artifact(page: Any, base: str, exp: str, run_id: str, name: str) -> Any
     entry.first.click()
     page.wait_for_timeout(2500)
     images = page.locator(f"img[src*='{name}'], img[src^='blob:'], img[src^='data:']")
-    return images.last if images.count() else None
+    shown = [images.nth(i) for i in range(images.count()) if images.nth(i).is_visible()]
+    return shown[-1] if shown else None  # an earlier preview may stay in the page, hidden
 
 
 def check_picture(c: Checks, page: Any, view: str, name: str, image: Any) -> None:
