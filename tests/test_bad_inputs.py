@@ -1961,10 +1961,17 @@ def test_training_workers_that_cannot_start_end_the_command(case_project: Path) 
     line saying what to do (was: retried with "max allowed: inf" until killed)."""
     tmp = case_project
     before = {p: digest(tmp / p) for p in STORES if p != "ray"}
+    # two workers that must each have a node of their own, on a one-node Ray: never placed,
+    # whatever the machine's speed (a short start timeout alone passed on a fast machine)
+    never = [
+        "train.num_workers=2",
+        "train.cpus_per_worker=1",
+        "train.placement_strategy=STRICT_SPREAD",
+    ]
     done = danet_subprocess(  # bounded: a command that retried without end fails the timeout
         tmp,
-        [*TRAIN, "--set", "train.cpus_per_worker=1"],
-        env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "0.001"},
+        [*TRAIN, *(x for item in never for x in ("--set", item))],
+        env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "2"},
         timeout=240,
     )
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
