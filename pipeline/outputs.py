@@ -79,7 +79,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``out``; it replaces ``out`` when the block ends
     without error, and is removed otherwise (an interrupted run leaves the old ``out`` as it was)."""
     out = Path(out)
-    prefix = tmp_prefix(out)
+    prefix, done = tmp_prefix(out), False
     try:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,11 +91,12 @@ def atomic_dir(out: Path) -> Iterator[Path]:
             ) from None
         yield tmp
         replace_dir(tmp, out)
+        done = True
     except OSError as err:
         name_output(err, out)
         raise
     finally:  # by its prefix (this process's): also a folder made as Ctrl-C came in
-        for left in out.parent.glob(f"{glob.escape(prefix)}*"):
+        for left in [] if done else out.parent.glob(f"{glob.escape(prefix)}*"):
             remove_tree(left)
 
 
@@ -130,7 +131,7 @@ def replace_dir(new: Path, target: Path) -> None:
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); it becomes ``path`` on success."""
     path = Path(path)
-    prefix = tmp_prefix(path)
+    prefix, done = tmp_prefix(path), False
     try:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,11 +142,13 @@ def atomic_file(path: Path) -> Iterator[Path]:
         os.close(fd)
         yield Path(name)
         os.replace(name, path)
+        done = True
     except OSError as err:
         name_output(err, path)
         raise
-    finally:  # by its prefix (this process's): also a file made as Ctrl-C came in
-        for left in path.parent.glob(f"{glob.escape(prefix)}*"):
+    finally:  # by its prefix (this process's): also a file made as Ctrl-C came in; a write
+        # that succeeded left nothing (no second scan of the folder per output file)
+        for left in [] if done else path.parent.glob(f"{glob.escape(prefix)}*"):
             if left.is_file() or left.is_symlink():
                 left.unlink(missing_ok=True)
 
