@@ -172,7 +172,7 @@ def run_row(row: str, size: tuple[int, int], args: argparse.Namespace, files: di
 def export_files(args: argparse.Namespace, rows: list[str], folder: Path) -> dict[str, str]:
     """The ONNX files the ``rows`` need (fused, standard, int8, int8-standard), exported once."""
     from pipeline.artifacts.onnxgraph import export_onnx, probe_image
-    from pipeline.config import ExportParams
+    from pipeline.sections import ExportParams
     from pipeline.use.export import calibration_images, quantize_int8
 
     module = load_torch(args.model)

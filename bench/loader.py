@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import DataParams
 from pipeline.data.augment import draw
 from pipeline.data.loader import RawSample, TrainStream, image_size, train_loader
 from pipeline.data.manifest import load_manifest, shard_refs
@@ -33,6 +32,7 @@ from pipeline.data.readers import Reader, make_reader
 from pipeline.data.readers.base import load_label_array
 from pipeline.data.readers.synthetic import SyntheticReader
 from pipeline.data.shard import shard_dataset
+from pipeline.sections import DataParams
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 

@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
-from pipeline.config import DataParams, ModelParams, TrainParams
 from pipeline.errors import TrainingDiverged
+from pipeline.sections import DataParams, ModelParams, TrainParams
 from pipeline.training.builder import Step, build_step
 from pipeline.training.flops import device_peak, step_flops
 from pipeline.training.job import TrainJob

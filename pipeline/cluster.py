@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError, ServiceError, first_line
 from pipeline.locations import is_url
-from pipeline.outputs import listed, project_path
+from pipeline.outputs import foreign_names, project_path, refuse_foreign
 
 log = logging.getLogger(__name__)
 
@@ -191,22 +191,25 @@ def storage_uri(path: str) -> str:
 TRIALS = "-trials"  # a search's trials live in <storage>/<search><TRIALS>/
 
 
-# What each stage writes there (Ray Train V2's, Ray Tune's, ours; regular expressions of names): a
-# folder holding anything else is a user's, never deleted (--restart) nor trained into.
+# What each stage writes there (Ray Train V2's, Ray Tune's, ours): fnmatch patterns of names, a
+# regex where a pattern cannot say it, as for check_own (pipeline/outputs.py). A folder holding
+# anything else is a user's, never deleted (--restart) nor trained into.
 TRIAL_ID = r"[0-9a-f]+(?:_[0-9]+)?"  # Tune's: 5 hex + _00000 (random search), 8 hex (Optuna)
 RUN_WRITES = (
-    r"checkpoint_.+",  # Ray Train's checkpoint folders
-    r"checkpoint_manager_snapshot\.json",
-    r"\.validate_storage_marker",
-    r"diverged\.json",  # pipeline/training/checkpoint.py's DIVERGED_FILE
+    "checkpoint_?*",  # Ray Train's checkpoint folders
+    "checkpoint_manager_snapshot.json",
+    ".validate_storage_marker",
+    "diverged.json",  # pipeline/training/checkpoint.py's DIVERGED_FILE
 )
 SEARCH_WRITES = (
-    r"tuner\.pkl",
-    r"(experiment_state|basic-variant-state|search_gen_state)-.+\.json",
-    r"searcher-state-.+\.pkl",
-    r"\..+-tmp-.+",  # Tune's atomic saves (a temporary file a killed driver left)
-    r"\.validate_storage_marker",
-    TRIAL_ID,  # a trial's folder (results, params)
+    "tuner.pkl",
+    "experiment_state-?*.json",
+    "basic-variant-state-?*.json",
+    "search_gen_state-?*.json",
+    "searcher-state-?*.pkl",
+    ".?*-tmp-?*",  # Tune's atomic saves (a temporary file a killed driver left)
+    ".validate_storage_marker",
+    re.compile(TRIAL_ID),  # a trial's folder (results, params)
 )
 
 
@@ -238,12 +241,10 @@ def folder_kind(folder: str) -> str:
     return ""
 
 
-def foreign(folder: str, writes: tuple[str, ...]) -> list[str] | None:
+def foreign(folder: str, writes: tuple[str | re.Pattern[str], ...]) -> list[str] | None:
     """The names in ``folder`` that match none of ``writes``, sorted; None when it is a file."""
     names = _entries(folder)
-    if names is None:
-        return None
-    return sorted(n for n in names if not any(re.fullmatch(w, n) for w in writes))
+    return None if names is None else foreign_names(names, writes)
 
 
 def foreign_trials(folder: str, search: str) -> list[str] | None:
@@ -251,7 +252,7 @@ def foreign_trials(folder: str, search: str) -> list[str] | None:
     (``<search>-<trial id>``, pipeline/training/trial.py's ``trial_run_name``) holding only
     what Ray Train writes (its foreign names shown as ``<trial>/<name>``)."""
     trial = re.escape(search) + "-" + TRIAL_ID
-    found = foreign(folder, (trial,))
+    found = foreign(folder, (re.compile(trial),))
     if found is None:
         return None
     for name in sorted(set(_entries(folder) or []) - set(found)):
@@ -269,11 +270,9 @@ def check_own_folder(folder: str, found: list[str] | None, param: str, what: str
         raise ConfigError(
             f"{param}: {folder} is a file, not a {what} folder; choose another {choose}"
         )
-    if found:
-        raise ConfigError(
-            f"{param}: {folder} holds what danet {stage} does not write ({listed(found)}): "
-            f"not its {what} folder; choose another {choose}"
-        )
+    refuse_foreign(
+        f"{param}: {folder}", found, stage, f"not its {what} folder; choose another {choose}"
+    )
 
 
 def check_run_name(storage: str, name: str) -> None:

@@ -21,28 +21,17 @@ from pipeline.paramsfile import apply_override, preset_path, read_yaml
 from pipeline.schema import Section, hints
 from pipeline.searchspace import RENAMED
 from pipeline.sections.data import DataParams, ShardParams, SyntheticParams
-from pipeline.sections.inference import EvaluateParams, PredictParams, ProtocolParams
+from pipeline.sections.inference import EvaluateParams, PredictParams
 from pipeline.sections.model import ModelParams
 from pipeline.sections.release import ExportParams, RegisterParams
-from pipeline.sections.training import LOSS_OUTPUTS, MlflowParams, TrainParams, TuneParams
+from pipeline.sections.training import MlflowParams, TrainParams, TuneParams
 
+# the sections' classes live in pipeline/sections/ (import them from there); this module owns the
+# root and the loading
 __all__ = [
-    "LOSS_OUTPUTS",
     "SECTIONS",
     "ConfigError",
-    "DataParams",
-    "EvaluateParams",
-    "ExportParams",
-    "MlflowParams",
-    "ModelParams",
     "Params",
-    "PredictParams",
-    "ProtocolParams",
-    "RegisterParams",
-    "ShardParams",
-    "SyntheticParams",
-    "TrainParams",
-    "TuneParams",
     "load_params",
     "params_from_mapping",
     "section_from_mapping",

@@ -3,7 +3,7 @@ by name, their tags, and the models logged into them.
 
 One experiment per dataset, one MLflow run per training run (found again by its name when a run
 resumes). A training run holds its ``model.pt`` as an artifact; the served pyfunc
-(pipeline/artifacts/serving.py) is logged into the run when the model is registered.
+(pipeline/artifacts/pyfunc.py) is logged into the run when the model is registered.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.modelrefs import registry_uri, registry_version_uri, run_artifact_uri
 
@@ -22,6 +23,33 @@ SERVE_PORT = 5001
 def run_link(experiment_id: str, run_id: str, text: str) -> str:
     """A Markdown link to a run's page in the UI (relative: it works on any host)."""
     return f"[{text}](#/experiments/{experiment_id}/runs/{run_id})"
+
+
+# MLflow's runs table opens on three columns (Source, Models, Dataset: its
+# getDefaultSelectedColumns) whatever a run logs. A view saved as this experiment tag (the UI's
+# own "Share" format, mlflow/server/js: the search facets and UI state as JSON) opens with a
+# link (``?viewStateShareKey=<key>``) on the search's trials, their searched values and scores
+# as columns, best first: the search's description links it.
+SHARED_VIEW = "mlflow.sharedViewState."
+
+
+def trials_view(search_run_id: str, keys: list[str]) -> dict[str, Any]:
+    """The runs table's state showing a search's trials side by side: ``keys`` searched."""
+    metrics = ("best_val_miou", "epochs_trained", "stopped_early")
+    return {
+        "searchFilter": f"tags.mlflow.parentRunId = '{search_run_id}'",
+        "orderByKey": "metrics.`best_val_miou`",
+        "orderByAsc": False,
+        "selectedColumns": [
+            *(f"params.`{k}`" for k in keys),
+            *(f"metrics.`{m}`" for m in metrics),
+        ],
+    }
+
+
+def trials_view_link(experiment: str, search_name: str) -> str:
+    """The link (relative, as ``run_link``) that opens ``trials_view``."""
+    return f"#/experiments/{experiment}/runs?viewStateShareKey={search_name}"
 
 
 def code_block(lines: Sequence[str]) -> str:

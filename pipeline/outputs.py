@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -195,13 +196,31 @@ def check_own(out: str | Path, name: str, stage: str, writes: Sequence[str]) -> 
     command in the message."""
     if is_url(out) or not Path(out).is_dir():
         return
-    foreign = sorted(
-        p.name for p in Path(out).iterdir() if not any(fnmatchcase(p.name, w) for w in writes)
+    found = foreign_names((p.name for p in Path(out).iterdir()), writes)
+    refuse_foreign(
+        f"{name} {out}:", found, stage, "not its output folder; choose a new or empty one"
     )
-    if foreign:
+
+
+def foreign_names(names: Iterable[str], writes: Sequence[str | re.Pattern[str]]) -> list[str]:
+    """The ``names`` that match none of ``writes`` (``fnmatch`` patterns, or regular expressions
+    for names a pattern cannot say), sorted: what a stage did not write into its folder."""
+
+    def written(name: str) -> bool:
+        return any(
+            w.fullmatch(name) if isinstance(w, re.Pattern) else fnmatchcase(name, w) for w in writes
+        )
+
+    return sorted(n for n in names if not written(n))
+
+
+def refuse_foreign(where: str, found: Sequence[str], stage: str, remedy: str) -> None:
+    """The one refusal of a folder that holds what ``danet <stage>`` does not write (``found``,
+    from ``foreign_names``), for output folders here and Ray storage folders (pipeline/cluster.py):
+    such a folder is a user's, never emptied, replaced, deleted or written into."""
+    if found:
         raise ConfigError(
-            f"{name} {out}: holds what danet {stage} does not write ({listed(foreign)}): not its "
-            "output folder; choose a new or empty one"
+            f"{where} holds what danet {stage} does not write ({listed(found)}): {remedy}"
         )
 
 

@@ -23,11 +23,11 @@ from PIL import Image
 
 from danet import DANetConfig, build_danet
 from pipeline.artifacts.modelfile import ModelInfo, save_model_file
-from pipeline.config import DataParams, MlflowParams, ModelParams, RegisterParams, TrainParams
 from pipeline.data.manifest import load_manifest
 from pipeline.data.readers.base import bitwise_palette
 from pipeline.data.readers.synthetic import SyntheticReader
 from pipeline.data.shard import shard_dataset
+from pipeline.sections import DataParams, MlflowParams, ModelParams, RegisterParams, TrainParams
 from pipeline.training.checkpoint import TrainState, load_checkpoint
 
 
@@ -256,7 +256,7 @@ def write_model_file(path: Path, shards: Path, seed: int = 0, **meta: object) ->
 def evaluation_record(model_uri: str, miou: float, **changes: Any) -> Any:
     """An ``Evaluation`` of ``model_uri`` as danet evaluate writes it, on split val of shards
     with digest ``abc`` (``changes`` replace any field)."""
-    from pipeline.evaluation.record import Evaluation
+    from pipeline.evaluation.report import Evaluation
 
     fields: dict[str, Any] = {
         "model": model_uri,

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from danet.inference import Protocol, check_work, infer, passes
-from pipeline.artifacts.serving import LabelMapModel, RequestError, check_params
+from pipeline.artifacts.pyfunc import LabelMapModel, RequestError, check_params
 from pipeline.use.formats import FORMATS
 from pipeline.use.predict import Claims
 
@@ -92,7 +92,7 @@ def test_a_window_far_larger_than_its_image_is_refused_at_once() -> None:
 
 
 def test_a_request_of_too_many_images_is_refused_before_any_decodes() -> None:
-    from pipeline.artifacts.serving import MAX_IMAGES
+    from pipeline.artifacts.pyfunc import MAX_IMAGES
 
     model = Recorder()
     request = pd.DataFrame({"image": [png(4, 4)] * (MAX_IMAGES + 1)})

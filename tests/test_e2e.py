@@ -154,7 +154,7 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     # run again, and every finished run and search is reused -- the run identity is the code that
     # decides weights; the shards come out byte-identical, so nothing after them runs for that
     changed = (
-        "pipeline/artifacts/serving.py",
+        "pipeline/artifacts/pyfunc.py",
         "pipeline/pictures.py",
         "pipeline/data/readers/camvid.py",
         "pipeline/training/search_summary.py",

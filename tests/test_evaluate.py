@@ -15,10 +15,11 @@ from danet.inference import Protocol, infer, scaled_size
 from danet.model import SegmentationModel, Segmenter
 from pipeline.artifacts.refs import load_model
 from pipeline.cli import app
-from pipeline.config import ConfigError, EvaluateParams, Params
+from pipeline.config import ConfigError, Params
 from pipeline.data.manifest import load_manifest, shard_refs
 from pipeline.errors import ModelError
 from pipeline.evaluation.evaluate import candidates, evaluate_model, run_evaluation
+from pipeline.sections import EvaluateParams
 from pipeline.training.loop import validate
 from tests.conftest import mean_of, write_model_file
 

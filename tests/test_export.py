@@ -21,10 +21,10 @@ from pipeline.artifacts.modelfile import ModelInfo, load_model_file, save_model_
 from pipeline.artifacts.onnxfile import OnnxModule
 from pipeline.artifacts.onnxfile import load_any_model as load_model
 from pipeline.artifacts.onnxgraph import export_onnx
-from pipeline.config import EvaluateParams, ExportParams
 from pipeline.data.manifest import load_manifest
 from pipeline.data.readers.scene import render_scene
 from pipeline.evaluation.evaluate import run_evaluation
+from pipeline.sections import EvaluateParams, ExportParams
 from pipeline.use.export import export_model, file_sha256
 from tests.conftest import readme_python, run_bare_python, synthetic_shards, write_model_file
 
@@ -179,7 +179,7 @@ def test_a_failed_export_leaves_the_old_file(
 def test_evaluate_and_predict_take_the_onnx_file(
     exported: Path, model_file: Path, shards: Path, tmp_path: Path
 ) -> None:
-    from pipeline.config import PredictParams
+    from pipeline.sections import PredictParams
     from pipeline.use.predict import predict_from_params
 
     scores = {}
@@ -317,11 +317,11 @@ def test_register_attaches_the_onnx_file_and_the_pyfunc_serves_it_on_request(
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    from pipeline.artifacts.serving import RequestError
-    from pipeline.config import RegisterParams
+    from pipeline.artifacts.pyfunc import RequestError
     from pipeline.errors import DataError
     from pipeline.mlflowstore import tracking_uri
     from pipeline.registry.register import register
+    from pipeline.sections import RegisterParams
     from tests.conftest import use_experiment
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -388,10 +388,10 @@ def test_register_refuses_a_graph_that_is_not_the_weights_whatever_its_metadata(
     from onnx import numpy_helper
 
     from pipeline.artifacts.onnxfile import check_same_model
-    from pipeline.config import RegisterParams
     from pipeline.errors import ModelError
     from pipeline.mlflowstore import tracking_uri
     from pipeline.registry.register import register
+    from pipeline.sections import RegisterParams
     from tests.conftest import use_experiment
 
     graph = onnx.load(str(exported))

@@ -21,9 +21,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import ConfigError, EvaluateParams, TrainParams, TuneParams
+from pipeline.config import ConfigError
 from pipeline.data.readers.synthetic import SyntheticReader
 from pipeline.data.shard import shard_dataset
+from pipeline.sections import EvaluateParams, TrainParams, TuneParams
 from pipeline.training.driver import run_training, worker_resources
 from pipeline.training.job import prepare_job
 from pipeline.training.results import RunSummary

@@ -276,7 +276,7 @@ def test_a_runs_identity_is_the_code_that_decides_its_weights(tmp_path: Path) ->
         "pipeline/config.py",
         "pipeline/logs.py",
         "pipeline/cli.py",
-        "pipeline/artifacts/serving.py",
+        "pipeline/artifacts/pyfunc.py",
         "pipeline/mlflowstore.py",
         "pipeline/training/tracker.py",
         "pipeline/training/results.py",

@@ -54,3 +54,19 @@ def test_a_versions_description_says_how_to_serve_it_and_its_onnx_files() -> Non
     )
     assert "`onnx-int8`: sha256 `ffffffffffffffff`" in with_onnx
     assert "danet-synthetic/3" in with_onnx  # no alias: the fixed version's URI
+
+
+def test_a_searchs_trials_view_shows_its_trials_with_their_values_and_scores() -> None:
+    """MLflow's runs table opens on fixed columns: the view the search's description links
+    (an experiment tag in the UI's own "Share" format) filters to the search's trials and shows
+    the searched params and the scores as columns, best first."""
+    from pipeline.notes import SHARED_VIEW, trials_view, trials_view_link
+
+    view = trials_view("s" * 32, ["train.lr", "data.crop_size"])
+    assert view["searchFilter"] == f"tags.mlflow.parentRunId = '{'s' * 32}'"
+    assert view["orderByKey"] == "metrics.`best_val_miou`" and view["orderByAsc"] is False
+    columns = view["selectedColumns"]
+    assert columns[:2] == ["params.`train.lr`", "params.`data.crop_size`"]
+    assert {"metrics.`best_val_miou`", "metrics.`epochs_trained`"} <= set(columns)
+    assert trials_view_link("3", "tune-abc") == "#/experiments/3/runs?viewStateShareKey=tune-abc"
+    assert SHARED_VIEW == "mlflow.sharedViewState."  # the UI reads exactly this tag prefix

@@ -73,7 +73,7 @@ def log_and_register(tmp_path: Path, shards: Path) -> tuple[str, Path]:
     from mlflow.tracking import MlflowClient
 
     from pipeline.artifacts.modelfile import read_model_info
-    from pipeline.artifacts.serving import log_served_model
+    from pipeline.artifacts.pyfunc import log_served_model
     from pipeline.mlflowstore import tracking_uri
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -150,7 +150,7 @@ def png_header(width: int, height: int) -> bytes:
 def test_serving_refuses_in_one_line_before_decoding() -> None:
     """Bad requests are one line (HTTP 400) even after the scoring server prefixes the message
     with the request; an image over the pixel budget is refused from its header."""
-    from pipeline.artifacts.serving import RequestError, check_params, decode
+    from pipeline.artifacts.pyfunc import RequestError, check_params, decode
 
     with pytest.raises(ValueError, match="20000x20000 is over the 50,000,000 pixel limit"):
         decode(png_header(20000, 20000))

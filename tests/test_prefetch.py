@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.config import DataParams
 from pipeline.data.loader import TrainStream, train_loader
 from pipeline.data.manifest import load_manifest, shard_refs
 from pipeline.data.shard import shard_dataset
 from pipeline.errors import DataError
+from pipeline.sections import DataParams
 from pipeline.training.loop import to_device
 from pipeline.training.prefetch import Prefetcher
 from tests.conftest import DEVICES, synthetic, tiny_params

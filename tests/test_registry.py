@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, RegisterParams
+from pipeline.config import ConfigError
 from pipeline.registry.register import CHALLENGER, CHAMPION, decide, register
+from pipeline.sections import RegisterParams
 from tests.conftest import evaluation, evaluation_record, use_experiment
 
 BASE = {

@@ -15,13 +15,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import DataParams
 from pipeline.data.augment import draw
 from pipeline.data.loader import RawSample, TrainStream, read_shard, train_loader
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
 from pipeline.data.readers import make_reader
 from pipeline.data.shard import shard_dataset
 from pipeline.errors import DataError
+from pipeline.sections import DataParams
 from tests.conftest import CAMVID, label_grid, synthetic, write_image, write_label
 
 runner = CliRunner()

@@ -9,12 +9,12 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline.config import EvaluateParams
 from pipeline.data.loader import read_shard
 from pipeline.data.manifest import load_manifest, shard_refs
 from pipeline.data.readers.synthetic import SyntheticReader
 from pipeline.data.shard import shard_dataset
 from pipeline.errors import DataError
+from pipeline.sections import EvaluateParams
 from tests.conftest import mean_of, tiny_params
 
 

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (
-    EvaluateParams,
-    RegisterParams,
-)
+from pipeline.sections import EvaluateParams, RegisterParams
 from tests.conftest import synthetic_shards, tiny_params
 
 

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from pipeline.artifacts.refs import load_model
 from pipeline.cli import app
-from pipeline.config import ConfigError, DataParams, MlflowParams, ModelParams, TrainParams
+from pipeline.config import ConfigError
 from pipeline.errors import DataError, TrainingError
+from pipeline.sections import DataParams, MlflowParams, ModelParams, TrainParams
 from pipeline.training.checkpoint import TrainState
 from pipeline.training.driver import run_training
 from pipeline.training.job import prepare_job

@@ -16,15 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.config import (
-    ConfigError,
-    DataParams,
-    MlflowParams,
-    ModelParams,
-    TrainParams,
-    TuneParams,
-    load_params,
-)
+from pipeline.config import ConfigError, load_params
+from pipeline.sections import DataParams, MlflowParams, ModelParams, TrainParams, TuneParams
 from pipeline.training.search import run_search
 from pipeline.training.search_summary import Trial, format_trials, write_summary
 from tests.conftest import synthetic_shards, takes_ctrl_c, tiny_params
@@ -87,6 +80,15 @@ def test_search_stops_one_trial_early_and_keeps_the_best(tmp_path: Path, ray_clu
     stopped = [c for c in children if c.data.tags.get("tune.stopped_early") == "true"]
     assert stopped and all(c.info.status == "FINISHED" for c in stopped)  # not shown as crashed
     assert all("val/miou" in c.data.metrics for c in children)
+    # the view the search's description links: the runs table filtered to these trials
+    from pipeline.notes import SHARED_VIEW, trials_view_link
+
+    experiment = client.get_experiment(parent.info.experiment_id)
+    view = json.loads(experiment.tags[SHARED_VIEW + summary.search])
+    found = client.search_runs([parent.info.experiment_id], view["searchFilter"])
+    assert {r.info.run_id for r in found} == {c.info.run_id for c in children}
+    link = trials_view_link(parent.info.experiment_id, summary.search)
+    assert link in parent.data.tags["mlflow.note.content"]
 
     # Started again with the same config: Tuner.restore finds the finished search, trains nothing.
     again = run_search(*cfg)
@@ -417,9 +419,10 @@ def test_a_storage_folder_a_stage_did_not_write_is_not_its_own(tmp_path: Path) -
     only when it holds what Ray Train, Ray Tune and the pipeline write there (or nothing):
     a user's folder is refused in one line, before anything is deleted or started."""
     from pipeline.cluster import RUN_WRITES, check_run_name, check_search_name
+    from pipeline.outputs import foreign_names
     from pipeline.training.checkpoint import DIVERGED_FILE
 
-    assert any(re.fullmatch(w, DIVERGED_FILE) for w in RUN_WRITES)
+    assert foreign_names([DIVERGED_FILE], RUN_WRITES) == []
     storage = tmp_path / "ray"
     run = storage / "run1"
     (run / "checkpoint_2026-12-05_00-31-01.248857").mkdir(parents=True)

@@ -279,15 +279,23 @@ def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
             c.check(view, not nan, "no NaN metric on a trial", nan)
             states = {t.info.status for t in demo["trials"]}
             c.check(view, states <= {"FINISHED"}, "no trial ends KILLED or FAILED", states)
-            text = open_view(page, f"{base}/#/experiments/{exp}/runs", search.info.run_name)
-            expand = page.get_by_text(search.info.run_name).first.locator(
-                "xpath=preceding::button[1]"
-            )
-            if expand.count():  # the search's row opens on its trials
-                expand.first.click()
-                page.wait_for_timeout(2000)
-            text = str(page.inner_text("body"))
-            c.check(view, all(n in text for n in names), "trial names in the runs table")
+            # MLflow's runs table opens on fixed columns; the search's description links a view
+            # of its trials with their searched values and scores as columns
+            open_view(page, f"{base}/#/experiments/{exp}/runs/{search.info.run_id}", "Source")
+            link = page.locator("a", has_text="The trials side by side")
+            c.check(view, link.count() > 0, "the search's description links its trials' table")
+            if link.count():
+                with page.context.expect_page() as opened:  # its links open a new tab
+                    link.first.click()
+                page = opened.value
+                page.set_viewport_size({"width": 1280, "height": 860})
+                page.wait_for_timeout(5000)
+                close = page.get_by_label("Close")
+                if close.count():  # the assistant panel out of the way
+                    close.first.click()
+                    page.wait_for_timeout(500)
+            text = str(page.inner_text("body")) if link.count() else ""
+            c.check(view, all(n in text for n in names), "trial names in the runs table", names)
             for t in demo["trials"]:
                 lr = t.data.params.get("train.lr", "?")
                 score = f"{t.data.metrics.get('best_val_miou', -1):.4f}"[:5]
@@ -340,6 +348,9 @@ def main() -> int:
         print("error: playwright is not installed: make install", file=sys.stderr)
         return 2
     project = args.project.resolve()
+    database = args.store.removeprefix("sqlite:///")
+    if args.store.startswith("sqlite:///") and not database.startswith("/"):
+        args.store = f"sqlite:///{project / database}"  # the project's store, not the cwd's
     try:
         demo = what_the_demo_made(project, args.store)
     except SystemExit as err:

@@ -36,7 +36,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 if TYPE_CHECKING:  # the augmentation reads params.yaml's data section as it is
-    from pipeline.config import DataParams
+    from pipeline.sections import DataParams
 
 IGNORE_INDEX = 255
 CAT_MAX_TRIES = 10

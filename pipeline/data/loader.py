@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 if TYPE_CHECKING:
-    from pipeline.config import DataParams
+    from pipeline.sections import DataParams
 
 from pipeline import images
 from pipeline.data.augment import Draw, apply_image, apply_label, draw, normalize

@@ -47,7 +47,7 @@ from pipeline.locations import check_name, is_url
 from pipeline.outputs import atomic_dir, check_output, check_outside, check_own
 
 if TYPE_CHECKING:  # params arrive as values: a stage does not run the config code
-    from pipeline.config import ShardParams, SyntheticParams
+    from pipeline.sections import ShardParams, SyntheticParams
 
 log = logging.getLogger(__name__)
 

@@ -25,18 +25,19 @@ from danet.metrics import summarize
 from pipeline.artifacts.modelfile import read_model_info, recorded_run
 from pipeline.artifacts.onnxfile import load_any_model
 from pipeline.artifacts.refs import LoadedModel
-from pipeline.config import ConfigError, EvaluateParams, Params, PredictParams
+from pipeline.config import ConfigError, Params
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
 from pipeline.data.predictions import Row, confusion, prediction_rows, predictions
 from pipeline.devices import pick_device
 from pipeline.errors import DataError, first_line
-from pipeline.evaluation.record import REPORT, Evaluation
+from pipeline.evaluation.report import REPORT, Evaluation
 from pipeline.images import MAX_PIXELS
 from pipeline.modelrefs import WEIGHTS_FILE
 from pipeline.outputs import atomic_dir, check_output, check_outside, check_own
 from pipeline.pictures import plot_confusion_matrix, prediction_grid, save_png, write_per_class_iou
 from pipeline.schema import MAX_CROP, MAX_PASSES, MIN_WORK, WORK_PER_PIXEL
 from pipeline.scores import best
+from pipeline.sections import EvaluateParams, PredictParams
 
 log = logging.getLogger(__name__)
 

@@ -20,15 +20,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, Params, RegisterParams
+from pipeline.config import ConfigError, Params
 from pipeline.errors import DataError, ServiceError, first_line
-from pipeline.evaluation.record import REPORT, Evaluation
+from pipeline.evaluation.report import REPORT, Evaluation
 from pipeline.locks import exclusive
 from pipeline.mlflowstore import git_state
 from pipeline.modelrefs import registry_uri
 from pipeline.notes import NOTE_TAG
 from pipeline.outputs import atomic_file
-from pipeline.registry.served import (
+from pipeline.registry.logged import (
     TORCH,
     Attachment,
     attach_evaluation,
@@ -39,6 +39,7 @@ from pipeline.registry.served import (
 )
 from pipeline.schema import check_name
 from pipeline.scores import LEGACY_PROTOCOL_SCORE, PROTOCOL_SCORE, beats
+from pipeline.sections import RegisterParams
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"

@@ -24,7 +24,7 @@ from torch import nn
 from danet import build_danet
 from danet.losses import Ohem, class_weights, segmentation_loss
 from danet.model import SegmentationModel
-from pipeline.config import TrainParams
+from pipeline.sections import TrainParams
 from pipeline.training.job import TrainJob
 from pipeline.training.loop import (
     BatchFn,

@@ -25,7 +25,6 @@ from pipeline.cluster import (
     connect_ray,
     storage_uri,
 )
-from pipeline.config import DataParams, MlflowParams, ModelParams, TrainParams
 from pipeline.errors import (
     PipelineError,
     ServiceError,
@@ -38,6 +37,7 @@ from pipeline.locations import is_url
 from pipeline.locks import exclusive
 from pipeline.modelrefs import WEIGHTS_FILE
 from pipeline.outputs import check_output, check_outside, check_own
+from pipeline.sections import DataParams, MlflowParams, ModelParams, TrainParams
 from pipeline.training.checkpoint import (
     delete_run,
     finished_checkpoint,

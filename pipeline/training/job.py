@@ -18,10 +18,11 @@ from typing import Any
 
 from pipeline.artifacts.modelfile import read_model_info
 from pipeline.codebase import PROJECT, closure
-from pipeline.config import ConfigError, DataParams, ModelParams, TrainParams
+from pipeline.config import ConfigError
 from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, largest_side
 from pipeline.data.manifest import Manifest, ShardRef, load_manifest, shard_refs
 from pipeline.modelrefs import parse_model_ref
+from pipeline.sections import DataParams, ModelParams, TrainParams
 
 # A run's code identity is the code that decides its weights: the import closure of the worker
 # (the model library, loop, loss, loader and augmentation, this job, the checkpoint and model
@@ -44,7 +45,7 @@ NOT_WEIGHTS = (
     "pipeline.artifacts.refs",
     "pipeline.mlflowstore",
     "pipeline.modelrefs",  # which file model.init_from names: its value is a param
-    "pipeline.artifacts.serving",
+    "pipeline.artifacts.pyfunc",
 )
 # Params that do not change a run's result: left out of its identity.
 NOT_IDENTITY = (

@@ -64,7 +64,7 @@ class StepRecord:
 class EvalRecord:
     """One in-training evaluation (whole images of the val split). The scores are
     ``danet.metrics.summarize``'s, named as in ``danet evaluate``'s metrics.json
-    (pipeline/evaluation/record.py); reported to Ray and MLflow as ``val_*``."""
+    (pipeline/evaluation/report.py); reported to Ray and MLflow as ``val_*``."""
 
     epoch: int
     iteration: int

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from danet.inference import Protocol
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file, save_model_file
-from pipeline.config import MlflowParams
 from pipeline.data.predictions import prediction_rows
 from pipeline.modelrefs import WEIGHTS_FILE
 from pipeline.notes import NOTE_TAG, TrainingNote
@@ -27,6 +26,7 @@ from pipeline.pictures import (
     write_per_class_iou,
 )
 from pipeline.scores import TRAINING_SCORE
+from pipeline.sections import MlflowParams
 from pipeline.training.checkpoint import TrainState
 from pipeline.training.job import TrainJob, code_digest, device_of
 from pipeline.training.records import VAL_MIOU, EvalRecord, History

@@ -37,17 +37,11 @@ from pipeline.cluster import (
     connect_ray,
     storage_uri,
 )
-from pipeline.config import (
-    ConfigError,
-    DataParams,
-    MlflowParams,
-    ModelParams,
-    TrainParams,
-    TuneParams,
-)
+from pipeline.config import ConfigError
 from pipeline.locks import exclusive
 from pipeline.outputs import check_output, check_outside, check_own
 from pipeline.searchspace import candidates, search_size
+from pipeline.sections import DataParams, MlflowParams, ModelParams, TrainParams, TuneParams
 from pipeline.training.checkpoint import delete_run
 from pipeline.training.driver import RUN_FILES, ray_put
 from pipeline.training.job import TrainJob, default_run_name, flat_params, prepare_job

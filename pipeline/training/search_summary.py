@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import MlflowParams
 from pipeline.errors import TrainingFailed, first_line
-from pipeline.notes import NOTE_TAG, run_link
+from pipeline.notes import NOTE_TAG, SHARED_VIEW, run_link, trials_view, trials_view_link
 from pipeline.outputs import atomic_write_text
+from pipeline.sections import MlflowParams
 from pipeline.training.driver import finalize
 from pipeline.training.records import VAL_MIOU
 from pipeline.training.results import RunSummary
@@ -145,7 +145,10 @@ def log_search(search: SearchJob, best: Trial, out: Path, trials: list[Trial]) -
             "best_trial_run_id": runs.get(best.run_name, ""),
         }
         tags.update({f"best.{key}": str(value) for key, value in best.values.items()})
-        tags[NOTE_TAG] = search_note(search, best, trials, runs, run.info.experiment_id)
+        experiment = run.info.experiment_id
+        view = trials_view(search.parent_run_id, list(best.values))
+        client.set_experiment_tag(experiment, SHARED_VIEW + search.search_name, json.dumps(view))
+        tags[NOTE_TAG] = search_note(search, best, trials, runs, experiment)
         mlflow.set_tags({k: v for k, v in tags.items() if v})
         mlflow.log_artifact(str(out / "best_params.yaml"))
         mlflow.log_artifact(str(out / "trials.json"))
@@ -175,6 +178,9 @@ def search_note(
             "`danet train --refit` (tag `danet.refit_run_id` once it has run).",
             "",
             *rows,
+            "",
+            f"[The trials side by side]({trials_view_link(experiment, search.search_name)}) in "
+            "the runs table, their searched values and scores as columns, best first.",
         ]
     )
 

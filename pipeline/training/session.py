@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 
 from danet.metrics import summarize
 from danet.model import SegmentationModel, Segmenter
-from pipeline.config import ConfigError, ModelParams
+from pipeline.config import ConfigError
 from pipeline.data.loader import TrainStream, train_loader
 from pipeline.errors import first_line
+from pipeline.sections import ModelParams
 from pipeline.training.builder import Prepare, build_step, step_options
 from pipeline.training.checkpoint import TrainState
 from pipeline.training.job import TrainJob

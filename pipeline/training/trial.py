@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import SECTIONS, TrainParams, TuneParams, section_from_mapping
+from pipeline.config import SECTIONS, section_from_mapping
 from pipeline.paramsfile import set_key
+from pipeline.sections import TrainParams, TuneParams
 from pipeline.training.driver import fit
 from pipeline.training.job import TrainJob
 

@@ -30,9 +30,10 @@ import torch
 from pipeline.artifacts.modelfile import file_sha256
 from pipeline.artifacts.onnxgraph import INPUT, OUTPUT, export_onnx, probe_image
 from pipeline.artifacts.refs import LoadedModel, load_model
-from pipeline.config import ConfigError, ExportParams
+from pipeline.config import ConfigError
 from pipeline.errors import DataError
 from pipeline.outputs import atomic_file, check_file_output, check_outside
+from pipeline.sections import ExportParams
 
 FLOAT_TOLERANCE = 1e-3  # max |logits| difference of the float export on the probe
 

@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from danet.inference import check_work, label_map, mode_for
 from pipeline.artifacts.refs import LoadedModel
-from pipeline.config import ConfigError, PredictParams
+from pipeline.config import ConfigError
 from pipeline.errors import DataError, ServiceError
 from pipeline.evaluation.evaluate import protocol_of
 from pipeline.images import MAX_PIXELS, TooLarge, decode_rgb, read_file
 from pipeline.outputs import atomic_file, check_output, check_outside, check_own
 from pipeline.schema import MAX_CROP, MAX_PASSES, MIN_WORK, WORK_PER_PIXEL
+from pipeline.sections import PredictParams
 from pipeline.use.formats import FORMATS
 
 

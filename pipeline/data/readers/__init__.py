@@ -17,7 +17,7 @@ from pipeline.data.readers.voc import VOCReader
 from pipeline.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # params arrive as values: a stage does not run the config code
-    from pipeline.config import ShardParams, SyntheticParams
+    from pipeline.sections import ShardParams, SyntheticParams
 
 READERS: dict[str, type[Reader]] = {
     "cityscapes": CityscapesReader,

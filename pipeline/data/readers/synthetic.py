@@ -28,7 +28,7 @@ from pipeline.locations import check_name
 from pipeline.outputs import atomic_dir, check_own
 
 if TYPE_CHECKING:  # params arrive as values: a stage does not run the config code
-    from pipeline.config import SyntheticParams
+    from pipeline.sections import SyntheticParams
 
 
 def scene_seed(seed: int, split: str, index: int) -> int:

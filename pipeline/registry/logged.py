@@ -1,5 +1,5 @@
 """What a registered version serves: the pyfunc of a training run's weights, logged into that
-run (pipeline/artifacts/serving.py), with the ONNX files of ``register.onnx`` when asked.
+run (pipeline/artifacts/pyfunc.py), with the ONNX files of ``register.onnx`` when asked.
 
 A run holds one served model per set of attached files, found again by their digests (the
 model's ``sha256`` metadata), so registering the same run twice logs nothing twice. An ONNX file
@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.artifacts.modelfile import file_sha256, read_model_info, recorded_run
 from pipeline.config import ConfigError
 from pipeline.errors import DataError, ModelError, first_line
-from pipeline.evaluation.record import Evaluation
+from pipeline.evaluation.report import Evaluation
 from pipeline.mlflowstore import (
     RUN_NAME_TAG,
     drop_dead_pending,
@@ -28,7 +28,7 @@ from pipeline.mlflowstore import (
 from pipeline.modelrefs import WEIGHTS_FILE, parse_model_ref, run_artifact_uri
 
 WEIGHTS = WEIGHTS_FILE  # the weights' entry in a served model's sha256 metadata
-TORCH = "torch"  # the runtime of the weights (pipeline/artifacts/serving.py RUNTIMES)
+TORCH = "torch"  # the runtime of the weights (pipeline/artifacts/pyfunc.py RUNTIMES)
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def log_into_run(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.artifacts.serving import log_served_model
+    from pipeline.artifacts.pyfunc import log_served_model
 
     client = MlflowClient()
     run = client.get_run(run_id)
@@ -207,7 +207,7 @@ def log_into_run(
 
 def usage(evaluation: Evaluation, runtimes: str) -> str:
     """What a request holds and the params it takes (the signature's, with their defaults)."""
-    from pipeline.artifacts.serving import DEFAULT_PARAMS
+    from pipeline.artifacts.pyfunc import DEFAULT_PARAMS
 
     params = ", ".join(f"`{k}` ({v})" for k, v in DEFAULT_PARAMS.items())
     return (
@@ -256,7 +256,7 @@ def attach_evaluation(model_uri: str, report: Path, evaluation: Evaluation) -> s
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluation.record import REPORT
+    from pipeline.evaluation.report import REPORT
     from pipeline.pictures import plot_per_class_iou
 
     folder = f"evaluation/{evaluation.split}-{evaluation.protocol}"

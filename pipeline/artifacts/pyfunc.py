@@ -36,13 +36,13 @@ from mlflow.pyfunc import PythonModel
 
 from danet.inference import Protocol, check_work, label_map, protocol_for
 from pipeline.artifacts.modelfile import ModelInfo, load_model_file
-from pipeline.config import PredictParams
 from pipeline.devices import pick_device
 from pipeline.errors import first_line
 from pipeline.images import MAX_PIXELS, TooLarge, decode_rgb
 from pipeline.mlflowstore import WRITER_TAG
 from pipeline.outputs import writer_id
 from pipeline.schema import MAX_CROP, MAX_SIDE
+from pipeline.sections import PredictParams
 
 _PREDICT = PredictParams()  # the request's defaults are danet predict's
 DEFAULT_PARAMS: dict[str, Any] = {
