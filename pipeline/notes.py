@@ -53,6 +53,8 @@ def trials_view_link(experiment: str, search_name: str) -> str:
 
 
 def code_block(lines: Sequence[str]) -> str:
+    """A bash block whose lines fit the description's column (about 60 characters): a wider
+    line does not wrap, it widens the column, which the run page then scrolls sideways."""
     return "```bash\n" + "\n".join(lines) + "\n```"
 
 
@@ -108,9 +110,10 @@ class TrainingNote:
                 "",
                 code_block(
                     [
-                        f"danet evaluate --model {weights}",
-                        f"danet predict --model {weights} --out predictions IMAGES...",
-                        f"danet export --model {weights} --out model.onnx",
+                        f"MODEL={weights}",
+                        "danet evaluate --model $MODEL",
+                        "danet predict --model $MODEL --out predictions IMAGES...",
+                        "danet export --model $MODEL --out model.onnx",
                     ]
                 ),
             ]
@@ -148,10 +151,11 @@ def version_note(
             "",
             code_block(
                 [
-                    f"mlflow models serve -m {uri} --env-manager local --host 127.0.0.1 "
-                    f"--port {SERVE_PORT}",
-                    f"danet predict --model {uri} --out predictions IMAGES...",
-                    f"danet export --model {uri} --out model.onnx --quantize int8",
+                    f"MODEL={uri}",
+                    "mlflow models serve -m $MODEL --env-manager local \\",
+                    f"    --host 127.0.0.1 --port {SERVE_PORT}",
+                    "danet predict --model $MODEL --out predictions IMAGES...",
+                    "danet export --model $MODEL --quantize int8 --out model.onnx",
                 ]
             ),
             "",

@@ -30,6 +30,11 @@ from pipeline.data.shard import shard_dataset
 from pipeline.sections import DataParams, MlflowParams, ModelParams, RegisterParams, TrainParams
 from pipeline.training.checkpoint import TrainState, load_checkpoint
 
+# Ray Train's controller looks at its workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a
+# run of the tests' few iterations waits up to that long to be seen finished, every run. The
+# tests' Ray (and every `danet` they start, which inherits it) looks every 0.5 s.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 def takes_ctrl_c() -> None:
     """``Popen(preexec_fn=takes_ctrl_c)``: the child gets SIGINT's default action back. A shell

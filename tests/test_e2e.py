@@ -27,7 +27,8 @@ TINY = {
     "synthetic": {"num_samples": {"train": 12, "val": 4}, "width": 64, "height": 48},
     "shard": {"max_count": 6, "workers": 1},
     "data": {"crop_size": 32, "shuffle_buffer": 4},
-    "train": {"batch_size": 2, "epochs": 2, "iters_per_epoch": 3, "eval_every_epochs": 1,
+    # an evaluation at the end only (the README's refit of 20 epochs: not 20 evaluations)
+    "train": {"batch_size": 2, "epochs": 2, "iters_per_epoch": 3, "eval_every_epochs": 5,
               "log_every": 3, "cpus_per_worker": 2},
     "tune": {"space": {"train.lr": {"loguniform": [0.005, 0.02]},
                        "data.crop_size": {"choice": [32, 48]}},
@@ -60,7 +61,9 @@ def copy_project(dst: Path) -> Path:
     for section, values in TINY.items():
         params[section].update(values)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (dst / ".venv").symlink_to(Path(sys.prefix))  # the README says .venv/bin/...
+    # the README says .venv/bin/...; its `danet` runs the checkout's code (the editable install),
+    # so an edit to the copy's code changes what DVC sees, not what runs
+    (dst / ".venv").symlink_to(Path(sys.prefix))
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t",
                  "commit", "-qm", "tiny"]):  # fmt: skip
         subprocess.run(["git", *args], cwd=dst, check=True, capture_output=True)
@@ -149,22 +152,6 @@ def test_dvc_pipeline_end_to_end_then_readme_commands(tmp_path: Path) -> None:
     params["mlflow"]["num_prediction_images"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert "up to date" in run("dvc status", repo)
-
-    # A comment in code that serves, plots, reads a dataset or searches: the stages that import it
-    # run again, and every finished run and search is reused -- the run identity is the code that
-    # decides weights; the shards come out byte-identical, so nothing after them runs for that
-    changed = (
-        "pipeline/artifacts/pyfunc.py",
-        "pipeline/pictures.py",
-        "pipeline/data/readers/camvid.py",
-        "pipeline/training/search_summary.py",
-    )
-    for name in changed:
-        with open(repo / name, "a") as f:
-            f.write("\n# a comment\n")
-    commented = run("dvc repro", repo)
-    assert "Running stage 'train'" in commented and "reusing it" in commented, commented[-3000:]
-    assert "[train] iter" not in commented, commented[-3000:]  # no training iteration
 
     summary = run("danet summary", repo)
     assert "champion: models:/danet-synthetic@champion" in summary and "mlflow ui" in summary

@@ -7,6 +7,12 @@ from pipeline.modelrefs import registry_uri, run_artifact_uri
 from pipeline.notes import TrainingNote, version_note
 
 
+def code_lines(markdown: str) -> list[str]:
+    """The lines of a description's code blocks."""
+    blocks = markdown.split("```")[1::2]
+    return [line for block in blocks for line in block.splitlines()[1:]]
+
+
 def test_a_refits_description_names_its_score_data_search_and_use() -> None:
     tags = {
         "danet.refit_of_search": "tune-abc",
@@ -32,7 +38,9 @@ def test_a_refits_description_names_its_score_data_search_and_use() -> None:
     assert f"synthetic-val `{'b' * 16}`" in note
     assert f"[tune-abc](#/experiments/1/runs/{'s' * 32})" in note
     assert f"#/experiments/1/runs/{'t' * 32}" in note
-    assert f"danet predict --model {run_artifact_uri('r' * 32)}" in note
+    assert f"MODEL={run_artifact_uri('r' * 32)}" in note
+    assert "danet predict --model $MODEL" in note
+    assert max(map(len, code_lines(note))) <= 64  # a wider line widens the page's column
     assert "cpu x 1" in note and "`per_class_iou.png`" in note
 
 
@@ -46,8 +54,9 @@ def test_a_versions_description_says_how_to_serve_it_and_its_onnx_files() -> Non
     }
     uri = registry_uri("danet-synthetic", "champion")
     text = version_note("danet-synthetic", "3", "champion", scores, "run x", {}, "Request: ...")
-    assert f"`{uri}`" in text and f"mlflow models serve -m {uri}" in text
-    assert f"danet predict --model {uri}" in text and "none attached" in text
+    assert f"`{uri}`" in text and f"MODEL={uri}" in text
+    assert "mlflow models serve -m $MODEL" in text and "danet predict --model $MODEL" in text
+    assert "none attached" in text and max(map(len, code_lines(text))) <= 64
     assert "`eval_miou` 0.6168 under `official-whole-flip`" in text and "0.6077" in text
     with_onnx = version_note(
         "danet-synthetic", "3", "", scores, "run x", {"onnx-int8": "f" * 64}, ""
