@@ -104,7 +104,8 @@ class TrainingNote:
                 f"- **Data**: {data} (the shards' sha256, as under *Datasets*)",
                 f"- **From**: {self.origin()}",
                 f"- **Ran on**: {self.device}",
-                f"- **Pictures** (*Artifacts*, one click each): {files}",
+                f"- **Pictures** (*Artifacts*, one click each): {files}; `evaluations/`: the "
+                "predictions and per-class IoU of every evaluation",
                 "",
                 "**Use the weights**",
                 "",

@@ -103,12 +103,14 @@ def test_two_worker_run_learns_and_writes_outputs(uninterrupted: tuple[Path, Run
     assert names <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts >= {"confusion_matrix.png", "val_predictions.png", "curves.png"}
-    images = [Path(a.path).name for a in client.list_artifacts(run.info.run_id, "images")]
-    for kind in ("pam", "cam"):  # danet explain's pictures at the last evaluation (step 9) only
-        logged = [name for name in images if name.startswith(f"val_attention_{kind}+")]
-        assert logged and all("+step+9+" in name for name in logged), images
-    predictions = {name.split("+")[2] for name in images if name.startswith("val_predictions+")}
-    assert predictions == {"0", "3", "6", "9"}  # the untrained model, then every evaluation
+    # pictures are files (one click under Artifacts), not MLflow images: MLflow's image card
+    # shows every param of the run above the picture
+    assert not [a for a in artifacts if a.startswith("images")]
+    assert {"val_attention_pam.png", "val_attention_cam.png"} <= artifacts  # the last evaluation
+    evaluations = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluations")}
+    predictions = {n for n in evaluations if n.startswith("val_predictions_")}
+    assert predictions == {f"val_predictions_{i:06d}.png" for i in (0, 3, 6, 9)}  # untrained, then
+    assert {f"per_class_iou_{i:06d}.png" for i in (3, 6, 9)} <= evaluations  # every evaluation
 
     # the weights are a plain artifact of the run (the served pyfunc is danet register's)
     assert "model.pt" in artifacts

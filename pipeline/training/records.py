@@ -93,7 +93,7 @@ class EvalRecord:
 
     def mlflow_metrics(self) -> dict[str, float]:
         """As MLflow charts them: ``val/miou``, ``val/pixel_acc``, ``val/mean_acc``. The
-        per-class IoUs are one picture (``val_iou_per_class``, pipeline/training/tracker.py),
+        per-class IoUs are one picture (``evaluations/per_class_iou_<iteration>.png``, tracker.py),
         one axis for every class, not a chart each."""
         return {
             "val/miou": self.miou,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from pipeline.training.records import EvalRecord, History, StepRecord
 from pipeline.training.recovery import RecoveryEvent
 
 log = logging.getLogger(__name__)
+EVALUATIONS = "evaluations"  # the run's artifact folder of the pictures of every evaluation
 
 
 class Tracker:
@@ -131,8 +133,21 @@ class Tracker:
             event.lr,
         )
 
+    def _picture(self, array: np.ndarray, name: str, folder: str = "") -> None:
+        """``array`` as the run's artifact ``folder/name`` (a PNG that opens in one click under
+        *Artifacts*). Not ``log_image``: MLflow's image card puts every param of the run (80 of
+        them here) above the picture, and opens on step 0, before any evaluation."""
+        import tempfile
+
+        from pipeline.pictures import save_png
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_png(array, Path(tmp) / name)
+            self.client.log_artifact(self.job.mlflow_run_id, str(path), folder or None)
+
     def overlays(self, core: SegmentationModel, device: torch.device, iteration: int) -> None:
-        """image | truth | prediction rows of the first val images, as a picture at this step."""
+        """image | truth | prediction rows of the first val images at this iteration:
+        ``evaluations/val_predictions_<iteration>.png`` (0: the untrained model)."""
         if self.client is None or not self.job.prediction_images or self.down_since is not None:
             return
         from pipeline.data.predictions import prediction_rows
@@ -144,15 +159,13 @@ class Tracker:
             grid = prediction_grid(rows, self.job.palette)
             zoom = -(-720 // grid.shape[1])  # small crops: enlarged (nearest) to ~720 px wide
             grid = grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
-            self.client.log_image(
-                self.job.mlflow_run_id, grid, key="val_predictions", step=iteration
-            )
+            self._picture(grid, f"val_predictions_{iteration:06d}.png", EVALUATIONS)
         except Exception as err:  # MLflow down: the pictures are not worth stopping for
             log.warning("[train] MLflow: overlays not logged (%s)", first_line(err))
 
     def attention(self, core: SegmentationModel, device: torch.device, iteration: int) -> None:
         """``danet explain``'s two pictures of the first val image (its largest predicted
-        regions as queries), as images ``val_attention_pam`` and ``val_attention_cam``."""
+        regions as queries): ``val_attention_pam.png`` and ``val_attention_cam.png``."""
         from danet.explain import explain
         from danet.head import DANetHead
         from danet.inference import to_input
@@ -171,15 +184,13 @@ class Tracker:
             explanation = explain(segmenter, x)
             for kind, figure in ATTENTION_FIGURES.items():
                 picture = figure_array(figure(image, explanation, self.job.classes))
-                self.client.log_image(
-                    self.job.mlflow_run_id, picture, key=f"val_attention_{kind}", step=iteration
-                )
+                self._picture(picture, f"val_attention_{kind}.png")
         except Exception as err:  # MLflow down: the pictures are not worth stopping for
             log.warning("[train] MLflow: attention pictures not logged (%s)", first_line(err))
 
     def per_class(self, record: EvalRecord) -> None:
-        """Every class's IoU at this evaluation as one bar chart on one axis (image
-        ``val_iou_per_class``: its slider steps through the evaluations)."""
+        """Every class's IoU at this evaluation as one bar chart on one axis:
+        ``evaluations/per_class_iou_<iteration>.png``."""
         if self.client is None or self.down_since is not None:
             return
         from pipeline.pictures import figure_array, per_class_iou_figure
@@ -188,9 +199,7 @@ class Tracker:
         title = f"{self.job.dataset} val, iteration {record.iteration}: per-class IoU"
         try:
             picture = figure_array(per_class_iou_figure(pairs, title))
-            self.client.log_image(
-                self.job.mlflow_run_id, picture, key="val_iou_per_class", step=record.iteration
-            )
+            self._picture(picture, f"per_class_iou_{record.iteration:06d}.png", EVALUATIONS)
         except Exception as err:  # MLflow down: the pictures are not worth stopping for
             log.warning("[train] MLflow: per-class IoU not logged (%s)", first_line(err))
 
