@@ -156,9 +156,7 @@ class Tracker:
         segmenter = Segmenter(core, self.job.mean, self.job.std).to(device).eval()
         rows = prediction_rows(segmenter, self.job.val_shards, self.job.prediction_images, device)
         try:
-            grid = prediction_grid(rows, self.job.palette)
-            zoom = -(-720 // grid.shape[1])  # small crops: enlarged (nearest) to ~720 px wide
-            grid = grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
+            grid = prediction_grid(rows, self.job.palette)  # as train.out's val_predictions.png
             self._picture(grid, f"val_predictions_{iteration:06d}.png", EVALUATIONS)
         except Exception as err:  # MLflow down: the pictures are not worth stopping for
             log.warning("[train] MLflow: overlays not logged (%s)", first_line(err))
