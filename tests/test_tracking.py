@@ -54,8 +54,9 @@ def test_train_evaluate_register_against_a_tracking_server(
     assert contexts == {"synthetic-train": "training", "synthetic-val": "validation"}
     assert run.data.params["train.lr"] == "0.01"
     assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
-    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert len(images) >= 2, images  # val overlays at each of the two evaluations
+    # the val overlays before the first step and at each of the two evaluations, through the server
+    pictures = [a.path for a in client.list_artifacts(run.info.run_id, "evaluations")]
+    assert len([p for p in pictures if "val_predictions_" in p]) == 3, pictures
 
     uri_model = str(tmp_path / "out" / "model.pt")
     evaluation = run_evaluation(
