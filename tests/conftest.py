@@ -32,8 +32,10 @@ from pipeline.training.checkpoint import TrainState, load_checkpoint
 
 # Ray Train's controller looks at its workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a
 # run of the tests' few iterations waits up to that long to be seen finished, every run. The
-# tests' Ray (and every `danet` they start, which inherits it) looks every 0.5 s.
+# tests' Ray (and every `danet` they start, which inherits it) looks every 0.5 s. Its preemption
+# watcher (an actor process per run, for nodes a cloud drains) has nothing to watch here.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def takes_ctrl_c() -> None:
