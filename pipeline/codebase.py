@@ -2,12 +2,13 @@
 
 One implementation for the two questions asked of the code: which files a module runs (a DVC
 stage's deps, checked by tests/test_layout.py) and which files decide a training run's weights
-(its code identity, pipeline/training/job.py).
+(its code identity, pipeline/training/job.py); and the git commit the code is at (``git_state``).
 """
 
 from __future__ import annotations
 
 import ast
+import os
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -87,3 +88,23 @@ def closure(
             todo += [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
         todo += imports(path, root)
     return seen
+
+
+def git_state() -> tuple[str, bool]:
+    """The project's git commit and whether its working tree differs from it ("unknown", False
+    outside a repository). ``dvc.lock`` does not count: ``dvc repro`` rewrites it as the stages
+    run, so it records this pipeline's results, not what they were made from."""
+    import subprocess
+
+    root = os.environ.get("DVC_ROOT") or os.getcwd()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+    changed = [line for line in status.stdout.splitlines() if Path(line[3:]).name != "dvc.lock"]
+    return commit.stdout.strip(), bool(changed)

@@ -3,7 +3,8 @@ by name, their tags, and the models logged into them.
 
 One experiment per dataset, one MLflow run per training run (found again by its name when a run
 resumes). A training run holds its ``model.pt`` as an artifact; the served pyfunc
-(pipeline/artifacts/pyfunc.py) is logged into the run when the model is registered.
+(pipeline/artifacts/pyfunc.py) is logged into the run when the model is registered, and the
+weights move into it (pipeline/registry/logged.py): each file is stored once.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ServiceError
+from pipeline.codebase import git_state
+from pipeline.errors import ServiceError, first_line
 from pipeline.locations import is_url
-from pipeline.modelrefs import WEIGHTS_FILE, parse_model_ref
+from pipeline.modelrefs import WEIGHTS_FILE, parse_model_ref, run_artifact_uri
 from pipeline.outputs import dead_writer, project_path
 
 RUN_NAME_TAG = "danet.run_name"
@@ -192,26 +194,6 @@ def retire_run(uri: str, experiment: str, run_name: str) -> None:
         client.set_terminated(found[0], "KILLED")
 
 
-def git_state() -> tuple[str, bool]:
-    """The project's git commit and whether its working tree differs from it ("unknown", False
-    outside a repository). ``dvc.lock`` does not count: ``dvc repro`` rewrites it as the stages
-    run, so it records this pipeline's results, not what they were made from."""
-    import subprocess
-
-    root = os.environ.get("DVC_ROOT") or os.getcwd()
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        )
-        status = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
-    changed = [line for line in status.stdout.splitlines() if Path(line[3:]).name != "dvc.lock"]
-    return commit.stdout.strip(), bool(changed)
-
-
 def log_lineage(
     uri: str, run_id: str, source: str, dataset: str, splits: Sequence[tuple[str, str]], code: str
 ) -> None:
@@ -307,19 +289,57 @@ def logged_model_uri(run_id: str) -> str | None:
     return ready[0].model_uri if ready else None
 
 
-def run_weights(run_id: str) -> Path | None:
-    """The run's ``model.pt`` artifact, downloaded (None: no such run, or it logged no weights)."""
-    import mlflow
+def run_weights_uri(run_id: str) -> str | None:
+    """Where the run's ``model.pt`` is: in its logged model (the served pyfunc that danet
+    register logged into the run), else the run's own artifact (training logs it there; register
+    moves it into the logged model). None: no such run, or no weights."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient()
     try:
-        names = {a.path for a in MlflowClient().list_artifacts(run_id)}
-        if WEIGHTS_FILE not in names:
-            return None
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_FILE))
+        if uri := logged_model_uri(run_id):
+            model = client.get_logged_model(parse_model_ref(uri).model_name)
+            return f"{model.artifact_location.rstrip('/')}/artifacts/{WEIGHTS_FILE}"
+        if WEIGHTS_FILE in {a.path for a in client.list_artifacts(run_id)}:
+            return run_artifact_uri(run_id)
     except MlflowException:
         return None
+    return None
+
+
+def run_weights(run_id: str) -> Path | None:
+    """The run's ``model.pt`` (``run_weights_uri``), downloaded; None: no such run, or no weights."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for _ in range(2):  # moved into a logged model between the look-up and the download: again
+        if (uri := run_weights_uri(run_id)) is None:
+            return None
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        except MlflowException:
+            continue
+    return None
+
+
+def delete_run_artifact(run_id: str, path: str) -> bool:
+    """Delete the run's artifact ``path``; False (with a warning) when the store cannot."""
+    import logging
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.tracking import MlflowClient
+
+    try:
+        location = MlflowClient().get_run(run_id).info.artifact_uri
+        get_artifact_repository(location).delete_artifacts(path)
+    except (MlflowException, NotImplementedError, OSError) as err:
+        logging.getLogger(__name__).warning(
+            "run %s keeps its %s (the store cannot delete it: %s)", run_id, path, first_line(err)
+        )
+        return False
+    return True
 
 
 def model_run(ref: str, file_run_id: str = "") -> tuple[str, str | None] | None:

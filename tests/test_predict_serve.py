@@ -81,7 +81,7 @@ def log_and_register(tmp_path: Path, shards: Path) -> tuple[str, Path]:
     with tracking_uri(uri):
         use_experiment(uri, "synthetic")
         with mlflow.start_run():
-            info = log_served_model(model_file, read_model_info(model_file), 0.1)
+            info = log_served_model(model_file, read_model_info(model_file))
         version = mlflow.register_model(info.model_uri, "danet-serve")
     MlflowClient(uri).set_registered_model_alias("danet-serve", "champion", version.version)
     return uri, model_file

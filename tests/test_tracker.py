@@ -82,7 +82,7 @@ def test_lineage_is_dirty_for_code_not_for_the_lock_file_dvc_rewrites(
 ) -> None:
     import subprocess
 
-    from pipeline.mlflowstore import git_state
+    from pipeline.codebase import git_state
 
     for name in ("dvc.lock", "train.py"):
         (tmp_path / name).write_text("v1\n")

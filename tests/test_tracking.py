@@ -18,6 +18,7 @@ def test_train_evaluate_register_against_a_tracking_server(
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from pipeline.artifacts.refs import load_model
     from pipeline.evaluation.evaluate import run_evaluation
     from pipeline.registry.register import register
     from pipeline.training.driver import run_training
@@ -91,6 +92,11 @@ def test_train_evaluate_register_against_a_tracking_server(
     }
     assert logged.name == summary.run_name
     assert client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
+    # the run's model.pt moved into the served model through the server: stored once, and the
+    # run's weights URI still loads them
+    assert "model.pt" not in {a.path for a in client.list_artifacts(summary.mlflow_run_id)}
+    weights = load_model(f"runs:/{summary.mlflow_run_id}/model.pt", mlflow_server).weights
+    assert weights is not None and weights.read_bytes() == Path(uri_model).read_bytes()
 
 
 def test_an_active_experiment_left_by_the_caller_does_not_block_resuming_a_run(

@@ -25,6 +25,8 @@ import base64
 import binascii
 import io
 import logging
+import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -245,19 +247,16 @@ def signature_and_example(info: ModelInfo) -> tuple[Any, Any]:
 def log_served_model(
     model_file: Path,
     info: ModelInfo,
-    val_miou: float,
     onnx: Mapping[str, Path] | None = None,
     digests: Mapping[str, str] | None = None,
     name: str = "model",
     source: str = "",
 ) -> Any:
-    """Log ``model_file`` into the active run as the served model: this module's pyfunc, which
-    takes encoded images and returns label maps, with a signature and an input example, the
-    weights (``model.pt``) for Python users, and the classes and palette as metadata.
-    ``onnx`` maps runtimes (``onnx``, ``onnx-int8``) to exported files served on request, and
-    ``digests`` the weights and each file to their sha256 (the metadata's ``sha256``); ``name``
-    is the logged model's (its run's name); ``source`` where the weights came from (MLmodel's
-    record: never a temporary path). ``danet register`` logs it (the registry holds what is served), not training."""
+    """Log ``model_file`` into the active run as the served model (``danet register`` does):
+    this module's pyfunc with a signature, an input example, the weights (``model.pt``) and the
+    classes, palette and the weights' own ``best_val_miou`` as metadata. ``onnx``: runtimes
+    (``onnx``, ``onnx-int8``) -> exported files served on request; ``digests``: each file's
+    sha256; ``name``: the run's; ``source``: where the weights came from (never a temp path)."""
     import contextlib
     import json
     import tempfile
@@ -276,7 +275,10 @@ def log_served_model(
         requirements = [f"onnxruntime=={onnxruntime.__version__}"]
     runtimes = {"runtimes": [TORCH, *onnx], "sha256": dict(digests or {})}
     sources = {"model": source or str(model_file.resolve())}
+    # imported weights have no score of their own: no NaN in the metadata
+    score = {"best_val_miou": info.best_val_miou} if math.isfinite(info.best_val_miou) else {}
     sources.update({key: str(Path(path).resolve()) for key, path in onnx.items()})
+    name = re.sub(r"[/:.%\"']", "-", name) or "model"  # MLflow refuses these in a model's name
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):  # classes.json, by name
         Path("classes.json").write_text(json.dumps(classes, indent=2))
         return mlflow.pyfunc.log_model(
@@ -299,6 +301,6 @@ def log_served_model(
                 "pyyaml",
                 *requirements,
             ],
-            metadata={**classes, "dataset": info.dataset, "eval_miou": val_miou, **runtimes},
+            metadata={**classes, "dataset": info.dataset, **score, **runtimes},
             tags={WRITER_TAG: writer_id()},  # a killed register's PENDING model: cleaned later
         )

@@ -1,5 +1,6 @@
 """What a registered version serves: the pyfunc of a training run's weights, logged into that
-run (pipeline/artifacts/pyfunc.py), with the ONNX files of ``register.onnx`` when asked.
+run (pipeline/artifacts/pyfunc.py), with the ONNX files of ``register.onnx`` when asked; the
+run's ``model.pt`` artifact then moves into it (stored once).
 
 A run holds one served model per set of attached files, found again by their digests (the
 model's ``sha256`` metadata), so registering the same run twice logs nothing twice. An ONNX file
@@ -20,12 +21,14 @@ from pipeline.errors import DataError, ModelError, first_line
 from pipeline.evaluation.report import Evaluation
 from pipeline.mlflowstore import (
     RUN_NAME_TAG,
+    delete_run_artifact,
     drop_dead_pending,
     log_scores,
     model_run,
     run_weights,
+    run_weights_uri,
 )
-from pipeline.modelrefs import WEIGHTS_FILE, parse_model_ref, run_artifact_uri
+from pipeline.modelrefs import WEIGHTS_FILE, parse_model_ref
 
 WEIGHTS = WEIGHTS_FILE  # the weights' entry in a served model's sha256 metadata
 TORCH = "torch"  # the runtime of the weights (pipeline/artifacts/pyfunc.py RUNTIMES)
@@ -89,7 +92,8 @@ def mlflow_model_uri(
     """An MLflow model URI and its run id for an evaluated model. A training run's weights (a
     model.pt, which names its run, or ``runs:/<id>/model.pt``) become the served pyfunc here,
     logged into that run once for each set of ``attachments`` (ONNX files exported from these
-    weights): the registry holds what is served."""
+    weights): the registry holds what is served. The run's own model.pt artifact is then
+    deleted (``move_weights``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -115,8 +119,9 @@ def mlflow_model_uri(
             )
         run_id = found[0]
         weights = ref.path if ref.kind == "file" else None
-    # MLmodel names where the weights came from: the file given, else the run's artifact
-    source = str(weights.resolve()) if weights is not None else run_artifact_uri(run_id)
+    # MLmodel names where the weights came from: the file given, else the run's (its artifact, or
+    # the served model it moved into)
+    source = str(weights.resolve()) if weights is not None else run_weights_uri(run_id) or ""
     digests = {item.runtime: item.sha256 for item in attachments}
     weights_sha256 = ""  # hashed once: by the check, else by log_into_run
     if attachments:  # checked before a served model is looked for or logged
@@ -125,12 +130,34 @@ def mlflow_model_uri(
             raise ModelError(model_uri, "its run holds no model.pt to check the ONNX files against")
         weights_sha256 = check_sources(attachments, weights)
     served = served_model(run_id, digests)
-    if served is not None:
-        return served, run_id
-    weights = weights or run_weights(run_id)
-    if weights is None or not weights.is_file():
-        raise ModelError(model_uri, "its run holds no model.pt (mlflow.log_model: false?)")
-    return log_into_run(run_id, weights, evaluation, attachments, weights_sha256, source), run_id
+    if served is None:
+        weights = weights or run_weights(run_id)
+        if weights is None or not weights.is_file():
+            raise ModelError(model_uri, "its run holds no model.pt (mlflow.log_model: false?)")
+        served = log_into_run(run_id, weights, evaluation, attachments, weights_sha256, source)
+    move_weights(run_id, served)
+    return served, run_id
+
+
+def move_weights(run_id: str, served: str) -> bool:
+    """The run's ``model.pt`` artifact deleted once the served model ``served`` holds the same
+    file (its sha256; a user's file may name this run): the weights are stored once, in what the
+    registry serves (``run_weights`` and every model reference find them there)."""
+    import tempfile
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    meta = mlflow.models.get_model_info(served).metadata or {}
+    digest = str((meta.get("sha256") or {}).get(WEIGHTS, ""))
+    if not digest or WEIGHTS_FILE not in {a.path for a in MlflowClient().list_artifacts(run_id)}:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=WEIGHTS_FILE, dst_path=tmp
+        )
+        same = file_sha256(Path(local)) == digest
+    return same and delete_run_artifact(run_id, WEIGHTS_FILE)
 
 
 def onnx_digests(meta: dict[str, Any]) -> dict[str, str]:
@@ -192,9 +219,7 @@ def log_into_run(
         **{a.runtime: a.sha256 for a in attachments},
     }
     with mlflow.start_run(run_id=run_id):
-        info = log_served_model(
-            weights, read_model_info(weights), evaluation.miou, onnx, digests, name, source
-        )
+        info = log_served_model(weights, read_model_info(weights), onnx, digests, name, source)
     client.set_terminated(run_id, status)  # leaving start_run marked it FINISHED
     log_scores(
         mlflow.get_tracking_uri(),

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.codebase import git_state
 from pipeline.config import ConfigError, Params
 from pipeline.errors import DataError, ServiceError, first_line
 from pipeline.evaluation.report import REPORT, Evaluation
 from pipeline.locks import exclusive
-from pipeline.mlflowstore import git_state
 from pipeline.modelrefs import registry_uri
 from pipeline.notes import NOTE_TAG
 from pipeline.outputs import atomic_file
