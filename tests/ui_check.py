@@ -204,6 +204,27 @@ def miou_names(demo: dict[str, Any]) -> dict[str, set[str]]:
     }
 
 
+def weights_copies(run_id: str, experiment_id: str) -> list[str]:
+    """Where the run's model.pt is stored: its artifacts, each of its logged models."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    copies = (
+        ["run artifacts"]
+        if "model.pt" in {a.path for a in MlflowClient().list_artifacts(run_id)}
+        else []
+    )
+    models = mlflow.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+        output_format="list",
+    )
+    for model in models:
+        files = mlflow.artifacts.list_artifacts(artifact_uri=f"{model.artifact_location}/artifacts")
+        copies += ["logged model"] * sum(Path(f.path).name == "model.pt" for f in files)
+    return copies
+
+
 def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
     from playwright.sync_api import sync_playwright
 
@@ -316,6 +337,8 @@ def look(base: str, demo: dict[str, Any], out: Path) -> list[str]:
         c.check(view, "system/" not in text, "no system metrics among its scores")
         c.check(view, "val/official-whole-flip/miou" in text, "the evaluation's val mIoU shown")
         c.check(view, "synthetic-val" in text, "its scores name the evaluated dataset")
+        copies = weights_copies(run_id, exp)
+        c.check(view, copies == ["logged model"], "model.pt stored once, in the model", copies)
         shoot(page, out, "logged-model")
 
         view = "model version"
