@@ -119,9 +119,7 @@ def mlflow_model_uri(
             )
         run_id = found[0]
         weights = ref.path if ref.kind == "file" else None
-    # MLmodel names where the weights came from: the file given, else the run's (its artifact, or
-    # the served model it moved into)
-    source = str(weights.resolve()) if weights is not None else run_weights_uri(run_id) or ""
+    given = weights  # MLmodel names it as where the weights came from (else the run's, below)
     digests = {item.runtime: item.sha256 for item in attachments}
     weights_sha256 = ""  # hashed once: by the check, else by log_into_run
     if attachments:  # checked before a served model is looked for or logged
@@ -134,6 +132,9 @@ def mlflow_model_uri(
         weights = weights or run_weights(run_id)
         if weights is None or not weights.is_file():
             raise ModelError(model_uri, "its run holds no model.pt (mlflow.log_model: false?)")
+        # where the run's weights are (its artifact, or a served model they moved into), looked
+        # up only when a served model is logged
+        source = str(given.resolve()) if given is not None else run_weights_uri(run_id) or ""
         served = log_into_run(run_id, weights, evaluation, attachments, weights_sha256, source)
     move_weights(run_id, served)
     return served, run_id
