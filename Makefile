@@ -14,17 +14,30 @@ DEV_STAMP := $(VENV)/.installed-dev
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# constraints.txt pins the torch build on this machine's disk: no install may pull another one.
-# pip byte-compiles what it installs: keep it, since with PYTHONDONTWRITEBYTECODE (set on some
-# machines) Python would otherwise compile every module again in every Ray worker process.
+# uv installs (pip's resolution, in Rust, many files at once): a fresh .venv takes under a minute
+# where pip took 3:25 (BENCHMARKS.md, "CI on a clean clone"). It reads no pip configuration, so
+# pip's package sources (find-links, indexes and constraints from pip.conf or PIP_* variables:
+# where a machine keeps its torch build) are handed on to it, and like pip it takes each package's
+# best version over all indexes. constraints.txt pins the torch build on this machine's disk: no
+# install may pull another one. Byte-compiled at install: with PYTHONDONTWRITEBYTECODE (set on
+# some machines) Python would otherwise compile every module again in every Ray worker process.
 # The demo needs the runtime dependencies only; the tests and linters add the dev extra.
-$(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -c constraints.txt -e .
+UV := $(VENV)/bin/uv
+PIP_SOURCES = $(shell $(PIP) config list 2>/dev/null \
+  | sed -nE "s/^[^.]*\.(find-links|index-url|extra-index-url|constraint)='(.*)'$$/\1 \2/p" \
+  | awk '{for (i = 2; i <= NF; i++) printf "--%s %s ", $$1, $$i}')
+UV_INSTALL = $(UV) pip install -q --python $(PY) --compile-bytecode \
+  --index-strategy unsafe-best-match $(PIP_SOURCES) -c constraints.txt
+
+$(UV): | $(PY)
+	$(PIP) install -q uv
+
+$(STAMP): pyproject.toml constraints.txt | $(UV)
+	$(UV_INSTALL) torch==2.14.1 torchvision==0.29.1 -e .
 	touch $@
 
 $(DEV_STAMP): $(STAMP)
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(UV_INSTALL) -e '.[dev]'
 	touch $@
 
 install: $(DEV_STAMP)

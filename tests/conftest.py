@@ -37,6 +37,16 @@ from pipeline.training.checkpoint import TrainState, load_checkpoint
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
+# Under pytest-xdist (`make test`'s fast tier, -n 2) each test process takes its share of the
+# cores for torch's (and ONNX Runtime's) threads, and so does every process a test starts. With
+# one thread per core in every process the threads outnumber the cores and spin-wait on each
+# other: 4 of the fast files took 145 s in 2 processes, 57 s with shares (BENCHMARKS.md).
+_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _PROCESSES > 1:
+    _SHARE = max(1, len(os.sched_getaffinity(0)) // _PROCESSES)
+    os.environ["OMP_NUM_THREADS"] = str(_SHARE)
+    torch.set_num_threads(_SHARE)
+
 
 def takes_ctrl_c() -> None:
     """``Popen(preexec_fn=takes_ctrl_c)``: the child gets SIGINT's default action back. A shell

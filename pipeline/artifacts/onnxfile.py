@@ -10,7 +10,6 @@ export`` and is refused in one line.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,12 @@ CUDA = "CUDAExecutionProvider"
 
 
 def session_options(threads: int = 0) -> Any:
+    """ORT's options: by default as many threads as torch's (OMP_NUM_THREADS, or a Ray worker's
+    share of the cores), not every core: more threads than cores spin-wait on each other."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers etc.
     return options
 
